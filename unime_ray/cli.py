@@ -1,0 +1,26 @@
+"""`unime-ray <command> [args]`: one entry point; each command is a module with its own `main(argv)`
+and its own `--help`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("unime_ray.demo", "run the whole path on the synthetic world with tiny models (CPU)"),
+    "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
+    "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:12s} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: unime-ray <command> [--help | args]\n\ncommands:\n" + "\n".join(lines))
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Typed configuration: nested dataclasses loaded from YAML, overridable with dotted keys.
+
+    cfg = load_config("jobs/configs/tiny.yaml", overrides=["mining.beta=0.02", "train.steps=10"])
+
+Every key is checked against the dataclasses: an unknown key or a value of the wrong type is a
+`ConfigError` that names the dotted key (and the file), never a silently ignored typo.
+Values in overrides are parsed as YAML scalars (`0.02` -> float, `true` -> bool, `[a, b]` -> list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = field(default="runs/tiny", metadata={"help": "where every stage writes its outputs"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, shuffling and initialisation"})
+
+
+@dataclass
+class DataConfig:
+    train_dir: str = field(
+        default="",
+        metadata={"help": "folder of MMEB-train style files, one per dataset (<name>.parquet|jsonl)"},
+    )
+    eval_dir: str = field(default="", metadata={"help": "folder of MMEB-eval style files, one per dataset"})
+    image_root: str = field(default="", metadata={"help": "image paths in the records are relative to this"})
+    datasets: list[str] = field(
+        default_factory=list, metadata={"help": "subset names to use; empty = every file in the folder"}
+    )
+    check_images: bool = field(
+        default=True, metadata={"help": "open every image when reading (quarantines corrupt files up front)"}
+    )
+
+
+@dataclass
+class ModelConfig:
+    path: str = field(default="", metadata={"help": "local HF model folder (no hub access is assumed)"})
+    adapter: str = field(default="", metadata={"help": "optional peft adapter folder applied on top"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU"}
+    )
+    image_size: int = field(default=336, metadata={"help": "images are resized to image_size x image_size"})
+    max_length: int = field(default=1024, metadata={"help": "token limit per record (truncation)"})
+    batch_size: int = field(default=16, metadata={"help": "records per forward pass"})
+
+
+@dataclass
+class JudgeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: Literal["vllm", "transformers", "precomputed"] = field(
+        default="vllm", metadata={"help": "vllm (production), transformers (reference), precomputed (a file)"}
+    )
+    vllm_model_impl: Literal["auto", "vllm", "transformers"] = field(
+        default="auto", metadata={"help": "vLLM modeling backend; 'transformers' where torchvision is absent"}
+    )
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM memory fraction"})
+    scores_path: str = field(default="", metadata={"help": "precomputed judge scores (backend=precomputed)"})
+
+
+@dataclass
+class MiningConfig:
+    top_n: int = field(
+        default=50, metadata={"help": "potential hard negatives retrieved per query (paper: 50)"}
+    )
+    delta: float = field(
+        default=0.98,
+        metadata={"help": "drop candidates with cosine >= delta (near duplicates); not given in the paper"},
+    )
+    beta: float = field(
+        default=0.01,
+        metadata={"help": "false-negative margin: drop s > s(q, c_t) - beta; paper leaves it open"},
+    )
+    interval: int = field(default=5, metadata={"help": "cyclical sampling step over score-ranked survivors"})
+    min_negatives: int = field(default=10, metadata={"help": "pad by repetition to at least this many"})
+    num_negatives: int = field(default=10, metadata={"help": "negatives stored per query (official: 10)"})
+    index: Literal["exact", "ivf"] = field(default="exact", metadata={"help": "FAISS index type"})
+    num_actors: int = field(
+        default=1, metadata={"help": "embedding / judge actors (one GPU each on clusters)"}
+    )
+    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per embedding / judge actor"})
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=16, metadata={"help": "LoRA rank (paper: 16 embedder, 128 reranker)"})
+    alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
+    dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    use_dora: bool = field(default=True, metadata={"help": "DoRA, as the official embedder training"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "module names LoRA attaches to (language model only)"},
+    )
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: Literal["jeffreys", "js", "infonce"] = field(
+        default="jeffreys", metadata={"help": "paper eq. 4 as coded (symmetric KL), true JS, or InfoNCE"}
+    )
+    tau: float = field(default=0.02, metadata={"help": "temperature on both similarity and judge scores"})
+    num_negatives: int = field(default=8, metadata={"help": "hard negatives per query used in training"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warmup steps"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    global_batch_size: int = field(default=1024, metadata={"help": "queries per optimizer step, all workers"})
+    micro_batch_size: int = field(default=8, metadata={"help": "queries per forward on one worker"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, nccl; else gloo on CPU"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    list_size: int = field(default=5, metadata={"help": "reranker: negatives in the listwise prompt"})
+
+
+@dataclass
+class RayConfig:
+    address: str = field(default="", metadata={"help": "Ray cluster address; empty = start a local Ray"})
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embedder: ModelConfig = field(default_factory=ModelConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reranker: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown key {where!r}; known: {sorted(names)}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`'mining.beta=0.02'` -> `('mining.beta', 0.02)`; the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def add_config_args(parser, default: str | None = None) -> None:
+    """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand."""
+    parser.add_argument("--config", default=default, help="YAML config (see jobs/configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set mining.beta=0.02 (repeatable)",
+    )
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,310 @@
+"""Readers for MMEB-style data: training pairs (`read_pairs`) and evaluation queries (`read_eval`), one
+file or a folder of files (`read_folder`), into the PAIRS and EVAL tables of `unime_ray.data.schemas`.
+
+Formats: `.parquet`, `.jsonl` (one JSON object per line, blank lines ignored) and `.json` (a JSON list of
+objects). Nothing is unpickled; JSON is parsed only with the `json` module.
+
+- Train records: `qry`, `qry_image_path`, `pos_text`, `pos_image_path`; optional `neg_text`,
+  `neg_image_path`, `id`, `dataset`.
+- Eval records: `qry_text`, `qry_img_path`, `tgt_text` (list), `tgt_img_path` (list), the correct target
+  first; optional `id`, `dataset`.
+
+A row's dataset is the `dataset` argument, else the record's own `dataset`, else the file stem (in a
+folder: always the file stem). Its id is the record's `id` as a string, else `<dataset>/<row>`, where row
+is the 0-based record index in the file, so ids are stable across runs.
+
+Error policy. A file that cannot be read as a whole raises `DataError` naming the file, the row (`line N`,
+1-based, for JSONL; `row N`, 0-based, otherwise) and the field: invalid JSON, a record that is not an
+object, a missing required field, a field of the wrong type. Nulls in optional fields read as "".
+A readable row whose data is unusable is never dropped silently: it goes to the quarantine table
+(QUARANTINE schema) with the first offending field and one reason:
+`bad_image_path` (absolute, or escaping the image root with `..`), `missing_image` (no file at
+image_root/path), `corrupt_image` (PIL cannot open and verify it; only with `check_images`),
+`empty_query` / `empty_positive` (no image and blank text; `empty_positive` also for any eval target),
+`length_mismatch` (eval: no targets, or `tgt_text` and `tgt_img_path` differ in length),
+`duplicate_id` (an id already seen earlier in the same read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from unime_ray.data.schemas import EVAL, PAIRS, QUARANTINE
+from unime_ray.io import write_parquet
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+Problem = tuple[str, str]  # (field, reason)
+
+
+class DataError(ValueError):
+    """A file that cannot be read: the message names the file, the row and the field."""
+
+
+@dataclass
+class ReadResult:
+    table: pa.Table
+    quarantine: pa.Table
+
+    def counts(self) -> dict[str, int]:
+        """Rows read, rows kept, and the number of quarantined rows per reason."""
+        rows_out = self.table.num_rows
+        counts = {"rows_in": rows_out + self.quarantine.num_rows, "rows_out": rows_out}
+        counts.update(Counter(self.quarantine.column("reason").to_pylist()))
+        return counts
+
+    def write_quarantine(self, path: str | Path) -> Path:
+        return write_parquet(self.quarantine, path)
+
+    @classmethod
+    def concat(cls, results: list[ReadResult]) -> ReadResult:
+        """One result holding the kept and the quarantined rows of all `results`, in order."""
+        return cls(
+            pa.concat_tables([r.table for r in results]), pa.concat_tables([r.quarantine for r in results])
+        )
+
+
+class _ReadState:
+    """What one read shares across its rows and files: seen ids and the per-path image verdicts."""
+
+    def __init__(self, image_root: str | Path, check_images: bool) -> None:
+        self.image_root = Path(image_root)
+        self.check_images = check_images
+        self.seen_ids: set[str] = set()
+        self.image_problems: dict[str, str | None] = {}
+
+    def image_problem(self, rel: str) -> str | None:
+        if rel not in self.image_problems:
+            self.image_problems[rel] = self._find_image_problem(rel)
+        return self.image_problems[rel]
+
+    def _find_image_problem(self, rel: str) -> str | None:
+        if Path(rel).is_absolute() or os.path.normpath(rel).split(os.sep)[0] == "..":
+            return "bad_image_path"
+        full = self.image_root / rel
+        if not full.is_file():
+            return "missing_image"
+        if self.check_images:
+            try:
+                with Image.open(full) as image:
+                    image.verify()
+            except Exception:
+                return "corrupt_image"
+        return None
+
+
+def read_pairs(
+    path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
+) -> ReadResult:
+    """Read one MMEB-train style file into a PAIRS table plus its quarantine."""
+    return _read_file(Path(path), "pairs", dataset, _ReadState(image_root, check_images))
+
+
+def read_eval(
+    path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
+) -> ReadResult:
+    """Read one MMEB-eval style file into an EVAL table plus its quarantine."""
+    return _read_file(Path(path), "eval", dataset, _ReadState(image_root, check_images))
+
+
+def read_folder(
+    folder: str | Path,
+    kind: Literal["pairs", "eval"],
+    *,
+    datasets: list[str] | None = None,
+    image_root: str | Path = "",
+    check_images: bool = True,
+) -> ReadResult:
+    """Read every data file of `folder`, one dataset per file named by its stem (`datasets`: a subset).
+
+    Ids must be unique across the whole folder; generated ids contain the dataset, so only explicit ids
+    can collide.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'pairs' or 'eval', got {kind!r}")
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in DATA_SUFFIXES and path.is_file():
+            if path.stem in files:
+                raise DataError(
+                    f"{folder}: dataset {path.stem!r} has two files: {files[path.stem].name}, {path.name}"
+                )
+            files[path.stem] = path
+    if not files:
+        raise DataError(f"{folder}: no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})")
+    selected = list(files) if datasets is None else list(dict.fromkeys(datasets))
+    unknown = [name for name in selected if name not in files]
+    if unknown or not selected:
+        raise DataError(f"{folder}: unknown or no datasets {unknown}; available: {', '.join(files)}")
+    state = _ReadState(image_root, check_images)
+    return ReadResult.concat([_read_file(files[name], kind, name, state) for name in selected])
+
+
+def _read_file(path: Path, kind: str, dataset: str | None, state: _ReadState) -> ReadResult:
+    schema, parse, find_problem = _KINDS[kind]
+    # Parse the whole file first: a file-level error raises before any (slow) image check.
+    rows = [parse(record, where) for where, record in _load_records(path)]
+    kept, quarantined = [], []
+    for index, row in enumerate(rows):
+        row["dataset"] = dataset or row["dataset"] or path.stem
+        row["id"] = row["id"] or f"{row['dataset']}/{index}"
+        problem = ("id", "duplicate_id") if row["id"] in state.seen_ids else find_problem(row, state)
+        state.seen_ids.add(row["id"])
+        if problem is None:
+            kept.append(row)
+        else:
+            field, reason = problem
+            quarantined.append(
+                {"source": str(path), "row": index, "id": row["id"], "field": field, "reason": reason}
+            )
+    return ReadResult(
+        pa.Table.from_pylist(kept, schema=schema), pa.Table.from_pylist(quarantined, schema=QUARANTINE)
+    )
+
+
+def _load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The file's records, each with its location for error messages (`<file>: line N` or `row N`)."""
+    try:
+        if path.suffix == ".parquet":
+            items = [(f"{path}: row {i}", item) for i, item in enumerate(pq.read_table(path).to_pylist())]
+        elif path.suffix == ".jsonl":
+            items = []
+            with path.open(encoding="utf-8") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        items.append((f"{path}: line {number}", _parse_json(line, f"{path}: line {number}")))
+        elif path.suffix == ".json":
+            document = _parse_json(path.read_text(encoding="utf-8"), str(path))
+            if not isinstance(document, list):
+                raise DataError(f"{path}: expected a JSON list of objects, got {_type_name(document)}")
+            items = [(f"{path}: row {i}", item) for i, item in enumerate(document)]
+        else:
+            raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)})")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot read ({error})") from error
+    for where, item in items:
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(item)}")
+    return items
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON ({error})") from error
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string(record: dict[str, Any], field: str, where: str, *, required: bool) -> str:
+    if field not in record and required:
+        raise DataError(f"{where}: missing required field {field!r}")
+    value = record.get(field)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {_type_name(value)}")
+    return value
+
+
+def _strings(record: dict[str, Any], field: str, where: str) -> list[str]:
+    if field not in record:
+        raise DataError(f"{where}: missing required field {field!r}")
+    value = record[field]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise DataError(f"{where}: field {field!r} must be a list of strings, got {_type_name(value)}")
+    return value
+
+
+def _id(record: dict[str, Any], where: str) -> str:
+    """The record's own id as a string, "" when it has none."""
+    value = record.get("id")
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(f"{where}: field 'id' must be a string or an integer, got {_type_name(value)}")
+    return str(value)
+
+
+def _parse_pair(record: dict[str, Any], where: str) -> dict[str, Any]:
+    return {
+        "id": _id(record, where),
+        "dataset": _string(record, "dataset", where, required=False),
+        "qry_text": _string(record, "qry", where, required=True),
+        "qry_image": _string(record, "qry_image_path", where, required=True),
+        "pos_text": _string(record, "pos_text", where, required=True),
+        "pos_image": _string(record, "pos_image_path", where, required=True),
+        "neg_text": _string(record, "neg_text", where, required=False),
+        "neg_image": _string(record, "neg_image_path", where, required=False),
+    }
+
+
+def _parse_eval(record: dict[str, Any], where: str) -> dict[str, Any]:
+    return {
+        "id": _id(record, where),
+        "dataset": _string(record, "dataset", where, required=False),
+        "qry_text": _string(record, "qry_text", where, required=True),
+        "qry_image": _string(record, "qry_img_path", where, required=True),
+        "tgt_text": _strings(record, "tgt_text", where),
+        "tgt_image": _strings(record, "tgt_img_path", where),
+    }
+
+
+def _side_problem(
+    state: _ReadState, text: str, text_field: str, image: str, image_field: str, empty_reason: str | None
+) -> Problem | None:
+    """The problem of one side (query, positive, negative, target): its image first, then emptiness."""
+    if image:
+        reason = state.image_problem(image)
+        if reason is not None:
+            return image_field, reason
+    elif empty_reason is not None and not text.strip():
+        return text_field, empty_reason
+    return None
+
+
+def _pair_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
+    return (
+        _side_problem(state, row["qry_text"], "qry", row["qry_image"], "qry_image_path", "empty_query")
+        or _side_problem(
+            state, row["pos_text"], "pos_text", row["pos_image"], "pos_image_path", "empty_positive"
+        )
+        or _side_problem(state, row["neg_text"], "neg_text", row["neg_image"], "neg_image_path", None)
+    )
+
+
+def _eval_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
+    problem = _side_problem(
+        state, row["qry_text"], "qry_text", row["qry_image"], "qry_img_path", "empty_query"
+    )
+    if problem is not None:
+        return problem
+    if not row["tgt_text"] or len(row["tgt_text"]) != len(row["tgt_image"]):
+        return "tgt_text", "length_mismatch"
+    for i, (text, image) in enumerate(zip(row["tgt_text"], row["tgt_image"], strict=True)):
+        problem = _side_problem(state, text, f"tgt_text[{i}]", image, f"tgt_img_path[{i}]", "empty_positive")
+        if problem is not None:
+            return problem
+    return None
+
+
+_KINDS: dict[str, tuple[pa.Schema, Callable[..., dict[str, Any]], Callable[..., Problem | None]]] = {
+    "pairs": (PAIRS, _parse_pair, _pair_problem),
+    "eval": (EVAL, _parse_eval, _eval_problem),
+}

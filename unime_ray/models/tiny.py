@@ -1,0 +1,279 @@
+"""Tiny random-weight models of the REAL architectures, built from configs with no download.
+
+    unime-ray make-tiny /tmp/tiny-qwen --arch qwen2-vl            # ~1M parameters, seconds
+    unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~60M, for benchmarks
+
+The folder is an ordinary Hugging Face checkpoint (config, safetensors, tokenizer, image processor,
+chat template) loaded by the same code as Qwen2-VL-7B or LLaVA-OneVision-7B. Why each detail:
+- The tokenizer is a byte-level BPE trained here on the prompts this project sends, with Qwen2's
+  pre-tokenizer regex, wrapped as `Qwen2TokenizerFast` (transformers 5 forces that class for qwen2
+  models anyway). "Yes" and "No" must be single tokens: the judge reads their two logits.
+- head_dim is 32 (vLLM's CPU attention has no kernel for 16) and Qwen2-VL's `mrope_section` sums to
+  head_dim / 2.
+- The folder also carries `processing_unime.py`, a processor subclass without a video processor,
+  registered through `auto_map`: vLLM's transformers backend loads the processor with
+  `trust_remote_code`, and the stock processors need torchvision for their video half, which CPU
+  machines lack. Our own loader (`models.backbone.load_processor`) needs none of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+Arch = Literal["qwen2-vl", "llava-ov"]
+
+# Qwen2's pre-tokenizer split pattern (the same regex the real tokenizer uses).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_SPECIALS = ["<image>", "<video>"]
+
+# One user turn; images rendered where they appear, Qwen2-VL's default system prompt first.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_OV_CHAT_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<image>\n"
+)
+
+# Text the BPE is trained on: the words of our prompts and of the synthetic world, repeated so that
+# frequent words (Yes, No, the judge instruction) become single tokens.
+_CORPUS = """I will provide you with a query and a candidate. Please evaluate whether the candidate meets the
+requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'.
+I will provide you with a query followed by multiple candidates in the format: (1) cand1 (2) cand2, etc.
+Each candidate is independent of the others. Evaluate each candidate against the query, and respond with
+the number corresponding to the candidate that best meets the requirements of the query. Ans: (1) (2) (3)
+(4) (5) (6) (7) (8) (9) (10) Query: Candidate: Candidates: Yes No Yes No Yes No
+Represent the given image for classification. Represent the given image with the following question:
+Find an image caption describing the given everyday image. Find me an everyday image that matches the
+given caption: Represent the given image. Represent the given text. What colour is the shape?
+Where is the object? What shape is it? a red green blue yellow purple orange circle square triangle
+on the left right at the top bottom and with the there is an of in image picture photo caption
+You are a helpful assistant. system user assistant 0 1 2 3 4 5 6 7 8 9 summary word one
+"""
+
+
+def train_tokenizer(specials: list[str], vocab_size: int = 1024) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 50 + ["Yes", "No", " Yes", " No"] * 200, trainer=trainer)
+    return tok
+
+
+def _hf_tokenizer(tok: Tokenizer, specials: list[str], chat_template: str):
+    from transformers import Qwen2TokenizerFast
+
+    hf = Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=specials,
+    )
+    hf.chat_template = chat_template
+    for word in ("Yes", "No"):
+        ids = hf.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RuntimeError(f"tiny tokenizer: {word!r} is {len(ids)} tokens, the judge needs one")
+    return hf
+
+
+# name -> (hidden, layers, heads, kv_heads, intermediate, vision embed, vision depth)
+SIZES = {
+    "tiny": (64, 2, 2, 1, 128, 32, 1),
+    "small": (512, 8, 16, 4, 1536, 128, 2),
+}
+
+
+def _qwen2_vl(out: Path, size: str) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    hidden, layers, heads, kv, inter, v_dim, v_depth = SIZES[size]
+    specials = QWEN_SPECIALS
+    tok = _hf_tokenizer(train_tokenizer(specials), specials, QWEN2_VL_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    head_dim = hidden // heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # sums to head_dim/2
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=v_depth,
+            embed_dim=v_dim,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    # Small images keep the token count low: 56x56 px -> 4x4 patches -> 4 merged image tokens.
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112).save_pretrained(out)
+    _write_processor(out, "Qwen2VLProcessor", QWEN2_VL_CHAT_TEMPLATE)
+
+
+def _llava_ov(out: Path, size: str) -> None:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    hidden, layers, heads, kv, inter, v_dim, v_depth = SIZES[size]
+    specials = QWEN_SPECIALS + LLAVA_SPECIALS
+    tok = _hf_tokenizer(train_tokenizer(specials), specials, LLAVA_OV_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    config = LlavaOnevisionConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=4096,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=v_dim,
+            intermediate_size=2 * v_dim,
+            num_hidden_layers=v_depth,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+    ).save_pretrained(out)
+    # 28 px / 14 px patches = 2x2 = 4 tokens per image tile; "full" keeps them all (no CLS to drop).
+    _write_processor(
+        out,
+        "LlavaOnevisionProcessor",
+        LLAVA_OV_CHAT_TEMPLATE,
+        num_image_tokens=4,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def _write_processor(out: Path, base: str, chat_template: str, **settings: object) -> None:
+    """processor_config.json + a video-less processor subclass that vLLM can load by auto_map."""
+    module = Path(__file__).with_name("processing_unime.py")
+    shutil.copy(module, out / module.name)
+    cls = {
+        "Qwen2VLProcessor": "UnimeQwen2VLProcessor",
+        "LlavaOnevisionProcessor": "UnimeLlavaOnevisionProcessor",
+    }
+    auto_map = {"AutoProcessor": f"processing_unime.{cls[base]}"}
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": cls[base], "auto_map": auto_map, **settings}, indent=2)
+    )
+    (out / "chat_template.jinja").write_text(chat_template)
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg.update({"processor_class": cls[base], "auto_map": auto_map})
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))
+
+
+def make_tiny(out: str | Path, arch: Arch = "qwen2-vl", size: str = "tiny", seed: int = 0) -> Path:
+    """Build a random-weight `arch` model of `size` into folder `out` (replaced if present)."""
+    if size not in SIZES:
+        raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    torch.manual_seed(seed)
+    {"qwen2-vl": _qwen2_vl, "llava-ov": _llava_ov}[arch](out, size)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="unime-ray make-tiny", description=__doc__.split("\n")[0])
+    p.add_argument("out", help="folder to write the model into (replaced if present)")
+    p.add_argument("--arch", choices=["qwen2-vl", "llava-ov"], default="qwen2-vl")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny ~1M params, small ~60M")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    path = make_tiny(a.out, a.arch, a.size, a.seed)
+    print(f"wrote {a.arch} ({a.size}) to {path}")
