@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from unime_ray.config import load_config
@@ -31,11 +32,14 @@ def test_demo_end_to_end(local_ray, tmp_path):
     report = run_demo(cfg)
     saved = json.loads((out / "demo_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert saved["read_pairs"] == {"rows_in": 4 * 48, "rows_out": 4 * 48}  # nothing quarantined, nothing lost
+    mined = saved["mining"]
+    assert mined["queries"] == 4 * 48 and mined["quarantined_pairs"] == 0  # nothing quarantined, nothing lost
+    assert mined["hard_negative_queries"] == mined["queries"]
+    assert mined["judged_pairs"] == pq.read_table(out / "mining/judge/results").num_rows > mined["queries"]
     assert saved["read_eval"] == {"rows_in": 4 * 24, "rows_out": 4 * 24}
     assert set(saved["mmeb_p@1_untrained"]) == {"ShapesCLS", "ShapesVQA", "ShapesI2T", "ShapesT2I"}
     assert all(0.0 <= v <= 100.0 for v in saved["mmeb_p@1_untrained"].values())
-    assert (out / "quarantine_pairs.parquet").is_file()
+    assert (out / "mining/sample/scores.png").is_file()
 
 
 @pytest.mark.parametrize("command", ["demo", "make-tiny", "make-world"])

@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "demo": ("unime_ray.demo", "run the whole path on the synthetic world with tiny models (CPU)"),
+    "mine": ("unime_ray.mining.pipeline", "mine hard negatives: embed, retrieve, judge, sample (resumable)"),
     "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
     "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
 }

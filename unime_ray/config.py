@@ -40,6 +40,10 @@ class DataConfig:
     datasets: list[str] = field(
         default_factory=list, metadata={"help": "subset names to use; empty = every file in the folder"}
     )
+    synthetic: bool = field(
+        default=False,
+        metadata={"help": "the paths are the synthetic world and tiny models: build them if missing"},
+    )
     check_images: bool = field(
         default=True, metadata={"help": "open every image when reading (quarantines corrupt files up front)"}
     )
@@ -67,6 +71,16 @@ class JudgeConfig:
         default="auto", metadata={"help": "vLLM modeling backend; 'transformers' where torchvision is absent"}
     )
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM memory fraction"})
+    prefix_caching: bool = field(
+        default=True, metadata={"help": "vLLM prefix caching: the ~51 prompts of a query share its KV"}
+    )
+    block_size: int = field(
+        default=0,
+        metadata={
+            "help": "vLLM KV block size in tokens (0 = vLLM's default); a shared prefix is "
+            "reused in whole blocks, so smaller blocks reuse more of short prefixes"
+        },
+    )
     scores_path: str = field(default="", metadata={"help": "precomputed judge scores (backend=precomputed)"})
 
 
@@ -87,6 +101,20 @@ class MiningConfig:
     min_negatives: int = field(default=10, metadata={"help": "pad by repetition to at least this many"})
     num_negatives: int = field(default=10, metadata={"help": "negatives stored per query (official: 10)"})
     index: Literal["exact", "ivf"] = field(default="exact", metadata={"help": "FAISS index type"})
+    chunk_size: int = field(
+        default=262144, metadata={"help": "retrieve: pool vectors per exact-search chunk (bounds memory)"}
+    )
+    query_block: int = field(default=16384, metadata={"help": "retrieve: queries searched at once"})
+    ivf_nprobe: int = field(default=32, metadata={"help": "retrieve: inverted lists probed per query (ivf)"})
+    faiss_gpu: bool | None = field(
+        default=None, metadata={"help": "retrieve: FAISS on GPU; null = when FAISS sees a GPU"}
+    )
+    embed_shard_rows: int = field(
+        default=4096, metadata={"help": "items per embedding shard (the unit of resume for embedding)"}
+    )
+    judge_shard_queries: int = field(
+        default=256, metadata={"help": "queries per judge shard (x (top_n + 1) calls; the unit of resume)"}
+    )
     num_actors: int = field(
         default=1, metadata={"help": "embedding / judge actors (one GPU each on clusters)"}
     )
@@ -229,6 +257,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, values: dict) -> Any:
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output, e.g. inside a Ray actor."""
+    return _build(cls, values, cls.__name__)
 
 
 def add_config_args(parser, default: str | None = None) -> None:

@@ -20,4 +20,5 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     # Ray is one node, so switch it off here (env for the raylet and workers, constant for this process).
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    # address="local": always a fresh local instance, never a stale `ray start` head found in /tmp/ray.
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)

@@ -44,3 +44,101 @@ QUARANTINE = pa.schema(
         ("reason", pa.string()),
     ]
 )
+
+# ---- mining: pairs -> candidates -> judge scores -> hard negatives ----------------------------------
+
+# A query of the mining run (one per kept pair) with the id of its positive in the candidate pool.
+QUERIES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("text", pa.string()),
+        ("image", pa.string()),
+        ("pos_id", pa.string()),
+    ]
+)
+
+# The candidate pool: every distinct positive (text, image) of a dataset, once. Ids are content hashes
+# ("<dataset>/c<hex>"), so the same candidate gets the same id in every run.
+POOL = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("text", pa.string()),
+        ("image", pa.string()),
+    ]
+)
+
+# One embedded query or candidate (`kind` = "query" | "candidate"); unit vectors.
+EMBEDDINGS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("kind", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+    ]
+)
+
+# Potential hard negatives (paper eq. 1): per query the top-N of its dataset's pool by cosine, its own
+# positive and every candidate with cosine >= delta excluded; rank 0 is the most similar.
+CANDIDATES = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("dataset", pa.string()),
+        ("cand_id", pa.string()),
+        ("rank", pa.int32()),
+        ("sim", pa.float32()),
+    ]
+)
+
+# One judge call: the query with its positive (is_positive, rank -1) or with one potential negative.
+JUDGE_REQUESTS = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("dataset", pa.string()),
+        ("cand_id", pa.string()),
+        ("is_positive", pa.bool_()),
+        ("rank", pa.int32()),
+        ("sim", pa.float32()),
+        ("qry_text", pa.string()),
+        ("qry_image", pa.string()),
+        ("cand_text", pa.string()),
+        ("cand_image", pa.string()),
+    ]
+)
+
+# A judged pair: s = e_yes / (e_yes + e_no) at the first generated position.
+JUDGE_SCORES = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("dataset", pa.string()),
+        ("cand_id", pa.string()),
+        ("is_positive", pa.bool_()),
+        ("rank", pa.int32()),
+        ("sim", pa.float32()),
+        ("score", pa.float32()),
+    ]
+)
+
+# The mining output, one row per query: like the official release (query, positive, its score, the
+# negatives with their scores) plus ids and provenance. `fallback` marks queries where no candidate
+# survived the false-negative filter and 10 random pool candidates were taken with score 1.0.
+HARD_NEGATIVES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("qry_text", pa.string()),
+        ("qry_image", pa.string()),
+        ("pos_id", pa.string()),
+        ("pos_text", pa.string()),
+        ("pos_image", pa.string()),
+        ("pos_score", pa.float32()),
+        ("neg_ids", pa.list_(pa.string())),
+        ("neg_texts", pa.list_(pa.string())),
+        ("neg_images", pa.list_(pa.string())),
+        ("neg_scores", pa.list_(pa.float32())),
+        ("neg_ranks", pa.list_(pa.int32())),
+        ("num_survivors", pa.int32()),
+        ("fallback", pa.bool_()),
+    ]
+)

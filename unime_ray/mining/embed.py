@@ -7,11 +7,15 @@ a GPU (`gpus_per_actor`); on a laptop one CPU actor does the same work.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 
-from unime_ray.config import ModelConfig
+from unime_ray.config import MiningConfig, ModelConfig
+from unime_ray.data.schemas import EMBEDDINGS
+from unime_ray.mining.shards import PATH_COL, requests_once, run_shards, write_request_shards
 
 
 class EmbedActor:
@@ -54,3 +58,36 @@ def embed_dataset(
         num_gpus=gpus_per_actor,
         num_cpus=0 if gpus_per_actor else 1,
     )
+
+
+def _to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Embedding rows in the EMBEDDINGS layout (list<float32>), keeping the shard path."""
+    emb = np.asarray(batch["embedding"], dtype=np.float32)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]).cast(
+        pa.list_(pa.float32())
+    )
+    cols = {n: pa.array(batch[n].tolist(), pa.string()) for n in ("id", "dataset", "kind", PATH_COL)}
+    return pa.table({**cols, "embedding": flat})
+
+
+def run_embed(
+    queries: pa.Table, pool: pa.Table, out_dir: Path, model: ModelConfig, image_root: str, cfg: MiningConfig
+) -> dict:
+    """Embed every query and every pool candidate once; shards of `embed_shard_rows` items."""
+    items = pa.concat_tables(
+        [
+            t.select(["id", "dataset", "text", "image"]).append_column("kind", pa.array([kind] * t.num_rows))
+            for t, kind in ((queries, "query"), (pool, "candidate"))
+        ]
+    )
+    requests = requests_once(
+        out_dir / "requests", lambda d: write_request_shards(items, d, cfg.embed_shard_rows)
+    )
+
+    def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
+        ds = embed_dataset(
+            ds, model, image_root, num_actors=cfg.num_actors, gpus_per_actor=cfg.gpus_per_actor
+        )
+        return ds.map_batches(_to_arrow, batch_format="numpy")
+
+    return run_shards(requests, out_dir / "results", transform, EMBEDDINGS, ["id", "kind"], "embed")

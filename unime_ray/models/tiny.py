@@ -1,7 +1,7 @@
 """Tiny random-weight models of the REAL architectures, built from configs with no download.
 
-    unime-ray make-tiny /tmp/tiny-qwen --arch qwen2-vl            # ~1M parameters, seconds
-    unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~60M, for benchmarks
+    unime-ray make-tiny /tmp/tiny-qwen --arch qwen2-vl            # ~0.2M parameters, seconds
+    unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~75M, for benchmarks
 
 The folder is an ordinary Hugging Face checkpoint (config, safetensors, tokenizer, image processor,
 chat template) loaded by the same code as Qwen2-VL-7B or LLaVA-OneVision-7B. Why each detail:
@@ -120,8 +120,17 @@ def _hf_tokenizer(tok: Tokenizer, specials: list[str], chat_template: str):
 # name -> (hidden, layers, heads, kv_heads, intermediate, vision embed, vision depth)
 SIZES = {
     "tiny": (64, 2, 2, 1, 128, 32, 1),
-    "small": (512, 8, 16, 4, 1536, 128, 2),
+    "small": (768, 12, 24, 8, 2048, 128, 2),
 }
+
+
+def _spread_answers(model):
+    """A random LM head of the usual init scale gives logits near 0 and every judge score ~0.5; a larger
+    scale spreads e_yes / (e_yes + e_no) over (0, 1) so the sampling rules see varied (if meaningless)
+    scores, as with a real judge."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25.0)
+    return model
 
 
 def _qwen2_vl(out: Path, size: str) -> None:
@@ -164,7 +173,7 @@ def _qwen2_vl(out: Path, size: str) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = Qwen2VLForConditionalGeneration(config)
+    model = _spread_answers(Qwen2VLForConditionalGeneration(config))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -216,7 +225,7 @@ def _llava_ov(out: Path, size: str) -> None:
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=False,
     )
-    model = LlavaOnevisionForConditionalGeneration(config)
+    model = _spread_answers(LlavaOnevisionForConditionalGeneration(config))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="unime-ray make-tiny", description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder to write the model into (replaced if present)")
     p.add_argument("--arch", choices=["qwen2-vl", "llava-ov"], default="qwen2-vl")
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny ~1M params, small ~60M")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny ~0.2M params, small ~75M")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     path = make_tiny(a.out, a.arch, a.size, a.seed)

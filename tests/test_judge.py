@@ -1,0 +1,129 @@
+"""The MLLM judge: the paper's prompt, s = e_yes / (e_yes + e_no), and backend agreement."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from unime_ray.config import JudgeConfig, MiningConfig, ModelConfig
+from unime_ray.data.schemas import JUDGE_REQUESTS
+from unime_ray.mining.judge import attach_precomputed, run_judge
+from unime_ray.models.backbone import load_model, load_processor
+from unime_ray.models.judge import TransformersJudge, VLLMJudge
+from unime_ray.models.prompts import JUDGE_INSTRUCTION, judge_content, render
+
+RED = Image.new("RGB", (56, 56), (255, 0, 0))
+PAIRS = [
+    ("<|image_1|>\nRepresent the given image for classification", RED, "red circle", ""),
+    (
+        "Find me an everyday image that matches the given caption: a red circle",
+        "",
+        "<|image_1|>\nRepresent.",
+        RED,
+    ),
+    ("what is this", "", "a text only candidate", ""),
+    ("what is this", "", "another, longer text only candidate", ""),
+]
+
+
+def _cfg(path, backend="transformers"):
+    model = ModelConfig(path=str(path), dtype="float32", image_size=56, max_length=512, batch_size=3)
+    return JudgeConfig(
+        model=model, backend=backend, vllm_model_impl="transformers", gpu_memory_utilization=0.3
+    )
+
+
+def test_prompt_is_the_papers_instruction_query_first(tiny_qwen):
+    tok = load_processor(tiny_qwen).tokenizer
+    text = render(tok, judge_content("<|image_1|>\nWhat colour?", True, "red", False))
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"{JUDGE_INSTRUCTION}\nQuery: <|vision_start|><|image_pad|><|vision_end|>What colour?"
+        "\nCandidate: red<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert "'Yes'" in JUDGE_INSTRUCTION and "'No'" in JUDGE_INSTRUCTION
+
+
+def test_transformers_judge_equals_a_manual_forward(tiny_qwen):
+    """Independent computation: one unpadded full forward per pair, softmax over the two logits."""
+    judge = TransformersJudge(_cfg(tiny_qwen))
+    got = judge.score(PAIRS)  # batched: mixed text/image, left padded, logits_to_keep=1
+    proc, model = load_processor(tiny_qwen), load_model(tiny_qwen, "float32")
+    yes = proc.tokenizer.convert_tokens_to_ids("Yes")
+    no = proc.tokenizer.convert_tokens_to_ids("No")
+    for i, (qt, qi, ct, ci) in enumerate(PAIRS):
+        prompt = render(proc.tokenizer, judge_content(qt, bool(qi), ct, bool(ci)))
+        images = [im.resize((56, 56)) for im in (qi, ci) if im]
+        batch = proc(text=[prompt], images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**batch).logits[0, -1]
+        e_yes, e_no = torch.exp(logits[yes]), torch.exp(logits[no])
+        assert abs(got[i] - (e_yes / (e_yes + e_no)).item()) < 1e-5
+    assert ((got > 0) & (got < 1)).all()
+
+
+@pytest.mark.slow
+def test_vllm_and_transformers_agree(tiny_qwen):
+    """Same tiny model, same prompts, images included: vLLM (CPU build) within 0.01 of transformers."""
+    reference = TransformersJudge(_cfg(tiny_qwen)).score(PAIRS)
+    vllm_scores = VLLMJudge(_cfg(tiny_qwen, "vllm")).score(PAIRS)
+    np.testing.assert_allclose(vllm_scores, reference, atol=0.01)
+
+
+def _requests(tmp_path, n_queries=3, per_query=3):
+    rows = [
+        {
+            "query_id": f"q{q}",
+            "dataset": "d",
+            "cand_id": f"c{c}",
+            "is_positive": c == 0,
+            "rank": c - 1,
+            "sim": 0.5,
+            "qry_text": f"query {q}",
+            "qry_image": "",
+            "cand_text": f"candidate {c}",
+            "cand_image": "",
+        }
+        for q in range(n_queries)
+        for c in range(per_query)
+    ]
+    path = tmp_path / "req" / "d-00000.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=JUDGE_REQUESTS), path)
+    return [path], rows
+
+
+def test_judge_stage_on_ray_matches_direct_scores(local_ray, tiny_qwen, tmp_path):
+    reqs, rows = _requests(tmp_path)
+    report = run_judge(reqs, tmp_path / "out", _cfg(tiny_qwen), "", MiningConfig())
+    out = pq.read_table(tmp_path / "out" / "d-00000.parquet").to_pylist()
+    assert report["rows"] == len(rows) and report["nan_scores"] == 0
+    direct = TransformersJudge(_cfg(tiny_qwen)).score([(r["qry_text"], "", r["cand_text"], "") for r in rows])
+    got = {(r["query_id"], r["cand_id"]): r["score"] for r in out}
+    want = {(r["query_id"], r["cand_id"]): s for r, s in zip(rows, direct)}
+    assert got.keys() == want.keys()
+    assert max(abs(got[k] - want[k]) for k in got) < 1e-5
+
+
+def test_precomputed_scores_validated_by_id(tmp_path):
+    reqs, rows = _requests(tmp_path)
+    scores = [
+        {"query_id": r["query_id"], "cand_id": r["cand_id"], "score": 0.1 * i} for i, r in enumerate(rows)
+    ]
+    user = tmp_path / "scores.parquet"
+    pq.write_table(pa.Table.from_pylist(scores + [{"query_id": "zz", "cand_id": "c0", "score": 1.0}]), user)
+    report = attach_precomputed(reqs, tmp_path / "out", str(user))
+    assert report == {"rows": len(rows), "user_rows_unused": 1}
+    out = pq.read_table(tmp_path / "out" / "d-00000.parquet").to_pylist()
+    assert [round(r["score"], 5) for r in out] == [round(0.1 * i, 5) for i in range(len(rows))]
+    pq.write_table(pa.Table.from_pylist(scores[:-2]), user)  # two requests without a score
+    with pytest.raises(ValueError, match=r"2 requests of d-00000.parquet lack a score"):
+        attach_precomputed(reqs, tmp_path / "out2", str(user))
+    pq.write_table(pa.Table.from_pylist(scores + scores[:1]), user)
+    with pytest.raises(ValueError, match="duplicate"):
+        attach_precomputed(reqs, tmp_path / "out3", str(user))
+    pq.write_table(pa.Table.from_pylist([{"query_id": "q0", "score": 1.0}]), user)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['cand_id'\]"):
+        attach_precomputed(reqs, tmp_path / "out4", str(user))

@@ -1,0 +1,155 @@
+"""The mining pipeline: ingest -> embed -> retrieve -> judge -> sample, each stage a folder of Parquet.
+
+    <output_dir>/mining/
+      ingest/    queries.parquet, pool.parquet, quarantine.parquet
+      embed/     requests/*.parquet -> results/*.parquet          (Ray Data actor pool, sharded)
+      retrieve/  <dataset>.parquet                                 (FAISS top-N per dataset)
+      judge/     requests/*.parquet -> results/*.parquet          (vLLM / transformers / precomputed)
+      sample/    hard_negatives.parquet, hard_negatives.json, report.json, scores.png
+      report.json
+
+Resume: a stage that finished writes `_SUCCESS.json` with a fingerprint of the settings it depends on
+(and of the stage before it). A rerun skips a stage whose fingerprint matches, continues one that was
+interrupted (embed and judge resume by shard), and redoes a stage, and every stage after it, whose
+settings changed. So `--set mining.beta=0.02` re-runs only `sample`, with no judge call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from unime_ray.config import Config
+from unime_ray.io import write_json
+from unime_ray.mining.embed import run_embed
+from unime_ray.mining.ingest import run_ingest
+from unime_ray.mining.judge import run_judge, write_requests
+from unime_ray.mining.retrieve import run_retrieve
+from unime_ray.mining.sample import run_sample
+from unime_ray.mining.shards import requests_once
+
+STAGES = ("ingest", "embed", "retrieve", "judge", "sample")
+
+
+def _model_key(m) -> dict:
+    # batch size changes speed, not results
+    return {k: v for k, v in asdict(m).items() if k != "batch_size"}
+
+
+def stage_settings(cfg: Config) -> dict[str, dict]:
+    """What each stage's output depends on (besides the stage before it)."""
+    m = cfg.mining
+    return {
+        "ingest": {k: v for k, v in asdict(cfg.data).items() if k != "eval_dir"},
+        "embed": {"model": _model_key(cfg.embedder), "shard": m.embed_shard_rows},
+        "retrieve": {k: v for k, v in asdict(m).items() if k in ("top_n", "delta", "index", "ivf_nprobe")},
+        "judge": {
+            "model": _model_key(cfg.judge.model),
+            "backend": cfg.judge.backend,
+            "scores_path": cfg.judge.scores_path,
+            "shard": m.judge_shard_queries,
+        },
+        "sample": {
+            "beta": m.beta,
+            "interval": m.interval,
+            "min_negatives": m.min_negatives,
+            "num_negatives": m.num_negatives,
+            "seed": cfg.run.seed,
+        },
+    }
+
+
+def fingerprints(cfg: Config) -> dict[str, str]:
+    out, previous = {}, ""
+    for stage, settings in stage_settings(cfg).items():
+        blob = json.dumps({"previous": previous, "settings": settings}, sort_keys=True)
+        out[stage] = previous = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
+
+
+def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run (or resume) the pipeline up to and including the last of `stages`."""
+    root = Path(cfg.run.output_dir) / "mining"
+    dirs = {s: root / s for s in STAGES}
+    prints = fingerprints(cfg)
+    report: dict = {}
+
+    def run(stage: str, fn) -> dict:
+        marker = dirs[stage] / "_SUCCESS.json"
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done["fingerprint"] == prints[stage]:
+                print(f"[mine] {stage}: done earlier, skipped", flush=True)
+                return done["report"]
+        if marker.is_file() or _stale(dirs[stage], prints[stage]):
+            print(f"[mine] {stage}: settings changed, redoing it", flush=True)
+            shutil.rmtree(dirs[stage])
+        dirs[stage].mkdir(parents=True, exist_ok=True)
+        (dirs[stage] / "_FINGERPRINT").write_text(prints[stage])
+        start = time.perf_counter()
+        result = fn(dirs[stage])
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        write_json({"fingerprint": prints[stage], "report": result}, marker)
+        print(f"[mine] {stage}: {json.dumps(result)[:300]}", flush=True)
+        return result
+
+    image_root = cfg.data.image_root
+
+    def tables():
+        return pq.read_table(dirs["ingest"] / "queries.parquet"), pq.read_table(
+            dirs["ingest"] / "pool.parquet"
+        )
+
+    def files(stage: str, sub: str = "") -> list[Path]:
+        return sorted((dirs[stage] / sub).glob("*.parquet"))
+
+    def judge(d: Path) -> dict:
+        queries, pool = tables()
+        candidates = files("retrieve")
+        requests = requests_once(
+            d / "requests", lambda r: write_requests(candidates, queries, pool, r, cfg.mining)
+        )
+        return run_judge(requests, d / "results", cfg.judge, image_root, cfg.mining)
+
+    steps = {
+        "ingest": lambda d: run_ingest(cfg.data, d),
+        "embed": lambda d: run_embed(*tables(), d, cfg.embedder, image_root, cfg.mining),
+        "retrieve": lambda d: run_retrieve(files("embed", "results"), tables()[0], d, cfg.mining),
+        "judge": judge,
+        "sample": lambda d: run_sample(files("judge", "results"), *tables(), d, cfg.mining, cfg.run.seed),
+    }
+    last = max(STAGES.index(s) for s in stages)
+    for stage in STAGES[: last + 1]:
+        report[stage] = run(stage, steps[stage])
+    write_json(report, root / "report.json")
+    return report
+
+
+def _stale(stage_dir: Path, fingerprint: str) -> bool:
+    """An interrupted stage may continue only if it was started with the same settings."""
+    mark = stage_dir / "_FINGERPRINT"
+    return mark.is_file() and mark.read_text() != fingerprint
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from unime_ray.assets import prepare_synthetic
+    from unime_ray.config import add_config_args, config_from_args
+    from unime_ray.ray_utils import init_ray
+
+    p = argparse.ArgumentParser(prog="mine", description="UniME-V2 hard-negative mining with an MLLM judge")
+    add_config_args(p, default="jobs/configs/tiny.yaml")
+    p.add_argument("--until", choices=STAGES, default="sample", help="last stage to run (default: all)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    prepare_synthetic(cfg)
+    init_ray(cfg.ray.address)
+    report = run_mining(cfg, stages=(args.until,))
+    print(json.dumps({s: {k: v for k, v in r.items() if not isinstance(v, dict)} for s, r in report.items()}))

@@ -1,0 +1,50 @@
+"""Prompt templates of the judge and the reranker (paper's instructions, official wording).
+
+Prompts are built as chat `content` parts (text and image) and rendered with the backbone's own chat
+template, so the same prompt reaches transformers and vLLM, and Qwen2-VL and LLaVA-OV alike.
+MMEB's image token `<|image_1|>` is removed from texts: the image goes in as its own part.
+"""
+
+from __future__ import annotations
+
+from unime_ray.models.embedder import PHI3_IMAGE_TOKEN
+
+JUDGE_INSTRUCTION = (
+    "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
+    "requirements of the query. If it does, respond with 'Yes'; if it doesn't, respond with 'No'."
+)
+
+
+def _side(text: str, has_image: bool) -> list[dict]:
+    parts: list[dict] = [{"type": "image"}] if has_image else []
+    text = text.replace(PHI3_IMAGE_TOKEN, "").strip()
+    return parts + ([{"type": "text", "text": text}] if text else [])
+
+
+def judge_content(q_text: str, q_has_image: bool, c_text: str, c_has_image: bool) -> list[dict]:
+    """Instruction, then the query, then the candidate: everything before the candidate is shared by the
+    ~51 prompts of one query, which is what vLLM's prefix cache reuses."""
+    return (
+        [{"type": "text", "text": f"{JUDGE_INSTRUCTION}\nQuery: "}]
+        + _side(q_text, q_has_image)
+        + [{"type": "text", "text": "\nCandidate: "}]
+        + _side(c_text, c_has_image)
+    )
+
+
+def render(tokenizer, content: list[dict]) -> str:
+    """One user turn through the model's chat template, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def answer_token_ids(tokenizer, words: tuple[str, ...] = ("Yes", "No")) -> list[int]:
+    """Token ids of single-token answers; a tokenizer that splits one of them is an error."""
+    ids = []
+    for word in words:
+        encoded = tokenizer.encode(word, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"{word!r} is {len(encoded)} tokens in this tokenizer; the judge needs one")
+        ids.append(encoded[0])
+    return ids
