@@ -65,15 +65,15 @@ def main() -> None:
     def cfg(**kw) -> JudgeConfig:
         return JudgeConfig(model=m, vllm_model_impl="transformers", gpu_memory_utilization=0.3, **kw)
 
-    rows = {"transformers": timed(TransformersJudge(cfg(backend="transformers")), work, a.repeats)}
+    rows = {"transformers": timed(TransformersJudge(m, world / "images"), work, a.repeats)}
     for name, kw in (
-        ("vllm, prefix sharing", {"block_size": 16}),
+        ("vllm, prefix sharing", {"block_size": 32}),
         ("vllm, no prefix sharing", {"prefix_caching": False}),
     ):
-        judge = VLLMJudge(cfg(backend="vllm", **kw))
+        judge = VLLMJudge(cfg(backend="vllm", **kw), world / "images")
         rows[name] = timed(judge, work, a.repeats)
         del judge
-    params = sum(x.numel() for x in TransformersJudge(cfg(backend="transformers")).model.parameters())
+    params = sum(x.numel() for x in TransformersJudge(m, world / "images").model.parameters())
     base = rows["transformers"]
     result = {
         "date": datetime.date.today().isoformat(),

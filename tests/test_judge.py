@@ -48,7 +48,7 @@ def test_prompt_is_the_papers_instruction_query_first(tiny_qwen):
 
 def test_transformers_judge_equals_a_manual_forward(tiny_qwen):
     """Independent computation: one unpadded full forward per pair, softmax over the two logits."""
-    judge = TransformersJudge(_cfg(tiny_qwen))
+    judge = TransformersJudge(_cfg(tiny_qwen).model)
     got = judge.score(PAIRS)  # batched: mixed text/image, left padded, logits_to_keep=1
     proc, model = load_processor(tiny_qwen), load_model(tiny_qwen, "float32")
     yes = proc.tokenizer.convert_tokens_to_ids("Yes")
@@ -67,7 +67,7 @@ def test_transformers_judge_equals_a_manual_forward(tiny_qwen):
 @pytest.mark.slow
 def test_vllm_and_transformers_agree(tiny_qwen):
     """Same tiny model, same prompts, images included: vLLM (CPU build) within 0.01 of transformers."""
-    reference = TransformersJudge(_cfg(tiny_qwen)).score(PAIRS)
+    reference = TransformersJudge(_cfg(tiny_qwen).model).score(PAIRS)
     vllm_scores = VLLMJudge(_cfg(tiny_qwen, "vllm")).score(PAIRS)
     np.testing.assert_allclose(vllm_scores, reference, atol=0.01)
 
@@ -100,7 +100,9 @@ def test_judge_stage_on_ray_matches_direct_scores(local_ray, tiny_qwen, tmp_path
     report = run_judge(reqs, tmp_path / "out", _cfg(tiny_qwen), "", MiningConfig())
     out = pq.read_table(tmp_path / "out" / "d-00000.parquet").to_pylist()
     assert report["rows"] == len(rows) and report["nan_scores"] == 0
-    direct = TransformersJudge(_cfg(tiny_qwen)).score([(r["qry_text"], "", r["cand_text"], "") for r in rows])
+    direct = TransformersJudge(_cfg(tiny_qwen).model).score(
+        [(r["qry_text"], "", r["cand_text"], "") for r in rows]
+    )
     got = {(r["query_id"], r["cand_id"]): r["score"] for r in out}
     want = {(r["query_id"], r["cand_id"]): s for r, s in zip(rows, direct)}
     assert got.keys() == want.keys()

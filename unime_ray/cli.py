@@ -1,5 +1,5 @@
-"""`unime-ray <command> [args]`: one entry point; each command is a module with its own `main(argv)`
-and its own `--help`."""
+"""`unime-ray <command> [args]`: one entry point; each command is a module's `main(argv)` (or the
+function named after a colon), with its own `--help`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "demo": ("unime_ray.demo", "run the whole path on the synthetic world with tiny models (CPU)"),
     "mine": ("unime_ray.mining.pipeline", "mine hard negatives: embed, retrieve, judge, sample (resumable)"),
+    "train-embed": ("unime_ray.train.run", "train the embedder (Ray Train, DeepSpeed ZeRO-2, LoRA)"),
+    "train-rerank": ("unime_ray.train.run:main_rerank", "train the reranker (pairwise + listwise)"),
+    "export": ("unime_ray.train.export", "merge a LoRA adapter into a standalone model folder"),
     "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
     "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
 }
@@ -20,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         lines = [f"  {name:12s} {text}" for name, (_, text) in COMMANDS.items()]
         print("usage: unime-ray <command> [--help | args]\n\ncommands:\n" + "\n".join(lines))
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    module, _, func = COMMANDS[argv[0]][0].partition(":")
+    getattr(importlib.import_module(module), func or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Values in overrides are parsed as YAML scalars (`0.02` -> float, `true` -> bool,
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,8 +78,8 @@ class JudgeConfig:
     block_size: int = field(
         default=0,
         metadata={
-            "help": "vLLM KV block size in tokens (0 = vLLM's default); a shared prefix is "
-            "reused in whole blocks, so smaller blocks reuse more of short prefixes"
+            "help": "vLLM KV block size in tokens (0 = vLLM's default; CPU: a multiple of 32); a shared "
+            "prefix is reused in whole blocks, so smaller blocks reuse more of short prefixes"
         },
     )
     scores_path: str = field(default="", metadata={"help": "precomputed judge scores (backend=precomputed)"})
@@ -153,6 +154,15 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
     list_size: int = field(default=5, metadata={"help": "reranker: negatives in the listwise prompt"})
+    schedule: Literal["linear", "cosine"] = field(
+        default="linear", metadata={"help": "decay after warmup (official: linear embedder, cosine reranker)"}
+    )
+    data_path: str = field(
+        default="", metadata={"help": "hard-negative Parquet; empty = this run's mining/sample output"}
+    )
+    max_failures: int = field(
+        default=3, metadata={"help": "worker failures survived by restarting from the last checkpoint"}
+    )
 
 
 @dataclass
@@ -250,9 +260,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     try:
-        return _build(Config, tree, "")
+        return absolute_paths(_build(Config, tree, ""))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+PATH_FIELDS = {"output_dir", "train_dir", "eval_dir", "image_root", "path", "adapter", "scores_path"} | {"data_path"}
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """Relative paths are relative to where the job was started: made absolute once, here, because Ray
+    workers (Ray Train's in particular) run in other working directories."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            absolute_paths(value)
+        elif f.name in PATH_FIELDS and isinstance(value, str) and value and "://" not in value:
+            setattr(cfg, f.name, os.path.abspath(value))
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:

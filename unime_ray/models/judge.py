@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unime_ray.config import JudgeConfig
+from unime_ray.config import JudgeConfig, ModelConfig
 from unime_ray.models.backbone import load_model, load_processor, resolve_dtype
 from unime_ray.models.embedder import load_image
 from unime_ray.models.prompts import answer_token_ids, judge_content, render
@@ -28,28 +28,30 @@ Pair = tuple[str, object, str, object]
 
 
 class _PromptBuilder:
-    def __init__(self, cfg: JudgeConfig, image_root: str | Path, tokenizer):
-        self.cfg, self.image_root, self.tokenizer = cfg, image_root, tokenizer
+    def __init__(self, model: ModelConfig, image_root: str | Path, tokenizer):
+        self.model_cfg, self.image_root, self.tokenizer = model, image_root, tokenizer
         self.yes, self.no = answer_token_ids(tokenizer)
 
     def build(self, pair: Pair) -> tuple[str, list]:
         q_text, q_image, c_text, c_image = pair
         images = [
-            load_image(im, self.image_root, self.cfg.model.image_size) for im in (q_image, c_image) if im
+            load_image(im, self.image_root, self.model_cfg.image_size) for im in (q_image, c_image) if im
         ]
         return render(self.tokenizer, judge_content(q_text, bool(q_image), c_text, bool(c_image))), images
 
 
 class TransformersJudge(_PromptBuilder):
-    def __init__(self, cfg: JudgeConfig, image_root: str | Path = ""):
-        self.processor = load_processor(cfg.model.path, padding_side="left")
-        self.model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.adapter)
+    """Also the reranker's pointwise scorer: pass its (fine-tuned) `model` to reuse one in memory."""
+
+    def __init__(self, cfg: ModelConfig, image_root: str | Path = "", model=None):
+        self.processor = load_processor(cfg.path, padding_side="left")
+        self.model = model if model is not None else load_model(cfg.path, cfg.dtype, cfg.adapter)
         super().__init__(cfg, image_root, self.processor.tokenizer)
 
     @torch.no_grad()
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         out = []
-        bs = self.cfg.model.batch_size
+        bs = self.model_cfg.batch_size
         for start in range(0, len(pairs), bs):
             prompts, images = zip(*(self.build(p) for p in pairs[start : start + bs]), strict=True)
             flat = [im for ims in images for im in ims]
@@ -66,7 +68,7 @@ class VLLMJudge(_PromptBuilder):
         from vllm import LLM, SamplingParams
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
-        super().__init__(cfg, image_root, tokenizer)
+        super().__init__(cfg.model, image_root, tokenizer)
         impl = {} if cfg.vllm_model_impl == "auto" else {"model_impl": cfg.vllm_model_impl}
         if cfg.block_size:
             impl["block_size"] = cfg.block_size
@@ -106,5 +108,5 @@ def make_judge(cfg: JudgeConfig, image_root: str | Path = ""):
     if cfg.backend == "vllm":
         return VLLMJudge(cfg, image_root)
     if cfg.backend == "transformers":
-        return TransformersJudge(cfg, image_root)
+        return TransformersJudge(cfg.model, image_root)
     raise ValueError(f"judge.backend={cfg.backend!r} has no model to load (precomputed scores are read)")

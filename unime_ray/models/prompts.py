@@ -7,6 +7,8 @@ MMEB's image token `<|image_1|>` is removed from texts: the image goes in as its
 
 from __future__ import annotations
 
+import re
+
 from unime_ray.models.embedder import PHI3_IMAGE_TOKEN
 
 JUDGE_INSTRUCTION = (
@@ -48,3 +50,38 @@ def answer_token_ids(tokenizer, words: tuple[str, ...] = ("Yes", "No")) -> list[
             raise ValueError(f"{word!r} is {len(encoded)} tokens in this tokenizer; the judge needs one")
         ids.append(encoded[0])
     return ids
+
+
+LIST_INSTRUCTION = (
+    "I will provide you with a query followed by multiple candidates in the format: (1) cand1 (2) cand2, "
+    "etc. Each candidate is independent of the others. Evaluate each candidate against the query, and "
+    "respond with the number corresponding to the candidate that best meets the requirements of the query."
+)
+
+
+def listwise_content(q_text: str, q_has_image: bool, cands: list[tuple[str, bool]]) -> list[dict]:
+    """The reranker's listwise prompt: the query, then the candidates numbered from 1. The answer it is
+    trained to give is `listwise_answer(position)`."""
+    parts = [{"type": "text", "text": f"{LIST_INSTRUCTION}\nQuery: "}] + _side(q_text, q_has_image)
+    parts.append({"type": "text", "text": "\nCandidates:"})
+    for i, (text, has_image) in enumerate(cands, start=1):
+        parts.append({"type": "text", "text": f" ({i}) "})
+        parts += _side(text, has_image)
+    return parts
+
+
+def listwise_answer(position: int) -> str:
+    """Answer text for the candidate at 0-based `position`."""
+    return f"Ans: ({position + 1})"
+
+
+def parse_listwise_answer(text: str, n: int) -> int | None:
+    """0-based position named by a generated answer ('Ans: (3)' -> 2), or None when there is no valid one."""
+    match = _ANSWER.search(text)
+    if match is None:
+        return None
+    position = int(match.group(1)) - 1
+    return position if 0 <= position < n else None
+
+
+_ANSWER = re.compile(r"\((\d+)\)")

@@ -1,0 +1,42 @@
+"""`unime-ray export ADAPTER OUT`: merge a trained LoRA adapter into its base model and write a
+standalone Hugging Face folder (safetensors) that every tool here, vLLM included, loads like any
+checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from unime_ray.models.backbone import load_model
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def export(adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    adapter, out = Path(adapter), Path(out)
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json; expected a peft adapter folder")
+    base = Path(json.loads(cfg_file.read_text())["base_model_name_or_path"])
+    merged = load_model(base, dtype, str(adapter), device="cpu").merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    # tokenizer, processor, chat template, processor module: everything of the base but its weights
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
+            shutil.copy(f, tmp / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="unime-ray export", description=__doc__.split("\n")[0])
+    p.add_argument("adapter", help="peft adapter folder (a checkpoint's adapter/)")
+    p.add_argument("out", help="output model folder (replaced)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    print(f"wrote {export(a.adapter, a.out, a.dtype)}")

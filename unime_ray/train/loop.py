@@ -1,0 +1,216 @@
+"""The training engine shared by the embedder and the reranker: Ray Train workers running DeepSpeed
+ZeRO-2 over a LoRA-wrapped backbone, with checkpoints, resume and per-step metrics.
+
+A *task* (`train/embed.py`, `train/rerank.py`) owns the model and turns a micro-batch of mined rows
+into a loss; everything else lives here once:
+
+- `deepspeed.initialize` with a client AdamW (no FusedAdam compile on CPU) and a warmup + decay
+  schedule; gloo on CPU, nccl on GPU (Ray Train sets up the process group); bf16 on GPU only.
+- Gradient accumulation up to `global_batch_size = micro_batch_size x accumulation x workers`.
+- Every `checkpoint_every` steps all ranks write their DeepSpeed state (frozen base weights excluded),
+  rank 0 the peft adapter, and all call `ray.train.report(..., checkpoint=...)`: Ray Train merges the
+  ranks' files into one checkpoint and keeps the last `keep_checkpoints`.
+- Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
+  checkpoint with `ray.train.get_checkpoint()` and continues from its step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import ray
+import ray.train
+import torch
+
+from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
+from unime_ray.models.backbone import load_model
+
+STATE_TAG = "state"
+
+
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def lora_model(model_cfg: ModelConfig, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Backbone with LoRA on the LANGUAGE model's projections only (the vision towers have modules of
+    the same names, e.g. SigLIP's q_proj, which the paper's recipe leaves frozen)."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    model = load_model(model_cfg.path, model_cfg.dtype, model_cfg.adapter)
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = "|".join(lora.target_modules)
+    peft_cfg = PeftLora(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        use_dora=lora.use_dora,
+        target_modules=rf".*language_model.*\.({targets})$",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup to 1, then linear or cosine decay to 0 at `cfg.steps`."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def accumulation_steps(cfg: TrainConfig) -> int:
+    per_step = cfg.micro_batch_size * cfg.num_workers
+    if cfg.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size x num_workers "
+            f"= {cfg.micro_batch_size} x {cfg.num_workers}"
+        )
+    return cfg.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(cfg),
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": cfg.use_gpu},
+        "zero_allow_untested_optimizer": True,  # our client AdamW: no fused-op compile on CPU
+        "bf16": {"enabled": cfg.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _save(engine, tmp: Path, step: int, rank: int) -> None:
+    engine.save_checkpoint(str(tmp), tag=STATE_TAG, exclude_frozen_parameters=True)
+    if rank == 0:
+        engine.module.save_pretrained(tmp / "adapter")
+        (tmp / "progress.json").write_text(json.dumps({"step": step}))
+
+
+def worker_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+
+    from unime_ray.train.embed import EmbedTask
+    from unime_ray.train.rerank import RerankTask
+
+    cfg: Config = config_from_dict(Config, config["cfg"])
+    kind = config["task"]
+    tcfg = cfg.train if kind == "embed" else cfg.reranker
+    task: Task = {"embed": EmbedTask, "rerank": RerankTask}[kind](cfg)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.run.seed)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=task.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
+    )
+    task.model = engine  # forward through the engine
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=STATE_TAG, load_module_strict=False)
+            step = json.loads((Path(d) / "progress.json").read_text())["step"]
+        print(f"[train-{kind}] resumed at step {step}", flush=True)
+
+    metrics_file = Path(config["metrics_path"])
+    shard = ray.train.get_dataset_shard("train")
+    epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
+    while step < tcfg.steps:
+        batches = shard.iter_batches(
+            batch_size=tcfg.micro_batch_size,
+            batch_format="pyarrow",
+            drop_last=True,  # every rank runs the same number of micro-batches (DeepSpeed all-reduces)
+            local_shuffle_buffer_size=4 * tcfg.micro_batch_size,
+            local_shuffle_seed=cfg.run.seed + 1000 * epoch + rank,
+        )
+        for batch in batches:
+            loss, metrics = task.loss(batch.to_pylist())
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if engine.global_steps == step:
+                continue  # still accumulating
+            step = engine.global_steps
+            elapsed = time.perf_counter() - start
+            report = {k: v / micro for k, v in sums.items()}
+            report.update(
+                step=step, lr=scheduler.get_last_lr()[0], samples_per_s=tcfg.global_batch_size / elapsed
+            )
+            if rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(report) + "\n")
+            if step % tcfg.checkpoint_every == 0 or step >= tcfg.steps:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _save(engine, Path(tmp), step, rank)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(report)
+            sums, micro, start = {}, 0, time.perf_counter()
+            if step >= tcfg.steps:
+                break
+        epoch += 1
+
+
+def run_training(cfg: Config, kind: str) -> dict:
+    """Driver: a TorchTrainer over the mined hard negatives; returns a summary with the adapter path."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tcfg = cfg.train if kind == "embed" else cfg.reranker
+    accumulation_steps(tcfg)  # fail fast on an impossible batch layout
+    out = Path(cfg.run.output_dir).resolve()
+    data = tcfg.data_path or str(out / "mining" / "sample" / "hard_negatives.parquet")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"train data {data} not found: run the mining job first or set data_path")
+    name = f"train_{kind}"
+    (out / name).mkdir(parents=True, exist_ok=True)
+    metrics_path = out / name / "metrics.jsonl"
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": asdict(cfg), "task": kind, "metrics_path": str(metrics_path)},
+        datasets={"train": ray.data.read_parquet(data)},
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=None if tcfg.use_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(out / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    adapter = Path(result.checkpoint.path) / "adapter"
+    return {
+        "checkpoint": result.checkpoint.path,
+        "adapter": str(adapter),
+        "metrics": result.metrics,
+        "metrics_path": str(metrics_path),
+    }

@@ -1,0 +1,114 @@
+"""Reranker training task (paper eqs. 5-6): per query three supervised answers on the same model,
+
+- pairwise: (query, positive) -> "Yes" and (query, hardest negative) -> "No" with the judge prompt;
+- listwise: the positive inserted at a random position among the top-`list_size` negatives (by judge
+  score) -> "Ans: (n)" with the listwise prompt;
+
+cross-entropy on the answer tokens only (prompt tokens masked), L = L_pair + L_list. Query and
+candidate texts AND images reach every prompt (the official code's dataset drops the texts through a
+key mismatch; see README).
+
+    python jobs/train_rerank.py --config jobs/configs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import torch
+import torch.nn.functional as F
+
+from unime_ray.config import Config
+from unime_ray.models.backbone import load_processor
+from unime_ray.models.embedder import load_image
+from unime_ray.models.prompts import (
+    answer_token_ids,
+    judge_content,
+    listwise_answer,
+    listwise_content,
+    render,
+)
+from unime_ray.train.loop import lora_model
+
+END = "<|im_end|>"  # the answer is followed by the end-of-turn token, so the model learns to stop
+
+
+def examples(row: dict, list_size: int, seed: int) -> list[tuple[list[dict], list[str], str]]:
+    """The three (content parts, image paths, answer) of one mined row, deterministic per (seed, query)."""
+    rng = random.Random(int(hashlib.blake2b(f"{seed}:{row['id']}".encode(), digest_size=8).hexdigest(), 16))
+    q_text, q_image = row["qry_text"], row["qry_image"]
+    pos = (row["pos_text"], row["pos_image"])
+    negs = list(zip(row["neg_texts"], row["neg_images"], row["neg_scores"], strict=True))
+    unique = list(
+        dict.fromkeys((t, i) for t, i, _ in sorted(negs, key=lambda n: -n[2]))
+    )  # by score, no repeats
+    if not unique:
+        raise ValueError(f"query {row['id']}: no negatives to train the reranker on")
+    hardest = unique[0]  # the highest judge score among the mined negatives
+    listed = unique[:list_size]
+    at = rng.randint(0, len(listed))
+    listed.insert(at, pos)
+
+    def images(*sides: tuple[str, str]) -> list[str]:
+        return [im for _, im in sides if im]
+
+    return [
+        (judge_content(q_text, bool(q_image), pos[0], bool(pos[1])), images((q_text, q_image), pos), "Yes"),
+        (
+            judge_content(q_text, bool(q_image), hardest[0], bool(hardest[1])),
+            images((q_text, q_image), hardest),
+            "No",
+        ),
+        (
+            listwise_content(q_text, bool(q_image), [(t, bool(i)) for t, i in listed]),
+            images((q_text, q_image), *listed),
+            listwise_answer(at),
+        ),
+    ]
+
+
+class RerankTask:
+    def __init__(self, cfg: Config):
+        self.cfg, self.seed, self.image_root = cfg.reranker, cfg.run.seed, cfg.data.image_root
+        self.model = lora_model(self.cfg.model, self.cfg.lora, self.cfg.gradient_checkpointing)
+        self.processor = load_processor(self.cfg.model.path, padding_side="left")
+        self.yes, self.no = answer_token_ids(self.processor.tokenizer)
+
+    def batch(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Tokenised prompt+answer sequences and labels (-100 on every prompt and padding token)."""
+        prompts, answers, images = [], [], []
+        for row in rows:
+            for content, paths, answer in examples(row, self.cfg.list_size, self.seed):
+                prompts.append(render(self.processor.tokenizer, content))
+                answers.append(answer + END)
+                images += [load_image(p, self.image_root, self.cfg.model.image_size) for p in paths]
+        full = self.processor(
+            text=[p + a for p, a in zip(prompts, answers, strict=True)],
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+        )
+        prompt_only = self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+        # Left padding: each row's answer is its last (full length - prompt length) tokens.
+        answer_len = full["attention_mask"].sum(1) - prompt_only["attention_mask"].sum(1)
+        width = full["input_ids"].shape[1]
+        labels = torch.where(
+            torch.arange(width).unsqueeze(0) >= (width - answer_len).unsqueeze(1), full["input_ids"], -100
+        )
+        return dict(full), labels
+
+    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, labels = self.batch(rows)
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        labels = labels.to(device)
+        logits = self.model(**inputs).logits[:, :-1].float()
+        target = labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        mask = target != -100
+        per_example = (per_token * mask).sum(1) / mask.sum(1)
+        loss = per_example.view(len(rows), 3).sum(1).mean()  # L_pair (yes + no) + L_list, per query
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == target) | ~mask).all(1).view(len(rows), 3).float()
+        return loss, {"yes_no_acc": correct[:, :2].mean().item(), "list_acc": correct[:, 2].mean().item()}

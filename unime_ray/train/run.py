@@ -1,0 +1,59 @@
+"""Entry points of the two training jobs (`jobs/train_embed.py`, `jobs/train_rerank.py`, `unime-ray
+train-embed|train-rerank`) and the learning-curve plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from unime_ray.assets import prepare_synthetic
+from unime_ray.config import add_config_args, config_from_args
+from unime_ray.ray_utils import init_ray
+from unime_ray.train.loop import run_training
+
+
+def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
+    """One panel per metric against the optimizer step (the last entry per step wins: a resumed run
+    re-logs the steps after its checkpoint)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows: dict[int, dict] = {}
+    for line in metrics_path.read_text().splitlines():
+        entry = json.loads(line)
+        rows[entry["step"]] = entry
+    steps = sorted(rows)
+    names = [k for k in rows[steps[0]] if k not in ("step", "samples_per_s")]
+    fig = Figure(figsize=(4 * len(names), 3.2))
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        ax.plot(steps, [rows[s][name] for s in steps])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
+    label = {"embed": "embedder", "rerank": "reranker"}[kind]
+    p = argparse.ArgumentParser(prog=f"train-{kind}", description=f"Train the UniME-V2 {label} on Ray Train")
+    add_config_args(p, default="jobs/configs/tiny.yaml")
+    cfg = config_from_args(p.parse_args(argv))
+    prepare_synthetic(cfg)
+    init_ray(cfg.ray.address)
+    summary = run_training(cfg, kind)
+    metrics = Path(summary["metrics_path"])
+    summary["curves"] = str(
+        plot_curves(metrics, metrics.with_name("learning_curves.png"), f"UniME-V2 {label}")
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def main_rerank(argv: list[str] | None = None) -> dict:
+    return main(argv, "rerank")
