@@ -160,6 +160,9 @@ class TrainConfig:
     data_path: str = field(
         default="", metadata={"help": "hard-negative Parquet; empty = this run's mining/sample output"}
     )
+    cpus_per_worker: float = field(
+        default=1.0, metadata={"help": "CPUs reserved per training worker (leave some for Ray Data)"}
+    )
     max_failures: int = field(
         default=3, metadata={"help": "worker failures survived by restarting from the last checkpoint"}
     )
@@ -168,6 +171,133 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str = field(default="", metadata={"help": "Ray cluster address; empty = start a local Ray"})
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = field(default="", metadata={"help": "results folder; empty = <run.output_dir>/eval"})
+    cache_dir: str = field(
+        default="", metadata={"help": "embedding + rerank cache; empty = <run.output_dir>/cache"}
+    )
+    suites: list[Literal["mmeb", "retrieval", "compositional"]] = field(
+        default_factory=list, metadata={"help": "suites to run; empty = every suite whose data is given"}
+    )
+    retrieval: list[str] = field(
+        default_factory=list,
+        metadata={"help": "image-caption files (Flickr30K / COCO Karpathy json, or image + captions jsonl)"},
+    )
+    compositional: list[str] = field(
+        default_factory=list, metadata={"help": "SugarCrepe-style files, one per subset (replace_att.json)"}
+    )
+    image_root: str = field(
+        default="", metadata={"help": "images of the retrieval / compositional files; empty = data.image_root"}
+    )
+    split: str = field(default="test", metadata={"help": "split kept from a Karpathy file"})
+    max_captions: int = field(default=5, metadata={"help": "captions kept per image (official: 5); 0 = all"})
+    image_prompt: str = field(
+        default="<|image_1|> Find an image caption describing the given image.",
+        metadata={"help": "text embedded with each image of retrieval / compositional (official wording)"},
+    )
+    caption_prompt: str = field(default="", metadata={"help": "text put before each caption (official: none)"})
+    meta_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "DATASET=META_TASK for eval sets outside MMEB's 36 (also read from world.json)"},
+    )
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "retrieval Recall@k"})
+    top_k: int = field(default=10, metadata={"help": "embedding top-K handed to the reranker (paper: 10)"})
+    rerank: list[Literal["listwise", "pointwise"]] = field(
+        default_factory=list,
+        metadata={"help": "reranking modes run with reranker.model (--reranker turns on both); empty = none"},
+    )
+    fusion_alpha: float = field(
+        default=1.0, metadata={"help": "pointwise: alpha * p_yes + (1 - alpha) * cosine"}
+    )
+    num_actors: int = field(default=1, metadata={"help": "embedding / reranking actors (one GPU each)"})
+    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per embedding / reranking actor"})
+    shard_rows: int = field(
+        default=4096, metadata={"help": "items per cached embedding shard (the unit of resume)"}
+    )
+
+
+@dataclass
+class IndexConfig:
+    dir: str = field(default="", metadata={"help": "index folder; empty = <run.output_dir>/index"})
+    type: Literal["exact", "ivf", "hnsw"] = field(
+        default="exact", metadata={"help": "FAISS index: exact, or ivf / hnsw (approximate, large corpora)"}
+    )
+    items: Literal["images", "texts", "both"] = field(
+        default="both", metadata={"help": "image + captions corpora: index the images, the captions, or both"}
+    )
+    image_prompt: str = field(
+        default="<|image_1|>\nRepresent the given image.",
+        metadata={"help": "text embedded with each image of an image + captions corpus (MMEB's wording)"},
+    )
+    ivf_nprobe: int = field(default=32, metadata={"help": "ivf: inverted lists probed per query"})
+    hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node (build time)"})
+    hnsw_ef_construction: int = field(default=200, metadata={"help": "hnsw: build-time search depth"})
+    hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: query-time search depth"})
+    faiss_gpu: bool | None = field(
+        default=None, metadata={"help": "exact / ivf search on GPU; null = when FAISS sees a GPU"}
+    )
+    num_actors: int = field(default=1, metadata={"help": "embedding actors while building"})
+    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per embedding actor while building"})
+
+
+@dataclass
+class DeploymentConfig:
+    min_replicas: int = field(default=1, metadata={"help": "replicas at least"})
+    max_replicas: int = field(
+        default=1, metadata={"help": "replicas at most; above min_replicas Serve autoscales in between"}
+    )
+    target_ongoing_requests: float = field(
+        default=2.0, metadata={"help": "autoscaling target of queued + running requests per replica"}
+    )
+    max_ongoing_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "requests a replica takes at once (bounds the batch it can form); null = the "
+            "deployment's default (ingress 256, embedder and index 64, reranker 8)"
+        },
+    )
+    num_cpus: float | None = field(
+        default=None,
+        metadata={"help": "CPUs per replica; null = the deployment's default (embedder, reranker 1)"},
+    )
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica"})
+
+
+@dataclass
+class ServeConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP address (unime-ray serve)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port (unime-ray serve)"})
+    api_key_env: str = field(
+        default="", metadata={"help": "environment variable holding the API key (X-API-Key); empty = none"}
+    )
+    max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
+    max_image_bytes: int = field(default=4 << 20, metadata={"help": "largest decoded image"})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image width x height"})
+    max_text_chars: int = field(default=4096, metadata={"help": "longest query text or instruction"})
+    max_embed_inputs: int = field(default=16, metadata={"help": "inputs per /v1/embed request"})
+    default_top_k: int = field(default=10, metadata={"help": "results when the request names no top_k"})
+    max_top_k: int = field(default=100, metadata={"help": "largest top_k accepted"})
+    rerank: Literal["none", "listwise", "pointwise"] = field(
+        default="none", metadata={"help": "reranking when the request names none"}
+    )
+    rerank_top: int = field(
+        default=10, metadata={"help": "embedding top-K handed to the reranker (paper: 10)"}
+    )
+    rerank_alpha: float = field(
+        default=1.0, metadata={"help": "pointwise: alpha * p_yes + (1 - alpha) * cosine"}
+    )
+    batching: bool = field(default=True, metadata={"help": "batch concurrent requests in the embedder"})
+    max_batch_size: int = field(default=16, metadata={"help": "embedder batch size at most"})
+    batch_wait_s: float = field(
+        default=0.005, metadata={"help": "how long a batch waits for more requests after its first"}
+    )
+    ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
+    embedder: DeploymentConfig = field(default_factory=DeploymentConfig)
+    index: DeploymentConfig = field(default_factory=DeploymentConfig)
+    reranker: DeploymentConfig = field(default_factory=DeploymentConfig)
 
 
 @dataclass
@@ -180,6 +310,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reranker: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -265,7 +398,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-PATH_FIELDS = {"output_dir", "train_dir", "eval_dir", "image_root", "path", "adapter", "scores_path"} | {"data_path"}
+PATH_FIELDS = {
+    "output_dir",
+    "train_dir",
+    "eval_dir",
+    "image_root",
+    "path",
+    "adapter",
+    "scores_path",
+    "data_path",
+}
 
 
 def absolute_paths(cfg: Any) -> Any:

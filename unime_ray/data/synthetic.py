@@ -365,18 +365,19 @@ if __name__ == "__main__":
     main()
 
 
-def write_oracle_scores(request_files: list[Path], out: str | Path) -> Path:
+def write_oracle_scores(candidate_files: list[Path], queries: Path, out: str | Path) -> Path:
     """A stand-in for a capable judge on this world, where a random-weight tiny judge knows nothing:
-    score 1.0 for each query's own positive and 0.0 for every mined candidate (every candidate of the
-    synthetic pools is a true negative: identical positives share one pool entry, the query's own,
-    which retrieval excludes). Feed it to the mining job with `judge.backend=precomputed`."""
+    score 1.0 for each query's own positive and 0.0 for every retrieved candidate (every candidate of
+    the synthetic pools is a true negative: identical positives share one pool entry, the query's own,
+    which retrieval excludes). Input: the mining run's `retrieve/*.parquet` and `ingest/queries.parquet`;
+    feed the output to the judge stage with `judge.backend=precomputed`."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from unime_ray.io import write_parquet
 
-    tables = [pq.read_table(p, columns=["query_id", "cand_id", "is_positive"]) for p in request_files]
-    table = pa.concat_tables(tables)
-    score = pc.if_else(table["is_positive"], 1.0, 0.0).cast(pa.float32())
-    return write_parquet(table.select(["query_id", "cand_id"]).append_column("score", score), out)
+    cands = pa.concat_tables([pq.read_table(p, columns=["query_id", "cand_id"]) for p in candidate_files])
+    pos = pq.read_table(queries, columns=["id", "pos_id"]).rename_columns(["query_id", "cand_id"])
+    scores = [1.0] * pos.num_rows + [0.0] * cands.num_rows
+    table = pa.concat_tables([pos, cands]).append_column("score", pa.array(scores, pa.float32()))
+    return write_parquet(table, out)

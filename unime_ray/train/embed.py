@@ -10,11 +10,11 @@ records mixed) go through ONE forward pass: one graph, so DDP/ZeRO see every par
 from __future__ import annotations
 
 import torch
-from unime_ray.train.losses import LOSSES
 
 from unime_ray.config import Config
 from unime_ray.models.embedder import Embedder
 from unime_ray.train.loop import lora_model
+from unime_ray.train.losses import LOSSES
 
 
 def candidates(row: dict, k: int) -> tuple[list[dict], list[float]]:

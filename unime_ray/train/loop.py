@@ -173,6 +173,10 @@ def worker_loop(config: dict) -> None:
             if step >= tcfg.steps:
                 break
         epoch += 1
+    # ZeRO-2 keeps a full copy of the parameters on every rank: a checksum per rank shows they agree.
+    checksum = sum(p.detach().double().sum().item() for p in params)
+    final = metrics_file.with_name(f"final_rank{rank}.json")
+    final.write_text(json.dumps({"step": step, "trainable_param_sum": checksum}))
 
 
 def run_training(cfg: Config, kind: str) -> dict:
@@ -196,7 +200,7 @@ def run_training(cfg: Config, kind: str) -> dict:
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
-            resources_per_worker=None if tcfg.use_gpu else {"CPU": 1},
+            resources_per_worker={"CPU": tcfg.cpus_per_worker},
         ),
         run_config=RunConfig(
             name=name,

@@ -1,0 +1,259 @@
+"""Training: the reranker's supervision, the schedule, the embedder loss on real embeddings, and real
+Ray Train + DeepSpeed ZeRO-2 runs (1 and 2 workers, a killed worker, a rerun, export)."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from unime_ray.config import load_config
+from unime_ray.data.synthetic import write_oracle_scores
+from unime_ray.mining.pipeline import run_mining
+from unime_ray.models.embedder import Embedder
+from unime_ray.train.embed import EmbedTask, candidates
+from unime_ray.train.export import export
+from unime_ray.train.loop import accumulation_steps, lr_lambda, run_training
+from unime_ray.train.losses import LOSSES
+from unime_ray.train.rerank import RerankTask, examples
+
+ROOT = Path(__file__).parents[1]
+
+
+def _overrides(out: Path) -> list[str]:
+    models = [
+        f"{s}={out}/models/qwen2-vl"
+        for s in ("embedder.path", "judge.model.path", "train.model.path", "reranker.model.path")
+    ]
+    return [
+        f"run.output_dir={out}",
+        f"data.train_dir={out}/world/train",
+        f"data.eval_dir={out}/world/eval",
+        f"data.image_root={out}/world/images",
+        *models,
+    ]
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, local_ray):
+    """The synthetic world mined with the oracle judge (the tiny random judge knows nothing)."""
+    from unime_ray.assets import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(out))
+    prepare_synthetic(cfg)
+    run_mining(cfg, ("retrieve",))
+    oracle = write_oracle_scores(
+        sorted((out / "mining/retrieve").glob("*.parquet")),
+        out / "mining/ingest/queries.parquet",
+        out / "oracle.parquet",
+    )
+    extra = ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
+    run_mining(load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(out) + extra))
+    return out, extra
+
+
+def _cfg(mined, *more: str, out: Path | None = None):
+    base, extra = mined
+    overrides = (
+        _overrides(base)
+        + extra
+        + [
+            f"train.data_path={base}/mining/sample/hard_negatives.parquet",
+            f"reranker.data_path={base}/mining/sample/hard_negatives.parquet",
+        ]
+    )
+    if out is not None:
+        overrides.append(f"run.output_dir={out}")
+    return load_config(ROOT / "jobs/configs/tiny.yaml", overrides + list(more))
+
+
+ROW = {
+    "id": "d/7",
+    "qry_text": "<|image_1|>\nWhat colour is the circle?",
+    "qry_image": "train/00001.png",
+    "pos_text": "red",
+    "pos_image": "",
+    "pos_score": 0.9,
+    "neg_texts": ["blue", "green", "", "blue"],
+    "neg_images": ["", "", "train/00002.png", ""],
+    "neg_scores": [0.2, 0.7, 0.5, 0.2],
+    "neg_ids": ["a", "b", "c", "a"],
+}
+
+
+def test_reranker_examples_hardest_negative_and_listwise_position():
+    ex = examples(ROW, list_size=2, seed=0)
+    assert [answer for _, _, answer in ex][:2] == ["Yes", "No"]
+    texts = lambda content: [p["text"] for p in content if p["type"] == "text"]  # noqa: E731
+    assert texts(ex[0][0])[-1] == "red" and texts(ex[1][0])[-1] == "green"  # hardest = highest judge score
+    assert ex[0][1] == ["train/00001.png"]  # query image; the positive has none
+    listwise, images, answer = ex[2]
+    listed = [t for t in texts(listwise) if t in ("red", "green", "blue")]
+    # top-2 negatives by score are green (0.7) and the image candidate (0.5): two texts, one image, + red
+    assert sorted(listed) == ["green", "red"] and "train/00002.png" in images
+    position = int(answer.removeprefix("Ans: (").removesuffix(")")) - 1
+    numbered = [p["text"] for p in listwise if p["type"] == "text" and p["text"].startswith(" (")]
+    assert len(numbered) == 3  # positive inserted among 2 negatives
+    order = []  # the candidate that follows each " (i) " marker
+    for i, part in enumerate(listwise):
+        if part["type"] == "text" and part["text"].startswith(" ("):
+            nxt = listwise[i + 1]
+            order.append(nxt["text"] if nxt["type"] == "text" and not nxt["text"].startswith(" (") else "IMG")
+    assert order[position] == "red"
+    assert examples(ROW, 2, seed=0) == ex  # deterministic per (seed, query id)
+
+
+def test_reranker_batch_reaches_texts_images_and_masks_prompts(tiny_qwen, world):
+    cfg = load_config(
+        None,
+        [
+            f"reranker.model.path={tiny_qwen}",
+            f"data.image_root={world}/images",
+            "reranker.model.image_size=56",
+            "reranker.list_size=3",
+        ],
+    )
+    task = RerankTask(cfg)
+    inputs, labels = task.batch([ROW])
+    tok = task.processor.tokenizer
+    decoded = [
+        tok.decode(ids[mask.bool()]) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])
+    ]
+    assert "What colour is the circle?" in decoded[0] and "Candidate: red<|im_end|>" in decoded[0]
+    assert "Candidate: green<|im_end|>" in decoded[1]
+    assert decoded[2].count("<|vision_start|>") == 2  # the query's image and the image candidate
+    assert "(1)" in decoded[2] and "(3)" in decoded[2] and "Candidates:" in decoded[2]
+    answers = [tok.decode(row[row != -100]) for row in labels]
+    assert answers[:2] == ["Yes<|im_end|>", "No<|im_end|>"] and answers[2].startswith("Ans: (")
+    assert all(d.endswith(a) for d, a in zip(decoded, answers))  # labels are exactly the answer span
+
+
+def test_lr_schedule_and_batch_layout():
+    cfg = load_config(None, ["train.warmup_steps=4", "train.steps=14"]).train
+    f = lr_lambda(cfg)
+    assert [f(s) for s in (0, 3, 4, 9, 14)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    cos = lr_lambda(dataclasses.replace(cfg, schedule="cosine"))
+    assert abs(cos(9) - 0.5) < 1e-12 and abs(cos(14)) < 1e-12
+    assert (
+        accumulation_steps(dataclasses.replace(cfg, global_batch_size=32, micro_batch_size=4, num_workers=2))
+        == 4
+    )
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(dataclasses.replace(cfg, global_batch_size=30, micro_batch_size=4, num_workers=2))
+
+
+def test_embed_task_loss_equals_loss_of_independent_embeddings(mined):
+    cfg = _cfg(mined)
+    task = EmbedTask(cfg)
+    task.model.eval()  # LoRA dropout off; the adapter starts as identity, so this is the base model
+    rows = pq.read_table(cfg.train.data_path).slice(0, 3).to_pylist()
+    loss, metrics = task.loss(rows)
+    plain = Embedder(cfg.train.model, image_root=cfg.data.image_root)
+    q = torch.tensor(plain.embed([{"text": r["qry_text"], "image": r["qry_image"]} for r in rows]))
+    cands, scores = zip(*(candidates(r, 8) for r in rows))
+    c = torch.tensor(plain.embed([x for cs in cands for x in cs])).view(3, 9, -1)
+    want = LOSSES["jeffreys"](q, c, torch.tensor(scores), 0.02)
+    assert abs(loss.item() - want.item()) < 1e-4 * max(1.0, want.item())
+    p1 = ((c @ q.unsqueeze(-1)).squeeze(-1).argmax(1) == 0).float().mean().item()
+    assert metrics["p@1"] == p1
+
+
+def _finals(out: Path, kind: str = "embed") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / f"train_{kind}").glob("final_rank*.json"))]
+
+
+def _metrics(out: Path, kind: str = "embed") -> list[dict]:
+    return [json.loads(line) for line in (out / f"train_{kind}/metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
+    common = [
+        "train.steps=6",
+        "train.global_batch_size=16",
+        "train.checkpoint_every=6",
+        "train.lora.dropout=0.0",
+    ]
+    one = run_training(_cfg(mined, *common, "train.micro_batch_size=16", out=tmp_path / "w1"), "embed")
+    two = run_training(
+        _cfg(mined, *common, "train.micro_batch_size=8", "train.num_workers=2", out=tmp_path / "w2"), "embed"
+    )
+    finals = _finals(tmp_path / "w2")
+    assert len(finals) == 2 and finals[0]["step"] == finals[1]["step"] == 6
+    assert finals[0]["trainable_param_sum"] == finals[1]["trainable_param_sum"]  # ranks identical
+    l1 = np.mean([m["loss"] for m in _metrics(tmp_path / "w1")])
+    l2 = np.mean([m["loss"] for m in _metrics(tmp_path / "w2")])
+    assert abs(l1 - l2) < 0.25 * l1, (l1, l2)  # same global batch: same loss up to data order
+    assert Path(one["adapter"], "adapter_config.json").is_file() and Path(two["adapter"]).is_dir()
+
+
+def _registered_step(run_dir: Path) -> int:
+    """Step of the newest checkpoint Ray Train has registered (reports reach its controller by polling,
+    so a checkpoint written just before a crash may not be registered yet)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return 0
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    return latest.get("metrics", {}).get("step", 0)
+
+
+def _kill_train_workers_after_a_checkpoint(out: Path, done: threading.Event, killed: list) -> None:
+    while not done.is_set():
+        step = _registered_step(out / "ray_train/train_embed")
+        if step >= 2:
+            pids = subprocess.run(
+                ["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True
+            ).stdout.split()
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            if pids:
+                killed.append(step)
+                return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_path):
+    more = ["train.steps=8", "train.checkpoint_every=2", "train.max_failures=2"]
+    cfg = _cfg(mined, *more, out=tmp_path)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_train_workers_after_a_checkpoint, args=(tmp_path, done, killed))
+    killer.start()
+    try:
+        summary = run_training(cfg, "embed")
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed"
+    steps = [m["step"] for m in _metrics(tmp_path)]
+    assert steps[-1] == 8 and _finals(tmp_path)[0]["step"] == 8
+    back = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # first step logged twice
+    resumed_from = steps[back] - 1  # resumed after a registered checkpoint (every 2 steps), not from 0
+    assert resumed_from >= killed[0] >= 2 and resumed_from % 2 == 0
+    # A rerun of the same run with more steps continues from step 8, not from 0.
+    run_training(_cfg(mined, "train.steps=10", "train.checkpoint_every=2", out=tmp_path), "embed")
+    assert [m["step"] for m in _metrics(tmp_path)][-2:] == [9, 10]
+    assert Path(summary["adapter"], "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_export_merges_adapter_into_a_standalone_model(mined, tmp_path):
+    cfg = _cfg(mined, "train.steps=3", "train.checkpoint_every=3", out=tmp_path)
+    adapter = run_training(cfg, "embed")["adapter"]
+    merged = export(adapter, tmp_path / "merged")
+    records = [{"text": "a red circle on the left", "image": ""}, {"text": "x", "image": "train/00003.png"}]
+    with_adapter = Embedder(dataclasses.replace(cfg.train.model, adapter=adapter), cfg.data.image_root)
+    standalone = Embedder(dataclasses.replace(cfg.train.model, path=str(merged)), cfg.data.image_root)
+    np.testing.assert_allclose(standalone.embed(records), with_adapter.embed(records), atol=1e-4)
+    base = Embedder(cfg.train.model, cfg.data.image_root).embed(records)
+    assert np.abs(base - with_adapter.embed(records)).max() > 1e-4  # training changed the model
+    assert not list(tmp_path.glob(".merged*"))
