@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.demo import run_demo
 
@@ -16,19 +17,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_demo_end_to_end(local_ray, tmp_path):
     out = tmp_path / "demo"
-    cfg = load_config(
-        ROOT / "jobs/configs/tiny.yaml",
-        [
-            f"run.output_dir={out}",
-            f"data.train_dir={out}/world/train",
-            f"data.eval_dir={out}/world/eval",
-            f"data.image_root={out}/world/images",
-        ]
-        + [
-            f"{s}={out}/models/qwen2-vl"
-            for s in ("embedder.path", "judge.model.path", "train.model.path", "reranker.model.path")
-        ],
-    )
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out))
     report = run_demo(cfg)
     saved = json.loads((out / "demo_report.json").read_text())
     assert saved == json.loads(json.dumps(report))

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.mining.pipeline import run_mining
 
@@ -22,18 +23,7 @@ PY = sys.executable
 
 
 def _overrides(out: Path, *extra: str) -> list[str]:
-    models = [
-        f"{s}={out}/models/qwen2-vl"
-        for s in ("embedder.path", "judge.model.path", "train.model.path", "reranker.model.path")
-    ]
-    return [
-        f"run.output_dir={out}",
-        f"data.train_dir={out}/world/train",
-        f"data.eval_dir={out}/world/eval",
-        f"data.image_root={out}/world/images",
-        *models,
-        *extra,
-    ]
+    return [*synthetic_overrides(out), *extra]
 
 
 def _cfg(out: Path, *extra: str):

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import write_oracle_scores
 from unime_ray.mining.pipeline import run_mining
@@ -28,27 +29,13 @@ from unime_ray.train.rerank import RerankTask, examples
 ROOT = Path(__file__).parents[1]
 
 
-def _overrides(out: Path) -> list[str]:
-    models = [
-        f"{s}={out}/models/qwen2-vl"
-        for s in ("embedder.path", "judge.model.path", "train.model.path", "reranker.model.path")
-    ]
-    return [
-        f"run.output_dir={out}",
-        f"data.train_dir={out}/world/train",
-        f"data.eval_dir={out}/world/eval",
-        f"data.image_root={out}/world/images",
-        *models,
-    ]
-
-
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory, local_ray):
     """The synthetic world mined with the oracle judge (the tiny random judge knows nothing)."""
     from unime_ray.assets import prepare_synthetic
 
     out = tmp_path_factory.mktemp("train")
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(out))
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out))
     prepare_synthetic(cfg)
     run_mining(cfg, ("retrieve",))
     oracle = write_oracle_scores(
@@ -57,14 +44,14 @@ def mined(tmp_path_factory, local_ray):
         out / "oracle.parquet",
     )
     extra = ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
-    run_mining(load_config(ROOT / "jobs/configs/tiny.yaml", _overrides(out) + extra))
+    run_mining(load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out) + extra))
     return out, extra
 
 
 def _cfg(mined, *more: str, out: Path | None = None):
     base, extra = mined
     overrides = (
-        _overrides(base)
+        synthetic_overrides(base)
         + extra
         + [
             f"train.data_path={base}/mining/sample/hard_negatives.parquet",

@@ -19,3 +19,15 @@ def prepare_synthetic(cfg: Config) -> None:
     for path in {cfg.embedder.path, cfg.judge.model.path, cfg.train.model.path, cfg.reranker.model.path}:
         if path and not (Path(path) / "config.json").is_file():
             make_tiny(path, "qwen2-vl", seed=cfg.run.seed)
+
+
+def synthetic_overrides(out: str | Path) -> list[str]:
+    """`--set` overrides that move the tiny config's run, world and models under folder `out`."""
+    models = ("embedder.path", "judge.model.path", "train.model.path", "reranker.model.path")
+    return [
+        f"run.output_dir={out}",
+        f"data.train_dir={out}/world/train",
+        f"data.eval_dir={out}/world/eval",
+        f"data.image_root={out}/world/images",
+        *(f"{key}={out}/models/qwen2-vl" for key in models),
+    ]

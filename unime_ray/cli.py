@@ -12,6 +12,10 @@ COMMANDS = {
     "train-embed": ("unime_ray.train.run", "train the embedder (Ray Train, DeepSpeed ZeRO-2, LoRA)"),
     "train-rerank": ("unime_ray.train.run:main_rerank", "train the reranker (pairwise + listwise)"),
     "export": ("unime_ray.train.export", "merge a LoRA adapter into a standalone model folder"),
+    "build-index": ("unime_ray.serve.index", "embed a corpus into a FAISS index (incremental; --rebuild)"),
+    "serve": ("unime_ray.serve.app", "serve search / embed / rerank over HTTP with Ray Serve (127.0.0.1)"),
+    "eval": ("unime_ray.eval.job", "MMEB / retrieval / SugarCrepe tables, with and without the reranker"),
+    "compare": ("unime_ray.eval.compare", "compare two evaluation result folders (table of deltas)"),
     "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
     "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
 }

@@ -190,7 +190,8 @@ class EvalConfig:
         default_factory=list, metadata={"help": "SugarCrepe-style files, one per subset (replace_att.json)"}
     )
     image_root: str = field(
-        default="", metadata={"help": "images of the retrieval / compositional files; empty = data.image_root"}
+        default="",
+        metadata={"help": "images of the retrieval / compositional files; empty = data.image_root"},
     )
     split: str = field(default="test", metadata={"help": "split kept from a Karpathy file"})
     max_captions: int = field(default=5, metadata={"help": "captions kept per image (official: 5); 0 = all"})
@@ -198,7 +199,9 @@ class EvalConfig:
         default="<|image_1|> Find an image caption describing the given image.",
         metadata={"help": "text embedded with each image of retrieval / compositional (official wording)"},
     )
-    caption_prompt: str = field(default="", metadata={"help": "text put before each caption (official: none)"})
+    caption_prompt: str = field(
+        default="", metadata={"help": "text put before each caption (official: none)"}
+    )
     meta_tasks: list[str] = field(
         default_factory=list,
         metadata={"help": "DATASET=META_TASK for eval sets outside MMEB's 36 (also read from world.json)"},
@@ -280,8 +283,12 @@ class ServeConfig:
     max_embed_inputs: int = field(default=16, metadata={"help": "inputs per /v1/embed request"})
     default_top_k: int = field(default=10, metadata={"help": "results when the request names no top_k"})
     max_top_k: int = field(default=100, metadata={"help": "largest top_k accepted"})
-    rerank: Literal["none", "listwise", "pointwise"] = field(
-        default="none", metadata={"help": "reranking when the request names none"}
+    rerank: Literal["auto", "none", "listwise", "pointwise"] = field(
+        default="auto",
+        metadata={
+            "help": "reranking when a request names none; auto = listwise when a reranker is deployed "
+            "(the paper's pipeline), else none"
+        },
     )
     rerank_top: int = field(
         default=10, metadata={"help": "embedding top-K handed to the reranker (paper: 10)"}
@@ -292,7 +299,11 @@ class ServeConfig:
     batching: bool = field(default=True, metadata={"help": "batch concurrent requests in the embedder"})
     max_batch_size: int = field(default=16, metadata={"help": "embedder batch size at most"})
     batch_wait_s: float = field(
-        default=0.005, metadata={"help": "how long a batch waits for more requests after its first"}
+        default=0.1,
+        metadata={
+            "help": "longest wait of a batch for more requests after its first; the wait follows the "
+            "duration of the last forward pass, up to this"
+        },
     )
     ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
     embedder: DeploymentConfig = field(default_factory=DeploymentConfig)

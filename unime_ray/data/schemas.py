@@ -142,3 +142,18 @@ HARD_NEGATIVES = pa.schema(
         ("fallback", pa.bool_()),
     ]
 )
+
+# ---- serving ----------------------------------------------------------------------------------------
+
+# One record of a search index (`unime_ray.serve.index`), in FAISS row order: what was embedded (text and
+# image path, MMEB conventions), the corpus file it came from (its stem), and its unit vector. Ids are
+# content hashes, like the mining pool's, so re-adding the same corpus adds nothing.
+INDEX_RECORDS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("text", pa.string()),
+        ("image", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+    ]
+)

@@ -1,43 +1,58 @@
-"""MMEB-style evaluation: each query ranks its own candidate list; Precision@1 per dataset."""
+"""MMEB: each query ranks its OWN candidate list (ground truth at index 0); Precision@1 per dataset.
+
+An exact copy of the ground truth elsewhere in the list (same text and image) is the same candidate,
+so it counts as correct rather than as a distractor the query can never beat.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
-import ray
 
 from unime_ray.config import ModelConfig
-from unime_ray.eval.metrics import precision_at_1
-from unime_ray.mining.embed import embed_dataset
+from unime_ray.eval.cache import embed_collections
+from unime_ray.eval.metrics import recall_at_k
+from unime_ray.eval.ranking import Collection, ItemIndex, Task, padded, rank
 
 
-def _items(table: pa.Table) -> list[dict]:
-    """Every distinct (text, image) of queries and targets once, so shared candidates embed once."""
-    seen: dict[tuple[str, str], int] = {}
+def mmeb_collections(table: pa.Table, image_root: str | Path) -> list[Collection]:
+    """EVAL-schema table (`data.mmeb.read_folder(..., "eval")`) -> one collection per dataset."""
+    rows_by_dataset: dict[str, list[dict]] = {}
     for row in table.to_pylist():
-        for key in [
-            (row["qry_text"], row["qry_image"]),
-            *zip(row["tgt_text"], row["tgt_image"], strict=True),
-        ]:
-            seen.setdefault(key, len(seen))
-    return [{"item": i, "text": t, "image": im} for (t, im), i in seen.items()]
+        rows_by_dataset.setdefault(row["dataset"], []).append(row)
+    collections = []
+    for name, rows in rows_by_dataset.items():
+        index = ItemIndex(image_root)
+        queries = [index.add(r["qry_text"], r["qry_image"]) for r in rows]
+        lists = [[index.add(t, i) for t, i in zip(r["tgt_text"], r["tgt_image"], strict=True)] for r in rows]
+        positives = [np.flatnonzero(np.asarray(cands) == cands[0]) for cands in lists]
+        task = Task(name, np.asarray(queries), padded(lists), positives)
+        info = {"queries": len(rows), "candidates": int(np.mean([len(c) for c in lists]))}
+        collections.append(Collection("mmeb", name, index.items, [task], info))
+    return collections
 
 
 def evaluate_mmeb(
-    table: pa.Table, model: ModelConfig, image_root: str, num_actors: int = 1, gpus_per_actor: float = 0.0
-) -> dict[str, float]:
-    """EVAL-schema table -> {dataset: P@1} (in %), embedding through a Ray Data actor pool."""
-    items = _items(table)
-    ds = embed_dataset(
-        ray.data.from_items(items), model, image_root, num_actors=num_actors, gpus_per_actor=gpus_per_actor
-    )
-    emb = {}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=1024):
-        emb.update(zip(batch["item"].tolist(), batch["embedding"], strict=True))
-    index = {(it["text"], it["image"]): it["item"] for it in items}
-    results: dict[str, list[np.ndarray]] = {}
-    for row in table.to_pylist():
-        q = emb[index[(row["qry_text"], row["qry_image"])]]
-        cands = np.stack([emb[index[k]] for k in zip(row["tgt_text"], row["tgt_image"], strict=True)])
-        results.setdefault(row["dataset"], []).append(cands @ q)
-    return {name: 100.0 * precision_at_1(np.stack(rows)) for name, rows in sorted(results.items())}
+    table: pa.Table,
+    model: ModelConfig,
+    image_root: str,
+    num_actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cache_dir: str | Path | None = None,
+) -> dict[str, float | None]:
+    """EVAL-schema table -> {dataset: P@1 in %}, embedding through a Ray Data actor pool (cached under
+    `cache_dir` when given). The full job with tables and reranking is `unime_ray.eval.job`."""
+    collections = mmeb_collections(table, image_root)
+    scratch = tempfile.TemporaryDirectory() if cache_dir is None else contextlib.nullcontext(cache_dir)
+    with scratch as folder:
+        vectors, _ = embed_collections(
+            collections, model, folder, num_actors=num_actors, gpus_per_actor=gpus_per_actor
+        )
+    return {
+        c.name: recall_at_k(rank(c.tasks[0], vectors[c.key], top_k=1).ranks, 1)
+        for c in sorted(collections, key=lambda c: c.name)
+    }

@@ -38,19 +38,23 @@ def check_shapes(q: Tensor, c: Tensor, scores: Tensor | None) -> None:
         raise ValueError(f"scores {tuple(scores.shape)} must be [b, 1+k] = {tuple(c.shape[:2])}")
 
 
-def compute_loss_from_embeddings(q: Tensor, c: Tensor, scores: Tensor, tau: float = 0.02) -> Tensor:
-    """0.5 * mean_i (KL(P_i || Q_i) + KL(Q_i || P_i)), P from cosines, Q from judge scores, both / tau.
-
-    q [b, d], c [b, 1 + k, d] (positive first), scores [b, 1 + k] -> scalar.
-    """
+def log_distributions(q: Tensor, c: Tensor, scores: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """(log P, log Q) of eqs. 2-3, [b, 1 + k] each, computed in at least float32."""
     check_shapes(q, c, scores)
     dtype = torch.promote_types(q.dtype, torch.float32)
     q = F.normalize(q.to(dtype), dim=-1)
     c = F.normalize(c.to(dtype), dim=-1)
     cos = torch.einsum("bd,bnd->bn", q, c)
     # log_softmax on both sides: at tau = 0.02 the logits span up to 100, softmax then log would underflow.
-    log_p = F.log_softmax(cos / tau, dim=-1)
-    log_q = F.log_softmax(scores.to(dtype) / tau, dim=-1)
+    return F.log_softmax(cos / tau, dim=-1), F.log_softmax(scores.to(dtype) / tau, dim=-1)
+
+
+def compute_loss_from_embeddings(q: Tensor, c: Tensor, scores: Tensor, tau: float = 0.02) -> Tensor:
+    """0.5 * mean_i (KL(P_i || Q_i) + KL(Q_i || P_i)), P from cosines, Q from judge scores, both / tau.
+
+    q [b, d], c [b, 1 + k, d] (positive first), scores [b, 1 + k] -> scalar.
+    """
+    log_p, log_q = log_distributions(q, c, scores, tau)
     kl_pq = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     kl_qp = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     return 0.5 * (kl_pq + kl_qp).mean()

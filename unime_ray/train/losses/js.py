@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from unime_ray.train.losses.jeffreys import check_shapes
+from unime_ray.train.losses.jeffreys import log_distributions
 
 
 def compute_loss_from_embeddings(q: Tensor, c: Tensor, scores: Tensor, tau: float = 0.02) -> Tensor:
@@ -31,13 +30,7 @@ def compute_loss_from_embeddings(q: Tensor, c: Tensor, scores: Tensor, tau: floa
 
     q [b, d], c [b, 1 + k, d] (positive first), scores [b, 1 + k] -> scalar.
     """
-    check_shapes(q, c, scores)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    q = F.normalize(q.to(dtype), dim=-1)
-    c = F.normalize(c.to(dtype), dim=-1)
-    cos = torch.einsum("bd,bnd->bn", q, c)
-    log_p = F.log_softmax(cos / tau, dim=-1)
-    log_q = F.log_softmax(scores.to(dtype) / tau, dim=-1)
+    log_p, log_q = log_distributions(q, c, scores, tau)
     # log M in log space: forming P + Q first would lose the tiny probabilities that tau = 0.02 produces.
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=-1)

@@ -1,0 +1,499 @@
+"""The Ray Serve application: embed the query, search the corpus index, optionally rerank (the paper's
+inference pipeline: cosine top-10, then the listwise reranker), over HTTP.
+
+    unime-ray serve --config jobs/configs/tiny.yaml      # local Ray on 127.0.0.1, serve.host:serve.port
+    serve run jobs/configs/serve.yaml                     # the same app from a Serve config file
+    curl -s 127.0.0.1:8000/v1/search -H 'content-type: application/json' \\
+        -d '{"query": {"text": "a red circle on the left"}, "top_k": 5}'
+
+Deployments, composed with handles (the Ingress holds the other three):
+  Ingress   FastAPI: validates every input, then Embedder -> Index -> Reranker (when asked)
+  Embedder  the UniME-V2 embedder; `@serve.batch` turns concurrent requests into one forward pass
+  Index     the corpus index (`unime_ray.serve.index`), loaded once per replica; refuses an index built
+            with another embedder
+  Reranker  listwise over the embedding top-`serve.rerank_top` (10, as in the paper), or pointwise
+            (Yes-probability fused with the cosine); deployed when `reranker.model.path` is set
+Endpoints: POST /v1/search, POST /v1/embed, GET /healthz, and FastAPI's /openapi.json and /docs.
+
+A query is `{text?, image?, instruction?}`; the text embedded is `instruction + " " + text` (MMEB puts
+the task instruction in front of the query), with the image, if any, in front as the backbone's image
+placeholder. Images travel in the JSON body as base64 bytes (a `data:...;base64,` prefix is accepted);
+the server never fetches a URL. Bad input is a 4xx with a message in `detail`, never a 5xx, and is
+caught at the Ingress, so nothing unchecked reaches a model (where one bad input would fail the
+whole batch it shares with other requests):
+  401  X-API-Key missing or wrong (when `serve.api_key_env` names a key)
+  400  a rerank mode asked of a server without a reranker
+  411  a POST without Content-Length (the body size is checked before the body is read)
+  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels
+  415  image bytes that no decoder reads
+  422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
+       URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
+       tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import os
+import signal
+import time
+from dataclasses import asdict
+from typing import Any, Literal, Self
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from unime_ray.config import (
+    Config,
+    DeploymentConfig,
+    IndexConfig,
+    ModelConfig,
+    ServeConfig,
+    add_config_args,
+    config_from_args,
+    config_from_dict,
+    load_config,
+)
+from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
+
+RerankMode = Literal["none", "listwise", "pointwise"]
+Query = tuple[str, bytes | None]  # (text to embed, image bytes) as it travels between deployments
+API_KEY_HEADER = "X-API-Key"
+# Per deployment: CPUs per replica and max_ongoing_requests when the config leaves them null. The
+# Ingress and Index mostly wait or do sub-millisecond work; the models want a core each. The Ingress
+# must admit many requests at once, or the Embedder never sees enough of them to form a batch.
+DEPLOYMENT_DEFAULTS = {"Ingress": (0.0, 256), "Embedder": (1.0, 64), "Index": (0.0, 64), "Reranker": (1.0, 8)}
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Image bytes -> RGB image, fully decoded. Raises HTTPException 413 over `max_pixels`, 415 when the
+    bytes are not an image any decoder reads (checked before a model sees them)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        too_big = max_pixels is not None and image.width * image.height > max_pixels
+        if not too_big:
+            image.load()
+            image = image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise HTTPException(413, f"query.image: {error}") from None
+    except UnidentifiedImageError:
+        raise HTTPException(415, "query.image: no image format recognised in these bytes") from None
+    except Exception as error:  # decoders raise many types on bad client bytes; all mean "not an image"
+        raise HTTPException(415, f"query.image is not a readable image ({error})") from None
+    if too_big:
+        raise HTTPException(
+            413, f"query.image is {image.width}x{image.height} pixels; the limit is {max_pixels}"
+        )
+    return image
+
+
+def request_models(cfg: ServeConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The request bodies, with this server's limits in their schema (so /openapi.json shows them)."""
+
+    class QueryIn(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        text: str | None = Field(None, max_length=cfg.max_text_chars, description="query text")
+        image: str | None = Field(
+            None, description="image bytes, base64 (optionally as a data: URL); never a URL to fetch"
+        )
+        instruction: str | None = Field(
+            None, max_length=cfg.max_text_chars, description="task instruction, put in front of the text"
+        )
+
+        @model_validator(mode="after")
+        def not_empty(self) -> Self:
+            if not (self.text or "").strip() and not self.image:
+                raise ValueError("the query is empty: give a text, an image, or both")
+            return self
+
+    class SearchIn(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        query: QueryIn
+        top_k: int = Field(cfg.default_top_k, ge=1, le=cfg.max_top_k, description="results to return")
+        rerank: RerankMode = Field(cfg.rerank, description=f"reranking of the top {cfg.rerank_top}")
+
+    class EmbedIn(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        inputs: list[QueryIn] = Field(min_length=1, max_length=cfg.max_embed_inputs)
+
+    return SearchIn, EmbedIn
+
+
+class Hit(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity of query and record embeddings")
+    rerank_score: float | None = Field(None, description="pointwise rerank: fused score the order follows")
+    source: str = Field(description="corpus file the record came from")
+    text: str = Field(description="the record's text as embedded")
+    image: str = Field(description="the record's image path, relative to the corpus image root; '' = none")
+
+
+class RerankOut(BaseModel):
+    mode: RerankMode
+    candidates: int = Field(0, description="embedding top-K handed to the reranker")
+    pick: int | None = Field(None, description="listwise: 0-based position picked (null: no valid answer)")
+
+
+class SearchOut(BaseModel):
+    results: list[Hit]
+    rerank: RerankOut
+
+
+class EmbedOut(BaseModel):
+    model: str = Field(description="embedder weights digest (as recorded in the index)")
+    dim: int
+    embeddings: list[list[float]]
+
+
+@serve.deployment(name="Embedder")
+class EmbedderDeployment:
+    def __init__(self, model: dict[str, Any], batching: bool, max_batch_size: int, batch_wait_s: float):
+        from unime_ray.models.embedder import Embedder
+
+        self.embedder = Embedder(config_from_dict(ModelConfig, model))
+        # Batching off = batches of one, through the same code path, so on/off compare like for like.
+        self.embed.set_max_batch_size(max_batch_size if batching else 1)
+        self.max_wait = batch_wait_s if batching else 0.0
+        self.embed.set_batch_wait_timeout_s(0.0)
+        self.counts = {"batches": 0, "inputs": 0}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def embed(self, queries: list[Query]) -> list[np.ndarray]:
+        self.counts["batches"] += 1
+        self.counts["inputs"] += len(queries)
+        records = [{"text": text, "image": decode_image(image) if image else ""} for text, image in queries]
+        start = time.perf_counter()
+        # In a thread: the event loop keeps collecting the next batch while this one runs.
+        vectors = await asyncio.to_thread(self.embedder.embed, records)
+        # Serve forms the next batch while this one runs, closing it `wait` seconds after its first
+        # request. A fixed short wait under load closes many near-empty batches that then queue up, a
+        # long one delays a lone request. Waiting about as long as a forward pass takes adapts to both:
+        # milliseconds for a light model or a quiet server, up to `batch_wait_s` under load.
+        self.embed.set_batch_wait_timeout_s(min(self.max_wait, time.perf_counter() - start))
+        return list(vectors)
+
+    async def stats(self) -> dict[str, int]:
+        """Batches run and inputs embedded since the replica started (inputs / batches = mean batch)."""
+        return dict(self.counts)
+
+
+@serve.deployment(name="Index")
+class IndexDeployment:
+    def __init__(self, directory: str, model: dict[str, Any], cfg: dict[str, Any]):
+        self.index = CorpusIndex.load(directory, model, config_from_dict(IndexConfig, cfg))
+
+    # async, run on the replica's event loop: a FAISS search of a query is far cheaper than the hop to
+    # Serve's thread pool that a sync method would take.
+    async def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
+        scores, rows = self.index.search(vector[None, :], k)
+        found = rows[0] >= 0
+        hits = self.index.records(rows[0][found])
+        for hit, score in zip(hits, scores[0][found], strict=True):
+            hit["score"] = float(score)
+        return hits
+
+    async def info(self) -> dict[str, Any]:
+        meta = self.index.meta
+        return {
+            "count": len(self.index),
+            "dim": meta["dim"],
+            "type": meta["type"],
+            "updated": meta["updated"],
+        }
+
+
+@serve.deployment(name="Reranker")
+class RerankerDeployment:
+    def __init__(self, model: dict[str, Any], image_root: str, alpha: float):
+        from unime_ray.models.reranker import Reranker
+
+        self.reranker = Reranker(config_from_dict(ModelConfig, model), image_root)
+        self.alpha = alpha
+
+    async def rerank(self, mode: RerankMode, query: Query, cands: list[dict[str, Any]]) -> dict[str, Any]:
+        """New order of `cands` (positions), pointwise scores, and the listwise pick."""
+        return await asyncio.to_thread(self._rerank, mode, query, cands)
+
+    def _rerank(self, mode: RerankMode, query: Query, cands: list[dict[str, Any]]) -> dict[str, Any]:
+        from unime_ray.models.reranker import apply_listwise, fuse
+
+        text, image = query
+        record = {"text": text, "image": decode_image(image) if image else ""}
+        if mode == "listwise":
+            (pick,) = self.reranker.listwise([record], [cands])
+            return {"order": apply_listwise(range(len(cands)), pick), "scores": None, "pick": pick}
+        fused = fuse(
+            self.reranker.pointwise(record, cands), np.array([c["score"] for c in cands]), self.alpha
+        )
+        return {"order": np.argsort(-fused, kind="stable").tolist(), "scores": fused.tolist(), "pick": None}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        embedder: DeploymentHandle,
+        index: DeploymentHandle,
+        reranker: DeploymentHandle | None,
+        settings: dict[str, Any],
+        key_digest: str,
+        model: dict[str, Any],
+    ):
+        from transformers import AutoTokenizer
+
+        self.embedder, self.index, self.reranker = embedder, index, reranker
+        self.cfg = config_from_dict(ServeConfig, settings)
+        self.key_digest = key_digest
+        self.model = model
+        tokenizers = [AutoTokenizer.from_pretrained(model["path"], local_files_only=True)]
+        if model["reranker_path"]:
+            tokenizers.append(AutoTokenizer.from_pretrained(model["reranker_path"], local_files_only=True))
+        self.tokenizer = tokenizers[0]
+        # Text that spells a special token (an image pad, a chat turn marker) would be read as that
+        # token: a text-only query claiming an image fails the forward pass of its whole batch.
+        self.special = sorted({t.content for tok in tokenizers for t in tok.added_tokens_decoder.values()})
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self)
+
+    def query(self, q: BaseModel) -> Query:
+        """A validated query as it goes to the models: (instruction + text, image bytes or None)."""
+        text = " ".join(part for part in ((q.instruction or "").strip(), (q.text or "").strip()) if part)
+        for token in self.special:
+            if token in text:
+                raise HTTPException(422, f"query text contains the model's special token {token!r}")
+        tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens > self.model["max_length"]:
+            raise HTTPException(
+                422, f"query text is {tokens} tokens; the embedder's limit is {self.model['max_length']}"
+            )
+        return text, self.image_bytes(q.image) if q.image else None
+
+    def image_bytes(self, data: str) -> bytes:
+        if "://" in data[:16]:
+            raise HTTPException(422, "query.image must be base64 image bytes; the server does not fetch URLs")
+        if data.startswith("data:"):
+            header, _, data = data.partition(",")
+            if not header.endswith(";base64"):
+                raise HTTPException(422, "query.image: a data URL must be base64 (data:<type>;base64,...)")
+        data = "".join(data.split())  # MIME-style line breaks
+        limit = self.cfg.max_image_bytes
+        if len(data) > 4 * ((limit + 2) // 3):
+            raise HTTPException(413, f"query.image is over {limit} bytes")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise HTTPException(422, f"query.image is not valid base64 ({error})") from None
+        if len(raw) > limit:
+            raise HTTPException(413, f"query.image is {len(raw)} bytes; the limit is {limit}")
+        decode_image(raw, self.cfg.max_image_pixels)
+        return raw
+
+    async def search(self, req: Any) -> SearchOut:
+        if req.rerank != "none" and self.reranker is None:
+            raise HTTPException(
+                400, f"rerank={req.rerank!r}: this server has no reranker (reranker.model.path)"
+            )
+        query = self.query(req.query)
+        vector = await self.embedder.embed.remote(query)
+        reranking = req.rerank != "none"
+        hits = await self.index.search.remote(vector, max(req.top_k, self.cfg.rerank_top if reranking else 0))
+        rerank = RerankOut(mode=req.rerank)
+        if reranking and hits:
+            head = hits[: self.cfg.rerank_top]
+            out = await self.reranker.rerank.remote(req.rerank, query, head)
+            for hit, score in zip(head, out["scores"] or [], strict=False):
+                hit["rerank_score"] = score
+            hits = [head[i] for i in out["order"]] + hits[len(head) :]
+            rerank = RerankOut(mode=req.rerank, candidates=len(head), pick=out["pick"])
+        return SearchOut(results=[Hit(**h) for h in hits[: req.top_k]], rerank=rerank)
+
+    async def embed(self, req: Any) -> EmbedOut:
+        queries = [self.query(q) for q in req.inputs]
+        vectors = await asyncio.gather(*(self.embedder.embed.remote(q) for q in queries))
+        return EmbedOut(
+            model=self.model["weights"], dim=self.model["dim"], embeddings=[v.tolist() for v in vectors]
+        )
+
+    async def health(self) -> dict[str, Any]:
+        index, embedder = await asyncio.gather(self.index.info.remote(), self.embedder.stats.remote())
+        return {"status": "ok", "index": index, "embedder": embedder, "reranker": self.reranker is not None}
+
+
+class BodyLimit:
+    """ASGI middleware: a POST must declare its size (Content-Length), at most `limit` bytes, so an
+    oversized body is refused before it is read. Plain ASGI rather than `@app.middleware`, which costs
+    a task and a copy per request."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            refusal = None
+            if not length.isdigit():
+                refusal = JSONResponse({"detail": "a POST needs a Content-Length header"}, status_code=411)
+            elif int(length) > self.limit:
+                detail = f"request body is {int(length)} bytes; the limit is {self.limit}"
+                refusal = JSONResponse({"detail": detail}, status_code=413)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def make_api(service: Ingress) -> FastAPI:
+    """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
+    cfg = service.cfg
+    SearchIn, EmbedIn = request_models(cfg)
+    api = FastAPI(
+        title="unime_ray",
+        version="1",
+        description="UniME-V2 retrieval: embed, search a FAISS index, rerank. Errors are 4xx with `detail`.",
+    )
+
+    api.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
+
+    async def require_key(key: str | None = Security(key_header)) -> None:
+        digest = hashlib.sha256((key or "").encode()).hexdigest()
+        if key is None or not hmac.compare_digest(digest, service.key_digest):
+            raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+
+    guard = [Depends(require_key)] if service.key_digest else []
+    errors = {code: {"description": text} for code, text in _ERRORS.items()}
+
+    @api.post("/v1/search", dependencies=guard, responses=errors)
+    async def search(req: SearchIn) -> SearchOut:
+        """Embed the query, return the top_k records by cosine, reranked if asked."""
+        return await service.search(req)
+
+    @api.post("/v1/embed", dependencies=guard, responses=errors)
+    async def embed(req: EmbedIn) -> EmbedOut:
+        """Embedding vectors (unit length) of up to serve.max_embed_inputs queries."""
+        return await service.embed(req)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness: the index and embedder replicas answer; index size, dimension and type; batches
+        run by the embedder replica that answered."""
+        return await service.health()
+
+    return api
+
+
+_ERRORS = {
+    400: "rerank asked of a server without a reranker",
+    401: "missing or wrong API key",
+    411: "no Content-Length",
+    413: "body or image too large",
+    415: "image bytes that are not an image",
+    422: "invalid request (see detail)",
+}
+
+
+def _deploy_options(name: str, d: DeploymentConfig) -> dict[str, Any]:
+    cpus, ongoing = DEPLOYMENT_DEFAULTS[name]
+    if d.max_replicas < d.min_replicas:
+        raise ValueError(f"serve: {name} max_replicas {d.max_replicas} < min_replicas {d.min_replicas}")
+    replicas: dict[str, Any] = (
+        {"num_replicas": d.min_replicas}
+        if d.max_replicas == d.min_replicas
+        else {
+            "autoscaling_config": {
+                "min_replicas": d.min_replicas,
+                "max_replicas": d.max_replicas,
+                "target_ongoing_requests": d.target_ongoing_requests,
+            }
+        }
+    )
+    return {
+        **replicas,
+        # One access-log line per HTTP request (the Ingress's), not one more per internal call.
+        "logging_config": {"enable_access_log": name == "Ingress"},
+        "max_ongoing_requests": d.max_ongoing_requests or ongoing,
+        "ray_actor_options": {"num_cpus": cpus if d.num_cpus is None else d.num_cpus, "num_gpus": d.num_gpus},
+    }
+
+
+def build_app(cfg: Config) -> Application:
+    """The Serve application for `cfg`: the embedder `cfg.embedder`, the index at `index.dir`, the
+    reranker `cfg.reranker.model` (if its path is set). Raises here, before anything is deployed, when
+    the index is missing or was built with another embedder, or when the API key variable is unset."""
+    s = cfg.serve
+    directory = index_dir(cfg)
+    model = model_identity(cfg.embedder)
+    meta = read_meta(directory, model)
+    key_digest = ""
+    if s.api_key_env:
+        key = os.environ.get(s.api_key_env, "")
+        if not key:
+            raise ValueError(f"serve.api_key_env names ${s.api_key_env}, which is unset or empty")
+        key_digest = hashlib.sha256(key.encode()).hexdigest()  # the key itself never leaves this process
+
+    def deployment(d: Any, name: str, settings: DeploymentConfig) -> Any:
+        return d.options(**_deploy_options(name, settings))
+
+    embedder = deployment(EmbedderDeployment, "Embedder", s.embedder).bind(
+        asdict(cfg.embedder), s.batching, s.max_batch_size, s.batch_wait_s
+    )
+    index = deployment(IndexDeployment, "Index", s.index).bind(
+        str(directory.resolve()), model, asdict(cfg.index)
+    )
+    reranker = None
+    if cfg.reranker.model.path:
+        reranker = deployment(RerankerDeployment, "Reranker", s.reranker).bind(
+            asdict(cfg.reranker.model), meta["image_root"], s.rerank_alpha
+        )
+    settings = asdict(s)
+    if s.rerank == "auto":
+        settings["rerank"] = "listwise" if reranker is not None else "none"
+    public = {**model, "reranker_path": cfg.reranker.model.path}
+    return deployment(Ingress, "Ingress", s.ingress).bind(
+        embedder, index, reranker, settings, key_digest, public
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point of `serve run` / Serve config files: args `{config: FILE, overrides: [key=value, ...]}`.
+
+    `serve run unime_ray.serve.app:app_builder config=jobs/configs/tiny.yaml` works too."""
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ValueError(f"unknown app args {sorted(unknown)}; expected 'config' and 'overrides'")
+    overrides = args.get("overrides") or []
+    return build_app(
+        load_config(args.get("config"), [overrides] if isinstance(overrides, str) else overrides)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from unime_ray.ray_utils import init_ray
+
+    p = argparse.ArgumentParser(prog="unime-ray serve", description=__doc__.split("\n")[0])
+    add_config_args(p, default="jobs/configs/tiny.yaml")
+    cfg = config_from_args(p.parse_args(argv))
+    app = build_app(cfg)  # a missing or mismatched index fails here, in a second
+    init_ray(cfg.ray.address)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name="unime", route_prefix="/")
+    print(f"serving http://{cfg.serve.host}:{cfg.serve.port} (OpenAPI: /docs); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
