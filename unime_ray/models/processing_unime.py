@@ -16,8 +16,28 @@ class UnimeQwen2VLProcessor(Qwen2VLProcessor):
 
 
 class UnimeLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    # The settings are named (not **kwargs): from_pretrained passes only the keys of processor_config.json
+    # that the constructor's signature lists.
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor,
+            tokenizer,
+            None,
+            chat_template=chat_template,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_aspect_ratio=vision_aspect_ratio,
+            **kwargs,
+        )
 
 
 class UnimeQwen2_5_VLProcessor(Qwen2_5_VLProcessor):

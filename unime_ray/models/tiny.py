@@ -210,6 +210,7 @@ def _llava_ov(out: Path, size: str) -> None:
         ),
         vision_config=dict(
             model_type="siglip_vision_model",
+            vision_use_head=False,  # as in the released LLaVA-OneVision configs (no attention-pool head)
             hidden_size=v_dim,
             intermediate_size=2 * v_dim,
             num_hidden_layers=v_depth,

@@ -314,8 +314,9 @@ class Ingress:
         if reranking and hits:
             head = hits[: self.cfg.rerank_top]
             out = await self.reranker.rerank.remote(req.rerank, query, head)
-            for hit, score in zip(head, out["scores"] or [], strict=False):
-                hit["rerank_score"] = score
+            if out["scores"] is not None:  # pointwise
+                for hit, score in zip(head, out["scores"], strict=True):
+                    hit["rerank_score"] = score
             hits = [head[i] for i in out["order"]] + hits[len(head) :]
             rerank = RerankOut(mode=req.rerank, candidates=len(head), pick=out["pick"])
         return SearchOut(results=[Hit(**h) for h in hits[: req.top_k]], rerank=rerank)
@@ -483,7 +484,10 @@ def app_builder(args: dict[str, Any]) -> Application:
 def main(argv: list[str] | None = None) -> None:
     from unime_ray.ray_utils import init_ray
 
-    p = argparse.ArgumentParser(prog="unime-ray serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="unime-ray serve",
+        description="Serve search, embed and rerank over HTTP with Ray Serve (see unime_ray/serve/app.py).",
+    )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     cfg = config_from_args(p.parse_args(argv))
     app = build_app(cfg)  # a missing or mismatched index fails here, in a second

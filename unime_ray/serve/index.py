@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     from unime_ray.assets import prepare_synthetic
     from unime_ray.ray_utils import init_ray
 
-    p = argparse.ArgumentParser(prog="unime-ray build-index", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="unime-ray build-index",
+        description="Embed a corpus into the search index, or add its new records to it.",
+    )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     p.add_argument(
         "--corpus", required=True, help="corpus file or folder (MMEB pairs / eval, image + captions)"
