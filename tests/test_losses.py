@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from unime_ray.train.losses import LOSSES, infonce_loss, jeffreys_loss, js_loss
@@ -342,5 +344,12 @@ def _infonce_worker(rank: int, world: int, port: int) -> None:
 
 @pytest.mark.timeout(240)
 def test_infonce_gathered_across_two_gloo_workers():
-    world = 2
-    mp.spawn(_infonce_worker, args=(world, _free_port()), nprocs=world, join=True)
+    """Two real gloo processes, spawned from a clean interpreter: in the full suite this process already
+    holds Ray and vLLM state that the spawned workers would otherwise inherit."""
+    here = Path(__file__).parent
+    code = (
+        "import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); import test_losses as t; "
+        "mp.spawn(t._infonce_worker, args=(2, t._free_port()), nprocs=2, join=True)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(here)], capture_output=True, text=True, timeout=220)
+    assert res.returncode == 0, res.stderr[-3000:]
