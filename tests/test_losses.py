@@ -338,6 +338,9 @@ def _infonce_worker(rank: int, world: int, port: int) -> None:
         got = infonce_loss(raw_q[mine] @ theta, raw_c[mine] @ theta, None, tau, gather=False)
         assert abs(got.item() - local.item()) < 1e-9
         assert abs(local.item() - ref.item()) > 1e-3  # the gathered loss really differs from the local one
+        # gloo aborts the process ("terminate called without an active exception") when one rank tears the
+        # group down while its peer still has the pair open; both leave the collective section together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -136,7 +136,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tmp_path):
+def test_ray_job_submit_against_a_local_head(local_ray, tmp_path):
+    """A second cluster, started with `ray start`, next to the test session's own local Ray (as a user's
+    laptop may run one): every port the head opens is chosen free, so neither steals the other's."""
     out = tmp_path / "job"
     extra = ("data.datasets=[ShapesCLS]", "mining.top_n=5")
     _cfg(out, *extra)
@@ -146,6 +148,20 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # Ray's fixed defaults (agent 52365, metrics, client 10001, ...) are taken by the session's cluster:
+    # the head's job agent then never comes up ("No available agent to submit job").
+    ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     head = subprocess.Popen(
         [
             str(bin_dir / "ray"),
@@ -158,6 +174,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
             f"--dashboard-port={dash}",
             "--include-dashboard=true",
             "--num-cpus=2",
+            *ports,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
