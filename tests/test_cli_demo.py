@@ -1,6 +1,7 @@
 """The README's first command: `unime-ray demo` end to end, and the CLI surface."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,22 @@ from unime_ray.demo import run_demo
 ROOT = Path(__file__).parents[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_demo_end_to_end(local_ray, tmp_path):
-    out = tmp_path / "demo"
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out))
+    """The README's first command, with fewer training steps: mine -> train both models -> evaluate
+    before/after -> index + Serve on 127.0.0.1 -> one HTTP query -> Serve shut down."""
+    out, port = tmp_path / "demo", _free_port()
+    steps = ["train.steps=4", "train.checkpoint_every=2", "reranker.steps=2", "reranker.checkpoint_every=2"]
+    cfg = load_config(
+        ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out) + steps + [f"serve.port={port}"]
+    )
     report = run_demo(cfg)
     saved = json.loads((out / "demo_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
@@ -25,10 +39,46 @@ def test_demo_end_to_end(local_ray, tmp_path):
     assert mined["queries"] == 4 * 48 and mined["quarantined_pairs"] == 0  # nothing quarantined, nothing lost
     assert mined["hard_negative_queries"] == mined["queries"]
     assert mined["judged_pairs"] == pq.read_table(out / "mining/judge/results").num_rows > mined["queries"]
-    assert saved["read_eval"] == {"rows_in": 4 * 24, "rows_out": 4 * 24}
-    assert set(saved["mmeb_p@1_untrained"]) == {"ShapesCLS", "ShapesVQA", "ShapesI2T", "ShapesT2I"}
-    assert all(0.0 <= v <= 100.0 for v in saved["mmeb_p@1_untrained"].values())
     assert (out / "mining/sample/scores.png").is_file()
+
+    # both trainings ran their steps and left a loadable peft adapter and a learning-curve plot
+    for kind, n in (("train_embed", 4), ("train_rerank", 2)):
+        assert saved[kind]["metrics"]["step"] == n
+        adapter = Path(saved[kind]["adapter"])
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert (adapter / "adapter_model.safetensors").is_file() and Path(saved[kind]["curves"]).is_file()
+    metrics = [json.loads(line) for line in (out / "train_embed/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+    # evaluation: untrained and trained tables, the trained one with the listwise reranker, and deltas
+    untrained = json.loads((out / "eval/untrained/results.json").read_text())
+    trained = json.loads((out / "eval/trained/results.json").read_text())
+    assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
+    assert trained["settings"]["embedder"].endswith(f"adapter {saved['train_embed']['adapter']}")
+    assert saved["eval"]["table3"] == trained["table3"]
+    assert (out / "eval/trained/mmeb.png").is_file() and (out / "eval/compare/compare.md").is_file()
+    deltas = json.loads((out / "eval/compare/compare.json").read_text())["deltas"]
+    key = "table3.embedding.MMEB_Other"  # the synthetic sets are not among MMEB's 36
+    before, after = (
+        untrained["table3"]["embedding"]["MMEB_Other"],
+        trained["table3"]["embedding"]["MMEB_Other"],
+    )
+    assert deltas[key] == {"a": before, "b": after, "delta": after - before}
+
+    # the service answered over HTTP with captions of the indexed corpus, reranked listwise
+    served = saved["serve"]
+    captions = {
+        c
+        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
+        for c in json.loads(line)["captions"]
+    }
+    assert served["index"]["count"] == len(captions)
+    hits = served["answer"]["results"]
+    assert len(hits) == 3 and all(h["text"] in captions for h in hits)
+    assert served["answer"]["rerank"]["mode"] == "listwise"
+    assert served["answer"]["rerank"]["candidates"] == cfg.serve.rerank_top
+    with pytest.raises(OSError):  # Serve was shut down: nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 @pytest.mark.parametrize("command", ["demo", "make-tiny", "make-world"])

@@ -45,6 +45,8 @@ def test_overrides_are_typed_and_dotted(tmp_path):
     assert load_config(None, ["mining.delta=1"]).mining.delta == 1.0  # int widens to float
     assert isinstance(load_config(None, ["mining.delta=1"]).mining.delta, float)
     assert parse_override("run.output_dir=/a=b") == ("run.output_dir", "/a=b")
+    # YAML 1.1 reads `5e-3` (no dot) as a string; a float field takes it as 0.005 all the same
+    assert load_config(None, ["train.lr=5e-3"]).train.lr == 0.005
 
 
 @pytest.mark.parametrize(
