@@ -1,7 +1,17 @@
 """Session fixtures: tiny real-architecture models and the synthetic world are built once per test
-session (seconds); Ray, when a test needs it, runs locally on 127.0.0.1."""
+session (seconds); Ray, when a test needs it, runs locally on 127.0.0.1. Also `kill_when`, the
+fault-injection helper of the kill tests (`from conftest import kill_when`)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,3 +45,43 @@ def local_ray():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) -> Iterator[list[Any]]:
+    """SIGKILL the processes whose command line matches `pattern` (`pgrep -f`) once `ready()` says so,
+    while the with-block runs.
+
+    A background thread calls `ready()` every `interval` seconds. When it returns a truthy value, every
+    matching process (never this one) gets SIGKILL; if there was at least one, that value is appended
+    to the list the block receives and the thread stops, else it keeps polling. Leaving the block stops
+    and joins the thread, so an empty list afterwards means nothing was killed.
+
+        with kill_when(lambda: len(list(results.glob("*.parquet"))) >= 3, "JudgeActor") as killed:
+            run_mining(cfg)
+        assert killed, "the judge actor was never killed"
+    """
+    done, killed = threading.Event(), []
+
+    def watch() -> None:
+        while not done.is_set():
+            value = ready()
+            if value:
+                out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+                hit = False
+                for pid in {int(p) for p in out.split()} - {os.getpid()}:
+                    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+                        os.kill(pid, signal.SIGKILL)
+                        hit = True
+                if hit:
+                    killed.append(value)
+                    return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=watch, name=f"kill_when({pattern})", daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()

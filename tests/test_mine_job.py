@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_when
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
@@ -221,33 +222,11 @@ def test_ray_job_submit_against_a_local_head(local_ray, tmp_path):
 def test_killed_judge_worker_is_replaced_and_every_pair_judged_once(local_ray, tmp_path):
     """SIGKILL the judge actor's process mid-stage: Ray Data restarts it and retries its work; the
     stage still ends with every requested pair exactly once."""
-    import threading
-
     out = tmp_path / "run"
     cfg = _cfg(out, "mining.top_n=20", "mining.judge_shard_queries=2", "judge.model.batch_size=4")
     results = out / "mining/judge/results"
-    done, killed = threading.Event(), []
-
-    def kill_judge_actor() -> None:
-        while not done.is_set():
-            if len(list(results.glob("*.parquet"))) >= 3:
-                pids = subprocess.run(
-                    ["pgrep", "-f", "JudgeActor"], capture_output=True, text=True
-                ).stdout.split()
-                for pid in pids:
-                    os.kill(int(pid), signal.SIGKILL)
-                if pids:
-                    killed.append(len(list(results.glob("*.parquet"))))
-                    return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_judge_actor)
-    killer.start()
-    try:
+    with kill_when(lambda: len(list(results.glob("*.parquet"))) >= 3, "JudgeActor") as killed:
         run_mining(cfg)
-    finally:
-        done.set()
-        killer.join()
     assert killed, "the judge actor was never killed"
     requests = pa.concat_tables(
         [pq.read_table(p) for p in sorted((out / "mining/judge/requests").glob("*.parquet"))]

@@ -1,9 +1,10 @@
 """The Ray Serve app on 127.0.0.1, queried over real HTTP: results equal an in-process Embedder + FAISS
 search (and Reranker), every kind of bad input gets its 4xx with a message, and the server keeps
-serving afterwards. One app for the whole module; Serve is shut down at the end (Ray stays up for the
-session's other tests)."""
+serving afterwards. One app for the whole module, plus a second one without a reranker for the test
+that needs it; Serve is shut down at the end (Ray stays up for the session's other tests)."""
 
 import base64
+import copy
 import io
 import os
 import socket
@@ -60,6 +61,21 @@ def app(local_ray, tiny_qwen, world, tmp_path_factory):
     yield cfg, url
     serve.shutdown()
     del os.environ[KEY_ENV]
+
+
+@pytest.fixture
+def app_without_reranker(app):
+    """The module's app again, without a reranker, as a second Serve application on its own route
+    prefix (same index, same embedder). Its embedder takes no CPU: the module's app holds both of the
+    session Ray's CPUs. Deleted after the test."""
+    cfg, url = app
+    cfg = copy.deepcopy(cfg)
+    cfg.reranker.model = ModelConfig()
+    cfg.serve.embedder.num_cpus = 0
+    name, prefix = "unime-test-no-reranker", "/no-reranker"
+    serve.run(build_app(cfg), name=name, route_prefix=prefix)
+    yield cfg, url + prefix
+    serve.delete(name)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +200,23 @@ def test_rerank_equals_direct_reranker(app, direct, world):
     (pick,) = reranker.listwise([record], [head])
     assert body["rerank"] == {"mode": "listwise", "candidates": 10, "pick": pick}
     assert [h["id"] for h in body["results"]] == apply_listwise(ids, pick)[:3]
+
+
+def test_rerank_without_a_reranker_is_a_400_and_the_server_keeps_serving(app_without_reranker, direct):
+    _, url = app_without_reranker
+    assert requests.get(url + "/healthz", timeout=30).json()["reranker"] is False
+    query = {"text": "an orange triangle"}
+    for mode in ("listwise", "pointwise"):
+        response = post(url, "/v1/search", {"query": query, "top_k": 5, "rerank": mode})
+        assert response.status_code == 400, (mode, response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert "has no reranker" in detail and mode in detail and "reranker.model.path" in detail, detail
+    # no rerank named: serve.rerank "auto" means none here, and the search is the plain cosine top-k
+    response = post(url, "/v1/search", {"query": query, "top_k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["rerank"] == {"mode": "none", "candidates": 0, "pick": None}
+    assert_same_ranking(body["results"], *expected_hits(direct, {"text": query["text"], "image": ""}, 5))
 
 
 def bad_requests(cfg):

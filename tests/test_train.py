@@ -3,17 +3,13 @@ Ray Train + DeepSpeed ZeRO-2 runs (1 and 2 workers, a killed worker, a rerun, ex
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import kill_when
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
@@ -193,33 +189,18 @@ def _registered_step(run_dir: Path) -> int:
     return latest.get("metrics", {}).get("step", 0)
 
 
-def _kill_train_workers_after_a_checkpoint(out: Path, done: threading.Event, killed: list) -> None:
-    while not done.is_set():
-        step = _registered_step(out / "ray_train/train_embed")
-        if step >= 2:
-            pids = subprocess.run(
-                ["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True
-            ).stdout.split()
-            for pid in pids:
-                os.kill(int(pid), signal.SIGKILL)
-            if pids:
-                killed.append(step)
-                return
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_path):
     more = ["train.steps=8", "train.checkpoint_every=2", "train.max_failures=2"]
     cfg = _cfg(mined, *more, out=tmp_path)
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_train_workers_after_a_checkpoint, args=(tmp_path, done, killed))
-    killer.start()
-    try:
+
+    def checkpointed() -> int:
+        """The registered checkpoint step once it is >= 2 (the workers are killed then), else 0."""
+        step = _registered_step(tmp_path / "ray_train/train_embed")
+        return step if step >= 2 else 0
+
+    with kill_when(checkpointed, "RayTrainWorker") as killed:
         summary = run_training(cfg, "embed")
-    finally:
-        done.set()
-        killer.join()
     assert killed, "no worker was killed"
     steps = [m["step"] for m in _metrics(tmp_path)]
     assert steps[-1] == 8 and _finals(tmp_path)[0]["step"] == 8

@@ -74,8 +74,13 @@ class ReadResult:
         )
 
 
-class _ReadState:
-    """What one read shares across its rows and files: seen ids and the per-path image verdicts."""
+class ReadState:
+    """What one read shares across its rows and files: seen ids and the per-path image verdicts.
+
+    Share one instance across every file of a read (as `read_folder` does) so ids are unique across
+    them and each image path is checked once. `image_root` is the folder image paths are relative to;
+    with `check_images`, an existing image must also open and verify with PIL.
+    """
 
     def __init__(self, image_root: str | Path, check_images: bool) -> None:
         self.image_root = Path(image_root)
@@ -84,6 +89,8 @@ class _ReadState:
         self.image_problems: dict[str, str | None] = {}
 
     def image_problem(self, rel: str) -> str | None:
+        """The quarantine reason of image path `rel` (`bad_image_path`, `missing_image`,
+        `corrupt_image`), or None when it is usable; computed once per path and cached."""
         if rel not in self.image_problems:
             self.image_problems[rel] = self._find_image_problem(rel)
         return self.image_problems[rel]
@@ -107,14 +114,14 @@ def read_pairs(
     path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
 ) -> ReadResult:
     """Read one MMEB-train style file into a PAIRS table plus its quarantine."""
-    return _read_file(Path(path), "pairs", dataset, _ReadState(image_root, check_images))
+    return _read_file(Path(path), "pairs", dataset, ReadState(image_root, check_images))
 
 
 def read_eval(
     path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
 ) -> ReadResult:
     """Read one MMEB-eval style file into an EVAL table plus its quarantine."""
-    return _read_file(Path(path), "eval", dataset, _ReadState(image_root, check_images))
+    return _read_file(Path(path), "eval", dataset, ReadState(image_root, check_images))
 
 
 def read_folder(
@@ -147,14 +154,14 @@ def read_folder(
     unknown = [name for name in selected if name not in files]
     if unknown or not selected:
         raise DataError(f"{folder}: unknown or no datasets {unknown}; available: {', '.join(files)}")
-    state = _ReadState(image_root, check_images)
+    state = ReadState(image_root, check_images)
     return ReadResult.concat([_read_file(files[name], kind, name, state) for name in selected])
 
 
-def _read_file(path: Path, kind: str, dataset: str | None, state: _ReadState) -> ReadResult:
+def _read_file(path: Path, kind: str, dataset: str | None, state: ReadState) -> ReadResult:
     schema, parse, find_problem = _KINDS[kind]
     # Parse the whole file first: a file-level error raises before any (slow) image check.
-    rows = [parse(record, where) for where, record in _load_records(path)]
+    rows = [parse(record, where) for where, record in load_records(path)]
     kept, quarantined = [], []
     for index, row in enumerate(rows):
         row["dataset"] = dataset or row["dataset"] or path.stem
@@ -173,8 +180,14 @@ def _read_file(path: Path, kind: str, dataset: str | None, state: _ReadState) ->
     )
 
 
-def _load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The file's records, each with its location for error messages (`<file>: line N` or `row N`)."""
+def load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records of one `.parquet`, `.jsonl` or `.json` file, in file order, each paired with its
+    location for error messages (`<file>: line N`, 1-based, for JSONL; `<file>: row N`, 0-based,
+    otherwise).
+
+    Raises `DataError` for an unsupported suffix, an unreadable or non-UTF-8 file, invalid JSON, a
+    `.json` document that is not a list, or a record that is not an object.
+    """
     try:
         if path.suffix == ".parquet":
             items = [(f"{path}: row {i}", item) for i, item in enumerate(pq.read_table(path).to_pylist())]
@@ -212,7 +225,9 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _string(record: dict[str, Any], field: str, where: str, *, required: bool) -> str:
+def string(record: dict[str, Any], field: str, where: str, *, required: bool) -> str:
+    """`record[field]` as a string. A missing or null optional field reads as ""; a missing required
+    field, a null required field or a non-string value raises `DataError` naming `where` and `field`."""
     if field not in record and required:
         raise DataError(f"{where}: missing required field {field!r}")
     value = record.get(field)
@@ -223,7 +238,9 @@ def _string(record: dict[str, Any], field: str, where: str, *, required: bool) -
     return value
 
 
-def _strings(record: dict[str, Any], field: str, where: str) -> list[str]:
+def strings(record: dict[str, Any], field: str, where: str) -> list[str]:
+    """`record[field]`, a required list of strings (possibly empty); a missing field or any other value
+    raises `DataError` naming `where` and `field`."""
     if field not in record:
         raise DataError(f"{where}: missing required field {field!r}")
     value = record[field]
@@ -245,29 +262,29 @@ def _id(record: dict[str, Any], where: str) -> str:
 def _parse_pair(record: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "id": _id(record, where),
-        "dataset": _string(record, "dataset", where, required=False),
-        "qry_text": _string(record, "qry", where, required=True),
-        "qry_image": _string(record, "qry_image_path", where, required=True),
-        "pos_text": _string(record, "pos_text", where, required=True),
-        "pos_image": _string(record, "pos_image_path", where, required=True),
-        "neg_text": _string(record, "neg_text", where, required=False),
-        "neg_image": _string(record, "neg_image_path", where, required=False),
+        "dataset": string(record, "dataset", where, required=False),
+        "qry_text": string(record, "qry", where, required=True),
+        "qry_image": string(record, "qry_image_path", where, required=True),
+        "pos_text": string(record, "pos_text", where, required=True),
+        "pos_image": string(record, "pos_image_path", where, required=True),
+        "neg_text": string(record, "neg_text", where, required=False),
+        "neg_image": string(record, "neg_image_path", where, required=False),
     }
 
 
 def _parse_eval(record: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "id": _id(record, where),
-        "dataset": _string(record, "dataset", where, required=False),
-        "qry_text": _string(record, "qry_text", where, required=True),
-        "qry_image": _string(record, "qry_img_path", where, required=True),
-        "tgt_text": _strings(record, "tgt_text", where),
-        "tgt_image": _strings(record, "tgt_img_path", where),
+        "dataset": string(record, "dataset", where, required=False),
+        "qry_text": string(record, "qry_text", where, required=True),
+        "qry_image": string(record, "qry_img_path", where, required=True),
+        "tgt_text": strings(record, "tgt_text", where),
+        "tgt_image": strings(record, "tgt_img_path", where),
     }
 
 
 def _side_problem(
-    state: _ReadState, text: str, text_field: str, image: str, image_field: str, empty_reason: str | None
+    state: ReadState, text: str, text_field: str, image: str, image_field: str, empty_reason: str | None
 ) -> Problem | None:
     """The problem of one side (query, positive, negative, target): its image first, then emptiness."""
     if image:
@@ -279,7 +296,7 @@ def _side_problem(
     return None
 
 
-def _pair_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
+def _pair_problem(row: dict[str, Any], state: ReadState) -> Problem | None:
     return (
         _side_problem(state, row["qry_text"], "qry", row["qry_image"], "qry_image_path", "empty_query")
         or _side_problem(
@@ -289,7 +306,7 @@ def _pair_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
     )
 
 
-def _eval_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
+def _eval_problem(row: dict[str, Any], state: ReadState) -> Problem | None:
     problem = _side_problem(
         state, row["qry_text"], "qry_text", row["qry_image"], "qry_img_path", "empty_query"
     )
@@ -303,6 +320,12 @@ def _eval_problem(row: dict[str, Any], state: _ReadState) -> Problem | None:
             return problem
     return None
 
+
+# Old private names, still imported by unime_ray.eval.retrieval and unime_ray.eval.compositional;
+# new code uses the public names above.
+_load_records = load_records
+_string = string
+_strings = strings
 
 _KINDS: dict[str, tuple[pa.Schema, Callable[..., dict[str, Any]], Callable[..., Problem | None]]] = {
     "pairs": (PAIRS, _parse_pair, _pair_problem),

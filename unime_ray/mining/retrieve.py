@@ -89,7 +89,7 @@ class PoolIndex:
             raise ValueError("use_gpu=True but FAISS sees no GPU (is faiss-gpu installed?)")
         self.gpu = faiss.StandardGpuResources() if use_gpu else None
         self.chunk_size, self.query_block = chunk_size, query_block
-        self.ivf = _build_ivf(self.pool, nprobe, self.gpu) if index == "ivf" else None
+        self.ivf = build_ivf(self.pool, nprobe, self.gpu) if index == "ivf" else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores [nq, k] float32 descending and pool rows [nq, k] int64; -inf / -1 pad missing results."""
@@ -356,9 +356,11 @@ def _matrix(rows: pa.Table, dataset: str, dim: int | None) -> np.ndarray:
     return matrix
 
 
-def _build_ivf(pool: np.ndarray, nprobe: int, gpu: faiss.StandardGpuResources | None) -> faiss.Index | None:
-    """An IndexIVFFlat over `pool` (trained and filled on GPU when given), or None when the pool is too
-    small to train nlist ~ 4 sqrt(n) lists of at least MIN_POINTS_PER_LIST points each."""
+def build_ivf(pool: np.ndarray, nprobe: int, gpu: faiss.StandardGpuResources | None) -> faiss.Index | None:
+    """An inner-product IndexIVFFlat over `pool` ([n, d] float32, C-contiguous), trained on and filled
+    with the whole pool (on GPU when `gpu` is given, so the result is then a GPU index), searching
+    min(`nprobe`, nlist) lists; or None when the pool is too small to train nlist ~ 4 sqrt(n) lists of
+    at least MIN_POINTS_PER_LIST points each (at least MIN_NLIST lists; callers then search exactly)."""
     n, d = pool.shape
     nlist = min(int(4 * math.sqrt(n)), n // MIN_POINTS_PER_LIST, MAX_NLIST)
     if nlist < MIN_NLIST:

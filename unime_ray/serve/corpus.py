@@ -33,12 +33,12 @@ from unime_ray.data.mmeb import (
     DATA_SUFFIXES,
     DataError,
     ReadResult,
-    _load_records,
-    _ReadState,
-    _string,
-    _strings,
+    ReadState,
+    load_records,
     read_eval,
     read_pairs,
+    string,
+    strings,
 )
 from unime_ray.data.schemas import INDEX_RECORDS, QUARANTINE
 from unime_ray.mining.ingest import candidate_id
@@ -60,7 +60,7 @@ def read_corpus(
     )
     if not files:
         raise DataError(f"{path}: no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})")
-    state = _ReadState(image_root, check_images)
+    state = ReadState(image_root, check_images)
     read = ReadResult.concat([_read_file(f, state, cfg) for f in files])
     # Equal content in two rows or files is one record: keep its first occurrence.
     first: dict[str, int] = {}
@@ -69,8 +69,8 @@ def read_corpus(
     return ReadResult(read.table.take(list(first.values())), read.quarantine)
 
 
-def _read_file(path: Path, state: _ReadState, cfg: IndexConfig) -> ReadResult:
-    records = _load_records(path)
+def _read_file(path: Path, state: ReadState, cfg: IndexConfig) -> ReadResult:
+    records = load_records(path)
     fields = set(records[0][1]) if records else set()
     if "captions" in fields:
         return _read_captions(path, records, state, cfg)
@@ -95,7 +95,7 @@ def _read_file(path: Path, state: _ReadState, cfg: IndexConfig) -> ReadResult:
 
 
 def _read_captions(
-    path: Path, records: list[tuple[str, dict[str, Any]]], state: _ReadState, cfg: IndexConfig
+    path: Path, records: list[tuple[str, dict[str, Any]]], state: ReadState, cfg: IndexConfig
 ) -> ReadResult:
     source = path.stem
     kept: list[dict[str, str]] = []
@@ -105,8 +105,8 @@ def _read_captions(
         quarantined.append({"source": str(path), "row": row, "id": rid, "field": field, "reason": reason})
 
     for row, (where, record) in enumerate(records):
-        image = _string(record, "image", where, required=True)
-        captions = _strings(record, "captions", where)
+        image = string(record, "image", where, required=True)
+        captions = strings(record, "captions", where)
         if cfg.items != "texts":
             image_record = _record(source, cfg.image_prompt, image)
             problem = state.image_problem(image)

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from unime_ray.config import Config, IndexConfig, ModelConfig, add_config_args, config_from_args
 from unime_ray.data.schemas import INDEX_RECORDS
 from unime_ray.io import atomic_path, write_json, write_parquet
-from unime_ray.mining.retrieve import PoolIndex, _build_ivf
+from unime_ray.mining.retrieve import PoolIndex, build_ivf
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -302,7 +302,7 @@ def _build_ann(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index | None:
     if cfg.type == "ivf":
         use_gpu = faiss.get_num_gpus() > 0 if cfg.faiss_gpu is None else cfg.faiss_gpu
         gpu = faiss.StandardGpuResources() if use_gpu else None
-        index = _build_ivf(vectors, cfg.ivf_nprobe, gpu)
+        index = build_ivf(vectors, cfg.ivf_nprobe, gpu)
         return faiss.index_gpu_to_cpu(index) if gpu is not None and index is not None else index
     return None
 
