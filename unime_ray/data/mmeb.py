@@ -196,9 +196,9 @@ def load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             with path.open(encoding="utf-8") as lines:
                 for number, line in enumerate(lines, start=1):
                     if line.strip():
-                        items.append((f"{path}: line {number}", _parse_json(line, f"{path}: line {number}")))
+                        items.append((f"{path}: line {number}", parse_json(line, f"{path}: line {number}")))
         elif path.suffix == ".json":
-            document = _parse_json(path.read_text(encoding="utf-8"), str(path))
+            document = parse_json(path.read_text(encoding="utf-8"), str(path))
             if not isinstance(document, list):
                 raise DataError(f"{path}: expected a JSON list of objects, got {_type_name(document)}")
             items = [(f"{path}: row {i}", item) for i, item in enumerate(document)]
@@ -214,7 +214,8 @@ def load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return items
 
 
-def _parse_json(text: str, where: str) -> Any:
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads(text)`, raising DataError naming `where` (file, line) on invalid JSON."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -320,12 +321,6 @@ def _eval_problem(row: dict[str, Any], state: ReadState) -> Problem | None:
             return problem
     return None
 
-
-# Old private names, still imported by unime_ray.eval.retrieval and unime_ray.eval.compositional;
-# new code uses the public names above.
-_load_records = load_records
-_string = string
-_strings = strings
 
 _KINDS: dict[str, tuple[pa.Schema, Callable[..., dict[str, Any]], Callable[..., Problem | None]]] = {
     "pairs": (PAIRS, _parse_pair, _pair_problem),

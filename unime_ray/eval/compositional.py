@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unime_ray.data.mmeb import DataError, _string
+from unime_ray.data.mmeb import DataError, string
 from unime_ray.eval.groups import compositional_group
 from unime_ray.eval.ranking import Collection, ItemIndex, Task, padded
 from unime_ray.eval.retrieval import IMAGE_PROMPT, Records, load_records
@@ -39,7 +39,7 @@ def read_compositional(path: str | Path, image_root: str | Path) -> list[tuple[s
     """[(image, true caption, altered caption)]; a missing field or image file is a `DataError`."""
     rows = []
     for where, record in load_records(path, _sugarcrepe):
-        image, pos, neg = (_string(record, f, where, required=True) for f in ("image", "pos", "neg"))
+        image, pos, neg = (string(record, f, where, required=True) for f in ("image", "pos", "neg"))
         if not (Path(image_root) / image).is_file():
             raise DataError(f"{where}: field 'image': no file {image!r} under {image_root}")
         if not pos.strip() or not neg.strip():

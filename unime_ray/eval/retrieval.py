@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from unime_ray.data.mmeb import DataError, _load_records, _parse_json, _string, _strings
+from unime_ray.data import mmeb
+from unime_ray.data.mmeb import DataError, parse_json, string, strings
 from unime_ray.eval.groups import retrieval_kind
 from unime_ray.eval.ranking import Collection, ItemIndex, Task
 
@@ -36,10 +37,10 @@ def load_records(path: str | Path, from_mapping: Callable[[dict, str], Records])
     of a JSON object file through `from_mapping(document, path)` (a benchmark's native layout)."""
     path = Path(path)
     if path.suffix == ".json":
-        document = _parse_json(path.read_text(encoding="utf-8"), str(path))
+        document = parse_json(path.read_text(encoding="utf-8"), str(path))
         if isinstance(document, dict):
             return from_mapping(document, str(path))
-    return _load_records(path)
+    return mmeb.load_records(path)
 
 
 def _karpathy(split: str) -> Callable[[dict, str], Records]:
@@ -68,11 +69,11 @@ def read_captions(
     A missing field, an image with no caption or no file is a `DataError` naming the row."""
     merged: dict[str, list[str]] = {}
     for where, record in load_records(path, _karpathy(split)):
-        image = _string(record, "image", where, required=True)
+        image = string(record, "image", where, required=True)
         if "captions" in record:
-            captions = _strings(record, "captions", where)
+            captions = strings(record, "captions", where)
         else:
-            captions = [_string(record, "caption", where, required=True)]
+            captions = [string(record, "caption", where, required=True)]
         if not image or not (Path(image_root) / image).is_file():
             raise DataError(f"{where}: field 'image': no file {image!r} under {image_root}")
         if not captions or not all(c.strip() for c in captions):
