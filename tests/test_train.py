@@ -11,10 +11,8 @@ import pytest
 import torch
 from conftest import kill_when
 
-from unime_ray.assets import synthetic_overrides
+from unime_ray.assets import mine_with_oracle, synthetic_overrides
 from unime_ray.config import load_config
-from unime_ray.data.synthetic import write_oracle_scores
-from unime_ray.mining.pipeline import run_mining
 from unime_ray.models.embedder import Embedder
 from unime_ray.train.embed import EmbedTask, candidates
 from unime_ray.train.export import export
@@ -28,20 +26,9 @@ ROOT = Path(__file__).parents[1]
 @pytest.fixture(scope="module")
 def mined(tmp_path_factory, local_ray):
     """The synthetic world mined with the oracle judge (the tiny random judge knows nothing)."""
-    from unime_ray.assets import prepare_synthetic
-
     out = tmp_path_factory.mktemp("train")
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out))
-    prepare_synthetic(cfg)
-    run_mining(cfg, ("retrieve",))
-    oracle = write_oracle_scores(
-        sorted((out / "mining/retrieve").glob("*.parquet")),
-        out / "mining/ingest/queries.parquet",
-        out / "oracle.parquet",
-    )
-    extra = ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
-    run_mining(load_config(ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out) + extra))
-    return out, extra
+    overrides = mine_with_oracle(ROOT / "jobs/configs/tiny.yaml", out)
+    return out, overrides[len(synthetic_overrides(out)) :]
 
 
 def _cfg(mined, *more: str, out: Path | None = None):
@@ -173,6 +160,7 @@ def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
     finals = _finals(tmp_path / "w2")
     assert len(finals) == 2 and finals[0]["step"] == finals[1]["step"] == 6
     assert finals[0]["trainable_param_sum"] == finals[1]["trainable_param_sum"]  # ranks identical
+    assert all(200 < f["peak_mem_mb"] < 24 * 1024 for f in finals)  # a torch + model process, in MB
     l1 = np.mean([m["loss"] for m in _metrics(tmp_path / "w1")])
     l2 = np.mean([m["loss"] for m in _metrics(tmp_path / "w2")])
     assert abs(l1 - l2) < 0.25 * l1, (l1, l2)  # same global batch: same loss up to data order

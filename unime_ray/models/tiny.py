@@ -1,6 +1,7 @@
 """Tiny random-weight models of the REAL architectures, built from configs with no download.
 
     unime-ray make-tiny /tmp/tiny-qwen --arch qwen2-vl            # ~0.2M parameters, seconds
+    unime-ray make-tiny /tmp/mid-qwen --arch qwen2-vl --size mid       # ~3M, for the learning tests
     unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~75M, for benchmarks
 
 The folder is an ordinary Hugging Face checkpoint (config, safetensors, tokenizer, image processor,
@@ -120,6 +121,8 @@ def _hf_tokenizer(tok: Tokenizer, specials: list[str], chat_template: str):
 # name -> (hidden, layers, heads, kv_heads, intermediate, vision embed, vision depth)
 SIZES = {
     "tiny": (64, 2, 2, 1, 128, 32, 1),
+    # ~3M: the smallest that learns the synthetic world clearly within CPU minutes (the learning tests)
+    "mid": (256, 4, 4, 2, 512, 64, 1),
     "small": (768, 12, 24, 8, 2048, 128, 2),
 }
 
@@ -282,7 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="unime-ray make-tiny", description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder to write the model into (replaced if present)")
     p.add_argument("--arch", choices=["qwen2-vl", "llava-ov"], default="qwen2-vl")
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny ~0.2M params, small ~75M")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="tiny", help="tiny ~0.2M params, mid ~3M, small ~75M"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     path = make_tiny(a.out, a.arch, a.size, a.seed)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -176,7 +177,15 @@ def worker_loop(config: dict) -> None:
     # ZeRO-2 keeps a full copy of the parameters on every rank: a checksum per rank shows they agree.
     checksum = sum(p.detach().double().sum().item() for p in params)
     final = metrics_file.with_name(f"final_rank{rank}.json")
-    final.write_text(json.dumps({"step": step, "trainable_param_sum": checksum}))
+    summary = {"step": step, "trainable_param_sum": checksum, "peak_mem_mb": peak_mem_mb()}
+    final.write_text(json.dumps(summary))
+
+
+def peak_mem_mb() -> float:
+    """This worker's peak memory: CUDA allocations on GPU, the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run_training(cfg: Config, kind: str) -> dict:

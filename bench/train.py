@@ -1,0 +1,100 @@
+"""Training throughput and memory: samples/s for 1 vs 2 Ray Train workers (DeepSpeed ZeRO-2, same
+global batch), with and without gradient checkpointing, and each worker's peak memory.
+
+    python bench/train.py                       # the ~3M "mid" Qwen2-VL on the synthetic world, 12 steps
+    python bench/train.py --size tiny --steps 20
+
+Mines the synthetic world once (oracle judge scores: no judge model needed), then runs the embedder
+training job per setting. samples/s is the median over steps after the first two (start-up excluded)
+of the job's own per-step figure; peak memory is each worker's peak RSS (peak CUDA allocation on
+GPU) from its final_rank*.json. Ratios are against 1 worker without checkpointing, in the same run.
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+from pathlib import Path
+
+from unime_ray.assets import mine_with_oracle
+from unime_ray.config import load_config
+from unime_ray.models.tiny import make_tiny
+from unime_ray.ray_utils import init_ray
+from unime_ray.train.loop import run_training
+
+ROOT = Path(__file__).parents[1]
+OUT = ROOT / "bench" / "results"
+SETTINGS = {  # name -> overrides; the global batch (16) is the same for all
+    "1 worker": ["train.num_workers=1", "train.micro_batch_size=16", "train.cpus_per_worker=1"],
+    "2 workers": ["train.num_workers=2", "train.micro_batch_size=8", "train.cpus_per_worker=1"],
+    "1 worker + grad ckpt": [
+        "train.num_workers=1",
+        "train.micro_batch_size=16",
+        "train.cpus_per_worker=1",
+        "train.gradient_checkpointing=true",
+    ],
+    "2 workers + grad ckpt": [
+        "train.num_workers=2",
+        "train.micro_batch_size=8",
+        "train.cpus_per_worker=1",
+        "train.gradient_checkpointing=true",
+    ],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="mid", help="tiny model size to train (tiny, mid, small)")
+    p.add_argument("--steps", type=int, default=12)
+    a = p.parse_args()
+    run = OUT / "train-run"
+    init_ray()
+    model = run / "models" / a.size
+    if not (model / "config.json").is_file():
+        make_tiny(model, "qwen2-vl", a.size)
+    overrides = mine_with_oracle(ROOT / "jobs/configs/tiny.yaml", run, [f"train.model.path={model}"])
+    rows = {}
+    for name, setting in SETTINGS.items():
+        out = run / name.replace(" ", "_").replace("+", "")
+        shutil.rmtree(out, ignore_errors=True)
+        more = [f"run.output_dir={out}", f"train.steps={a.steps}", f"train.checkpoint_every={a.steps}"]
+        more.append(f"train.data_path={run}/mining/sample/hard_negatives.parquet")
+        result = run_training(
+            load_config(ROOT / "jobs/configs/tiny.yaml", overrides + setting + more), "embed"
+        )
+        metrics = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines()]
+        finals = [json.loads(f.read_text()) for f in sorted((out / "train_embed").glob("final_rank*.json"))]
+        rows[name] = {
+            "samples_per_s": statistics.median(m["samples_per_s"] for m in metrics[2:]),
+            "peak_mem_mb_per_worker": [round(f["peak_mem_mb"]) for f in finals],
+            "loss_last": metrics[-1]["loss"],
+        }
+    base = rows["1 worker"]["samples_per_s"]
+    for row in rows.values():
+        row["speed_vs_1_worker"] = row["samples_per_s"] / base
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "model": a.size,
+        "steps": a.steps,
+        "global_batch": 16,
+        "settings": rows,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "train.json").write_text(json.dumps(report, indent=2))
+    print(f"{'setting':24s} {'samples/s':>10s} {'x 1 worker':>10s}  peak MB per worker")
+    for name, row in rows.items():
+        print(
+            f"{name:24s} {row['samples_per_s']:10.1f} {row['speed_vs_1_worker']:10.2f}  "
+            f"{row['peak_mem_mb_per_worker']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
