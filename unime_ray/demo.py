@@ -80,8 +80,8 @@ def evaluate(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
 
 
 def serve_one_query(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
-    """Index the world's captioned images with the trained embedder, deploy the Serve app on
-    127.0.0.1, search with an image over HTTP (listwise rerank on), shut Serve down."""
+    """Index the world's captions with the trained embedder, deploy the Serve app on 127.0.0.1, search
+    them with an image over HTTP (listwise rerank on), shut Serve down."""
     from ray import serve
 
     from unime_ray.serve.app import build_app
@@ -90,6 +90,7 @@ def serve_one_query(cfg: Config, embedder_adapter: str, reranker_adapter: str) -
     cfg = copy.deepcopy(cfg)
     cfg.embedder.path, cfg.embedder.adapter = cfg.train.model.path, embedder_adapter
     cfg.reranker.model.adapter = reranker_adapter
+    cfg.index.items = "texts"  # image -> caption search; "both" would index the images too
     world = Path(cfg.data.image_root).parent
     index = build_index(cfg, world / "retrieval" / "captions.jsonl", rebuild=True)
     image = sorted(Path(cfg.data.image_root).glob("eval/*.png"))[0]
