@@ -68,6 +68,15 @@ def _dedupe(table: pa.Table, key: list[str]) -> pa.Table:
     return table.take(np.sort(first.to_numpy()))
 
 
+def _read_shards(batch: pa.Table) -> pa.Table:
+    """The request rows of the shard files a block names, each row with its file in PATH_COL."""
+    tables = []
+    for path in batch[PATH_COL].to_pylist():
+        table = pq.read_table(path)
+        tables.append(table.append_column(PATH_COL, pa.array([path] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
 def run_shards(
     requests: list[Path],
     out_dir: Path,
@@ -90,8 +99,12 @@ def run_shards(
     if not expected:
         return report
     files = [str(p) for p in pending if p.name in expected]
-    # One block per shard file: shards then finish one after another instead of in bulk at the end.
-    ds = ray.data.read_parquet(files, include_paths=True, override_num_blocks=len(files))
+    # One block per shard file: shards then finish one after another instead of in bulk at the end, and
+    # every actor of a pool gets work. Not read_parquet: Ray 2.60's datasource V2 groups files into read
+    # tasks of at least DataContext.target_min_block_size (1 MiB) before honouring override_num_blocks,
+    # so small shards all came out as one block, processed by one actor, written at the very end.
+    ds = ray.data.from_items([{PATH_COL: f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow")
     buffers: dict[str, list[pa.Table]] = {name: [] for name in expected}
     counts = dict.fromkeys(expected, 0)
     start, done_rows = time.perf_counter(), 0
