@@ -5,12 +5,14 @@ fault-injection helper of the kill tests (`from conftest import kill_when`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,3 +87,13 @@ def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) 
     finally:
         done.set()
         thread.join()
+
+
+def registered_step(run_dir: Path) -> int:
+    """Step of the newest checkpoint Ray Train has registered for the run in `run_dir` (reports reach its
+    controller by polling, so a checkpoint written just before a crash may not be registered yet)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return 0
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    return latest.get("metrics", {}).get("step", 0)

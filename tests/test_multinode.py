@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import registered_step
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "jobs/configs/tiny.yaml"
@@ -206,39 +207,20 @@ def _mine_child(out: Path) -> dict:
         return _run_removing_a_node(cluster, workers, mine, "JudgeActor", judging, replace=False)
 
 
-def _registered_step(run_dir: Path) -> int:
-    """Step of the newest checkpoint Ray Train has registered (as in test_train.py)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    return latest.get("metrics", {}).get("step", 0)
-
-
 def _train_child(out: Path) -> dict:
-    from unime_ray.assets import prepare_synthetic, synthetic_overrides
+    from unime_ray.assets import mine_with_oracle, prepare_synthetic, synthetic_overrides
     from unime_ray.config import load_config
-    from unime_ray.data.synthetic import write_oracle_scores
-    from unime_ray.mining.pipeline import run_mining
     from unime_ray.train.loop import run_training
 
-    base = [*synthetic_overrides(out), "data.datasets=[ShapesI2T]"]
-    prepare_synthetic(load_config(TINY, base))
+    prepare_synthetic(load_config(TINY, synthetic_overrides(out)))
     with _cluster(workers=2) as (cluster, workers):
         # Hard negatives to train on, mined on the same cluster with the oracle judge (test_train.py).
-        run_mining(load_config(TINY, base), ("retrieve",))
-        oracle = write_oracle_scores(
-            sorted((out / "mining/retrieve").glob("*.parquet")),
-            out / "mining/ingest/queries.parquet",
-            out / "oracle.parquet",
-        )
-        base += ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
-        run_mining(load_config(TINY, base))
+        base = mine_with_oracle(TINY, out, ["data.datasets=[ShapesI2T]"])
 
         run_dir = out / "ray_train/train_embed"
 
         def checkpointed() -> dict | None:
-            step = _registered_step(run_dir)
+            step = registered_step(run_dir)
             return {"checkpoint_step": step} if step >= CHECKPOINT_EVERY else None
 
         def train(info: dict) -> dict:

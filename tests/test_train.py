@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import kill_when
+from conftest import kill_when, registered_step
 
 from unime_ray.assets import mine_with_oracle, synthetic_overrides
 from unime_ray.config import load_config
@@ -167,16 +167,6 @@ def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
     assert Path(one["adapter"], "adapter_config.json").is_file() and Path(two["adapter"]).is_dir()
 
 
-def _registered_step(run_dir: Path) -> int:
-    """Step of the newest checkpoint Ray Train has registered (reports reach its controller by polling,
-    so a checkpoint written just before a crash may not be registered yet)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return 0
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    return latest.get("metrics", {}).get("step", 0)
-
-
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_path):
     more = ["train.steps=8", "train.checkpoint_every=2", "train.max_failures=2"]
@@ -184,7 +174,7 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
 
     def checkpointed() -> int:
         """The registered checkpoint step once it is >= 2 (the workers are killed then), else 0."""
-        step = _registered_step(tmp_path / "ray_train/train_embed")
+        step = registered_step(tmp_path / "ray_train/train_embed")
         return step if step >= 2 else 0
 
     with kill_when(checkpointed, "RayTrainWorker") as killed:
