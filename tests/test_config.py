@@ -1,8 +1,13 @@
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from unime_ray.config import Config, ConfigError, load_config, parse_override
+from unime_ray.config import Config, ConfigError, describe, load_config, parse_override
+
+ROOT = Path(__file__).parents[1]
 
 # serve.yaml is a Ray Serve config file (`serve run`), checked in the serve tests.
 CONFIGS = sorted(
@@ -72,3 +77,28 @@ def test_file_errors_name_the_file(tmp_path):
     f.write_text("train:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: train.lr: expected float"):
         load_config(f)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_describe_is_a_complete_reference_with_values_and_help():
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", ["mining.beta=0.05"])
+    rows = describe(cfg)
+    # one row per leaf of the config, in the same order, with the loaded value
+    assert [(k, v) for k, _, v, _ in rows] == list(_leaves(dataclasses.asdict(cfg)).items())
+    by_key = {k: (tp, v, text) for k, tp, v, text in rows}
+    assert by_key["mining.beta"][:2] == ("float", 0.05)
+    assert by_key["train.lora.rank"][0] == "int" and by_key["train.loss"][0].startswith("Literal")
+    assert all(text for _, _, _, text in rows)  # every key documents itself
+    res = subprocess.run(
+        [sys.executable, "-m", "unime_ray.cli", "config", "--set", "train.steps=7"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0 and "train.steps = 7  [int]" in res.stdout

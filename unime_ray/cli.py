@@ -16,6 +16,7 @@ COMMANDS = {
     "serve": ("unime_ray.serve.app", "serve search / embed / rerank over HTTP with Ray Serve (127.0.0.1)"),
     "eval": ("unime_ray.eval.job", "MMEB / retrieval / SugarCrepe tables, with and without the reranker"),
     "compare": ("unime_ray.eval.compare", "compare two evaluation result folders (table of deltas)"),
+    "config": ("unime_ray.config", "every config key with its type, value and help (--config / --set apply)"),
     "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
     "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
 }

@@ -463,3 +463,29 @@ def add_config_args(parser, default: str | None = None) -> None:
 
 def config_from_args(args) -> Config:
     return load_config(args.config, args.overrides)
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """The configuration reference: (dotted key, type, value in `cfg`, help) for every leaf field."""
+    hints = typing.get_type_hints(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            tp = hints[f.name]
+            name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            rows.append((f"{prefix}{f.name}", name, value, f.metadata.get("help", "")))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`unime-ray config`: every key of a config with its type, value and help (the reference)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="unime-ray config", description=main.__doc__.split(": ", 1)[1])
+    add_config_args(p)
+    cfg = config_from_args(p.parse_args(argv))
+    for key, tp, value, text in describe(cfg):
+        print(f"{key} = {value!r}  [{tp}]  {text}")
