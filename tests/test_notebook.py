@@ -1,0 +1,155 @@
+"""notebooks/quickstart.ipynb runs top to bottom in its own kernel (nbclient) and shows what it claims: the
+judge-score plot, both learning curves and the eval plot inline, the eval table, and the service's 3 hits,
+all from the files its stages wrote; and what it started listened on loopback (see the exceptions below)."""
+
+import ast
+import base64
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).parents[1]
+NOTEBOOK = ROOT / "notebooks/quickstart.ipynb"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tagged(nb, tag: str) -> list:
+    return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+
+
+@contextlib.contextmanager
+def _listening() -> Iterator[tuple[set[tuple[str, int, int]], dict[int, set[str]]]]:
+    """While the block runs, collect (address, port, pid) of every TCP listener among the descendants of
+    this process (the kernel, its Ray processes and workers, Serve's proxy), and every title each of those
+    processes showed (a Ray worker's title names its actor class, or the task it runs at the moment)."""
+    listeners: set[tuple[str, int, int]] = set()
+    titles: dict[int, set[str]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            procs = {p.pid: p for p in psutil.Process().children(recursive=True)}
+            for pid, proc in procs.items():
+                with contextlib.suppress(psutil.Error):  # it ended meanwhile
+                    titles.setdefault(pid, set()).add(" ".join(" ".join(proc.cmdline()).split())[:100])
+            listeners.update(
+                (c.laddr.ip.removeprefix("::ffff:"), c.laddr.port, c.pid)  # IPv4-mapped IPv6 too
+                for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.pid in procs
+            )
+            done.wait(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield listeners, titles
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_committed_notebook_is_clean():
+    """No outputs in the repository, and one parameters cell that sets what the test replaces."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    (params,) = _tagged(nb, "parameters")
+    assert params is code[0]
+    assigned = [t.id for node in ast.parse(params.source).body for t in node.targets]
+    assert assigned == ["OUT", "STEPS", "PORT"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the kernel starts its own local Ray, joins none
+    out, steps, port = tmp_path / "quickstart", 2, _free_port()
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (params,) = _tagged(nb, "parameters")
+    params.source = f"OUT = {str(out)!r}\nSTEPS = {steps}\nPORT = {port}\n"
+    client = NotebookClient(
+        nb,
+        timeout=900,
+        startup_timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},  # as Jupyter starts it
+    )
+    try:
+        with _listening() as (listeners, titles):
+            client.execute()
+    finally:  # what it showed, to look at when it fails
+        nbformat.write(nb, tmp_path / "executed.ipynb")
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    # The service listened on 127.0.0.1:PORT only, and Ray's processes (GCS, raylet, agents, workers,
+    # Serve's HTTP proxy) and the kernel on loopback only, except two listeners that Ray and torch bind to
+    # every interface with no option against it: torch.distributed's TCPStore on the rank-0 Train worker,
+    # and the inter-deployment gRPC server every Serve replica opens on "[::]:0" (Ray 2.60,
+    # ray/serve/_private/replica.py).
+    assert {ip for ip, p, _ in listeners if p == port} == {"127.0.0.1"}
+    wildcard_ok = ("ray::RayTrainWorker", "ray::ServeReplica:")
+    wide = sorted(
+        (ip, p, sorted(titles.get(pid, ())))
+        for ip, p, pid in listeners
+        if ip not in ("127.0.0.1", "::1")
+        and not (ip == "::" and any(t.startswith(wildcard_ok) for t in titles.get(pid, ())))
+    )
+    assert not wide, "\n".join(map(str, wide))
+
+    # the PNGs shown inline are the files the stages wrote
+    shown = [
+        base64.b64decode(o.data["image/png"])
+        for o in outputs
+        if o.output_type == "display_data" and "image/png" in o.data
+    ]
+    plots = [
+        out / "mining/sample/scores.png",
+        out / "train_embed/learning_curves.png",
+        out / "train_rerank/learning_curves.png",
+        out / "eval/trained/mmeb.png",
+    ]
+    assert len(shown) >= 4
+    for plot in plots:
+        assert plot.read_bytes() in shown, f"{plot} not shown"
+    tables = [o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert (out / "eval/trained/results.md").read_text() in tables
+
+    # the service answered with 3 captions of the indexed corpus
+    (serve_cell,) = _tagged(nb, "serve")
+    printed = "".join(o.text for o in serve_cell.outputs if o.output_type == "stream" and o.name == "stdout")
+    hits = [ast.literal_eval(m) for m in re.findall(r"^hit \d: (.*) \(cosine -?[\d.]+\)$", printed, re.M)]
+    captions = {
+        c
+        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
+        for c in json.loads(line)["captions"]
+    }
+    assert len(hits) == 3 and all(h in captions for h in hits), printed
+
+    # what the stages wrote: hard negatives for all 4 x 48 training queries, both trainings ran STEPS
+    # steps, evaluation before and after training (the latter with the listwise reranker)
+    assert pq.ParquetFile(out / "mining/sample/hard_negatives.parquet").metadata.num_rows == 4 * 48
+    for kind in ("train_embed", "train_rerank"):
+        metrics = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    untrained = json.loads((out / "eval/untrained/results.json").read_text())
+    trained = json.loads((out / "eval/trained/results.json").read_text())
+    assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
+    assert os.path.isfile(out / "eval/compare/compare.md")
