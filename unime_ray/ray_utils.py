@@ -9,7 +9,9 @@ import ray
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Join `address` (or $RAY_ADDRESS, which `ray job submit` sets); with neither, start a local Ray
-    bound to 127.0.0.1 only (no dashboard, nothing listening on other interfaces)."""
+    bound to 127.0.0.1 (no dashboard). Two listeners upstream hard-codes to every interface remain, both
+    on random ports and tested to be the only ones: each Serve replica's internal gRPC server (Ray 2.60)
+    and torch.distributed's TCPStore on the rank-0 train worker."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
