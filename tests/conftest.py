@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -97,3 +98,10 @@ def registered_step(run_dir: Path) -> int:
         return 0
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     return latest.get("metrics", {}).get("step", 0)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (tests bind every server to loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

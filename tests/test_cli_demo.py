@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
@@ -16,18 +17,12 @@ from unime_ray.demo import run_demo
 ROOT = Path(__file__).parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_demo_end_to_end(local_ray, tmp_path):
     """The README's first command, with fewer training steps: mine -> train both models -> evaluate
     before/after -> index + Serve on 127.0.0.1 -> one HTTP query -> Serve shut down."""
-    out, port = tmp_path / "demo", _free_port()
+    out, port = tmp_path / "demo", free_port()
     steps = ["train.steps=4", "train.checkpoint_every=2", "reranker.steps=2", "reranker.checkpoint_every=2"]
     cfg = load_config(
         ROOT / "jobs/configs/tiny.yaml", synthetic_overrides(out) + steps + [f"serve.port={port}"]

@@ -7,7 +7,6 @@ calling the module under test."""
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -272,12 +271,6 @@ def test_infonce_hand_worked_two_queries():
     assert infonce_loss(q, c, s, tau, gather=False).item() == pytest.approx(expected, abs=1e-12)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reference_infonce(
     q_all: torch.Tensor, c_all: torch.Tensor, world: int, b: int, tau: float
 ) -> torch.Tensor:
@@ -352,7 +345,8 @@ def test_infonce_gathered_across_two_gloo_workers():
     here = Path(__file__).parent
     code = (
         "import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); import test_losses as t; "
-        "mp.spawn(t._infonce_worker, args=(2, t._free_port()), nprocs=2, join=True)"
+        "from conftest import free_port; "
+        "mp.spawn(t._infonce_worker, args=(2, free_port()), nprocs=2, join=True)"
     )
     res = subprocess.run([sys.executable, "-c", code, str(here)], capture_output=True, text=True, timeout=220)
     assert res.returncode == 0, res.stderr[-3000:]

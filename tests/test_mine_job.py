@@ -4,7 +4,6 @@ kill-and-resume of a real running job, and `ray job submit` against a local head
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_when
+from conftest import free_port, kill_when
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
@@ -130,12 +129,6 @@ def test_killed_job_resumes_with_every_pair_judged_exactly_once(tmp_path):
     assert sum(a["neg_ids"] == b["neg_ids"] for a, b in zip(hn_a, hn_b)) >= 0.9 * len(hn_a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(local_ray, tmp_path):
     """A second cluster, started with `ray start`, next to the test session's own local Ray (as a user's
@@ -148,11 +141,11 @@ def test_ray_job_submit_against_a_local_head(local_ray, tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # Ray's fixed defaults (agent 52365, metrics, client 10001, ...) are taken by the session's cluster:
     # the head's job agent then never comes up ("No available agent to submit job").
     ports = [
-        f"--{name}={_free_port()}"
+        f"--{name}={free_port()}"
         for name in (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import registered_step
+from conftest import free_port, registered_step
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "jobs/configs/tiny.yaml"
@@ -49,17 +48,11 @@ TRAIN = [
 # ---------------------------------------------------------------- the child side (a fresh interpreter)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_args(**args) -> dict:
     """Loopback only, and free ports where Ray would otherwise take a fixed default: the head's dashboard
     agent listens on 52365 unless told, and a second Ray on this machine (the test session's) has it."""
     ports = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
-    return {"node_ip_address": "127.0.0.1", **{p: _free_port() for p in ports}, **args}
+    return {"node_ip_address": "127.0.0.1", **{p: free_port() for p in ports}, **args}
 
 
 @contextlib.contextmanager
@@ -73,7 +66,7 @@ def _cluster(workers: int) -> Iterator[tuple]:
     # As init_ray does for a local Ray (the environment variable is set by the test for the raylets and
     # workers): otherwise Ray swaps 127.0.0.1 for the machine's routable address.
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    head = _node_args(num_cpus=1, include_dashboard=False, dashboard_port=_free_port())
+    head = _node_args(num_cpus=1, include_dashboard=False, dashboard_port=free_port())
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         nodes = [cluster.add_node(**_node_args(num_cpus=1)) for _ in range(workers)]

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +16,11 @@ import nbformat
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "notebooks/quickstart.ipynb"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tagged(nb, tag: str) -> list:
@@ -80,7 +74,7 @@ def test_committed_notebook_is_clean():
 @pytest.mark.timeout(1500)
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the kernel starts its own local Ray, joins none
-    out, steps, port = tmp_path / "quickstart", 2, _free_port()
+    out, steps, port = tmp_path / "quickstart", 2, free_port()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (params,) = _tagged(nb, "parameters")
     params.source = f"OUT = {str(out)!r}\nSTEPS = {steps}\nPORT = {port}\n"

@@ -7,7 +7,6 @@ import base64
 import copy
 import io
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import psutil
 import pytest
 import requests
 import yaml
+from conftest import free_port
 from PIL import Image
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
@@ -32,12 +32,6 @@ from unime_ray.serve.index import IndexMismatchError, build_index
 KEY_ENV, KEY = "UNIME_TEST_API_KEY", "test-key-123"
 INSTRUCTION = "Find me an everyday image that matches the given caption:"
 REPO = Path(__file__).parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
