@@ -31,8 +31,7 @@ from unime_ray.eval.job import run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
 from unime_ray.ray_utils import init_ray
-from unime_ray.train.loop import run_training
-from unime_ray.train.run import plot_curves
+from unime_ray.train import run
 
 
 def mine(cfg: Config) -> dict:
@@ -51,14 +50,12 @@ def mine(cfg: Config) -> dict:
 
 def train(cfg: Config, kind: str) -> dict:
     """One training run; returns its adapter, last metrics and learning-curve plot."""
-    summary = run_training(cfg, kind)
-    metrics = Path(summary["metrics_path"])
-    curves = plot_curves(metrics, metrics.with_name("learning_curves.png"), f"demo: {kind}")
+    summary = run.train(cfg, kind)
     keep = ("step", "loss", "p@1", "samples_per_s")
     return {
         "adapter": summary["adapter"],
         "metrics": {k: summary["metrics"][k] for k in keep if k in summary["metrics"]},
-        "curves": str(curves),
+        "curves": summary["curves"],
     }
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
-from unime_ray.config import add_config_args, config_from_args
+from unime_ray.config import Config, add_config_args, config_from_args
 from unime_ray.ray_utils import init_ray
 from unime_ray.train.loop import run_training
 
@@ -39,18 +39,27 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
     return out
 
 
+LABELS = {"embed": "embedder", "rerank": "reranker"}
+
+
+def train(cfg: Config, kind: str) -> dict:
+    """One training run (`run_training`), then its learning curves beside its metrics.jsonl; the
+    summary gains their path as "curves"."""
+    summary = run_training(cfg, kind)
+    metrics = Path(summary["metrics_path"])
+    curves = plot_curves(metrics, metrics.with_name("learning_curves.png"), f"UniME-V2 {LABELS[kind]}")
+    return {**summary, "curves": str(curves)}
+
+
 def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
-    label = {"embed": "embedder", "rerank": "reranker"}[kind]
-    p = argparse.ArgumentParser(prog=f"train-{kind}", description=f"Train the UniME-V2 {label} on Ray Train")
+    p = argparse.ArgumentParser(
+        prog=f"train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
+    )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     cfg = config_from_args(p.parse_args(argv))
     prepare_synthetic(cfg)
     init_ray(cfg.ray.address)
-    summary = run_training(cfg, kind)
-    metrics = Path(summary["metrics_path"])
-    summary["curves"] = str(
-        plot_curves(metrics, metrics.with_name("learning_curves.png"), f"UniME-V2 {label}")
-    )
+    summary = train(cfg, kind)
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
