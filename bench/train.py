@@ -33,20 +33,14 @@ OUT = ROOT / "bench" / "results"
 # name -> overrides; the global batch (16) is the same for all. Half a CPU per worker: two workers must
 # leave Ray Data a CPU to read with on a 2-core machine (torch still runs one thread per worker).
 SETTINGS = {
-    "1 worker": ["train.num_workers=1", "train.micro_batch_size=16", "train.cpus_per_worker=0.5"],
-    "2 workers": ["train.num_workers=2", "train.micro_batch_size=8", "train.cpus_per_worker=0.5"],
-    "1 worker + grad ckpt": [
-        "train.num_workers=1",
-        "train.micro_batch_size=16",
+    f"{workers} worker{'s' if workers > 1 else ''}{' + grad ckpt' if ckpt else ''}": [
+        f"train.num_workers={workers}",
+        f"train.micro_batch_size={16 // workers}",
         "train.cpus_per_worker=0.5",
-        "train.gradient_checkpointing=true",
-    ],
-    "2 workers + grad ckpt": [
-        "train.num_workers=2",
-        "train.micro_batch_size=8",
-        "train.cpus_per_worker=0.5",
-        "train.gradient_checkpointing=true",
-    ],
+        f"train.gradient_checkpointing={str(ckpt).lower()}",
+    ]
+    for ckpt in (False, True)
+    for workers in (1, 2)
 }
 
 
