@@ -119,6 +119,9 @@ def test_lr_schedule_and_batch_layout():
     )
     with pytest.raises(ValueError, match="not a multiple"):
         accumulation_steps(dataclasses.replace(cfg, global_batch_size=30, micro_batch_size=4, num_workers=2))
+    for bad in ("train.report_every=0", "train.checkpoint_every=0", "train.steps=-1"):
+        with pytest.raises(ValueError, match=bad.split("=")[0] + " must be at least 1"):
+            run_training(load_config(None, [bad]), "embed")  # before any Ray work
 
 
 def test_embed_task_loss_equals_loss_of_independent_embeddings(mined):

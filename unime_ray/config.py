@@ -152,6 +152,13 @@ class TrainConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, nccl; else gloo on CPU"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    report_every: int = field(
+        default=10,
+        metadata={
+            "help": "steps between metric reports to Ray Train (each is a cross-rank barrier that waits for "
+            "the controller, ~1 s); metrics.jsonl still gets every step"
+        },
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
     list_size: int = field(default=5, metadata={"help": "reranker: negatives in the listwise prompt"})
     schedule: Literal["linear", "cosine"] = field(

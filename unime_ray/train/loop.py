@@ -10,6 +10,8 @@ into a loss; everything else lives here once:
 - Every `checkpoint_every` steps all ranks write their DeepSpeed state (frozen base weights excluded),
   rank 0 the peft adapter, and all call `ray.train.report(..., checkpoint=...)`: Ray Train merges the
   ranks' files into one checkpoint and keeps the last `keep_checkpoints`.
+- Metrics: every step to `metrics.jsonl` (rank 0); to Ray Train every `report_every` steps and with
+  each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller.
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
   checkpoint with `ray.train.get_checkpoint()` and continues from its step.
 """
@@ -168,7 +170,7 @@ def worker_loop(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save(engine, Path(tmp), step, rank)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
+            elif step % tcfg.report_every == 0:
                 ray.train.report(report)
             sums, micro, start = {}, 0, time.perf_counter()
             if step >= tcfg.steps:
@@ -195,6 +197,10 @@ def run_training(cfg: Config, kind: str) -> dict:
 
     tcfg = cfg.train if kind == "embed" else cfg.reranker
     accumulation_steps(tcfg)  # fail fast on an impossible batch layout
+    section = "train" if kind == "embed" else "reranker"
+    for name in ("steps", "checkpoint_every", "report_every"):
+        if getattr(tcfg, name) < 1:
+            raise ValueError(f"{section}.{name} must be at least 1, got {getattr(tcfg, name)}")
     out = Path(cfg.run.output_dir).resolve()
     data = tcfg.data_path or str(out / "mining" / "sample" / "hard_negatives.parquet")
     if not Path(data).exists():
