@@ -1,5 +1,6 @@
 """Training throughput and memory: samples/s for 1 vs 2 Ray Train workers (DeepSpeed ZeRO-2, same
-global batch), with and without gradient checkpointing, and each worker's peak memory.
+global batch), with and without gradient checkpointing, and each worker's peak memory; and the wall
+time of the job when it reports to Ray Train every step instead of every 10.
 
     python bench/train.py                       # the ~3M "mid" Qwen2-VL on the synthetic world, 12 steps
     python bench/train.py --size tiny --steps 20
@@ -7,7 +8,9 @@ global batch), with and without gradient checkpointing, and each worker's peak m
 Mines the synthetic world once (oracle judge scores: no judge model needed), then runs the embedder
 training job per setting. samples/s is the median over steps after the first two (start-up excluded)
 of the job's own per-step figure; peak memory is each worker's peak RSS (peak CUDA allocation on
-GPU) from its final_rank*.json. Ratios are against 1 worker without checkpointing, in the same run.
+GPU) from its final_rank*.json; s/step is wall time per step after the first (reports and data waits
+included), job s the whole job with start-up. Ratios are against 1 worker without checkpointing, in
+the same run.
 Writes bench/results/train.json.
 """
 
@@ -20,6 +23,7 @@ import os
 import platform
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 from unime_ray.assets import mine_with_oracle
@@ -42,6 +46,9 @@ SETTINGS = {
     for ckpt in (False, True)
     for workers in (1, 2)
 }
+# Each ray.train.report is a cross-rank barrier that waits on the controller: reporting every step
+# (instead of every train.report_every=10) shows in the wall time, not in the per-step samples/s.
+SETTINGS["1 worker, report every step"] = SETTINGS["1 worker"] + ["train.report_every=1"]
 
 
 def main() -> None:
@@ -61,19 +68,25 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         more = [f"run.output_dir={out}", f"train.steps={a.steps}", f"train.checkpoint_every={a.steps}"]
         more.append(f"train.data_path={run}/mining/sample/hard_negatives.parquet")
+        start = time.perf_counter()
         result = run_training(
             load_config(ROOT / "jobs/configs/tiny.yaml", overrides + setting + more), "embed"
         )
+        wall = time.perf_counter() - start
         metrics = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines()]
         finals = [json.loads(f.read_text()) for f in sorted((out / "train_embed").glob("final_rank*.json"))]
         rows[name] = {
             "samples_per_s": statistics.median(m["samples_per_s"] for m in metrics[2:]),
             "peak_mem_mb_per_worker": [round(f["peak_mem_mb"]) for f in finals],
             "loss_last": metrics[-1]["loss"],
+            "wall_s": wall,
+            # steady state, start-up excluded: wall seconds per step between the 2nd and the last step
+            "wall_s_per_step": (metrics[-1]["time"] - metrics[1]["time"]) / (len(metrics) - 2),
         }
-    base = rows["1 worker"]["samples_per_s"]
+    base = rows["1 worker"]
     for row in rows.values():
-        row["speed_vs_1_worker"] = row["samples_per_s"] / base
+        row["speed_vs_1_worker"] = row["samples_per_s"] / base["samples_per_s"]
+        row["wall_per_step_vs_1_worker"] = row["wall_s_per_step"] / base["wall_s_per_step"]
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
@@ -84,10 +97,12 @@ def main() -> None:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "train.json").write_text(json.dumps(report, indent=2))
-    print(f"{'setting':24s} {'samples/s':>10s} {'x 1 worker':>10s}  peak MB per worker")
+    x1 = "x 1 worker"
+    print(f"{'setting':28s} {'samples/s':>10s} {x1:>10s} {'s/step':>8s} {x1:>10s} {'job s':>7s}  peak MB")
     for name, row in rows.items():
         print(
-            f"{name:24s} {row['samples_per_s']:10.1f} {row['speed_vs_1_worker']:10.2f}  "
+            f"{name:28s} {row['samples_per_s']:10.1f} {row['speed_vs_1_worker']:10.2f} "
+            f"{row['wall_s_per_step']:8.2f} {row['wall_per_step_vs_1_worker']:10.2f} {row['wall_s']:7.1f}  "
             f"{row['peak_mem_mb_per_worker']}"
         )
 

@@ -161,7 +161,10 @@ def worker_loop(config: dict) -> None:
             elapsed = time.perf_counter() - start
             report = {k: v / micro for k, v in sums.items()}
             report.update(
-                step=step, lr=scheduler.get_last_lr()[0], samples_per_s=tcfg.global_batch_size / elapsed
+                step=step,
+                lr=scheduler.get_last_lr()[0],
+                samples_per_s=tcfg.global_batch_size / elapsed,
+                time=time.time(),  # wall clock: with samples_per_s it shows time spent outside the steps
             )
             if rank == 0:
                 with metrics_file.open("a") as f:

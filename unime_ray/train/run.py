@@ -24,7 +24,7 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
         entry = json.loads(line)
         rows[entry["step"]] = entry
     steps = sorted(rows)
-    names = [k for k in rows[steps[0]] if k not in ("step", "samples_per_s")]
+    names = [k for k in rows[steps[0]] if k not in ("step", "samples_per_s", "time")]
     fig = Figure(figsize=(4 * len(names), 3.2))
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
