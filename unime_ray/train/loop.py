@@ -129,7 +129,7 @@ def worker_loop(config: dict) -> None:
     )
     task.model = engine  # forward through the engine
 
-    step = 0
+    step = 0  # the step this attempt starts from: a checkpoint's after a restart or a rerun
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -137,6 +137,7 @@ def worker_loop(config: dict) -> None:
             step = json.loads((Path(d) / "progress.json").read_text())["step"]
         print(f"[train-{kind}] resumed at step {step}", flush=True)
 
+    resumed_from = step
     metrics_file = Path(config["metrics_path"])
     shard = ray.train.get_dataset_shard("train")
     epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
@@ -182,7 +183,12 @@ def worker_loop(config: dict) -> None:
     # ZeRO-2 keeps a full copy of the parameters on every rank: a checksum per rank shows they agree.
     checksum = sum(p.detach().double().sum().item() for p in params)
     final = metrics_file.with_name(f"final_rank{rank}.json")
-    summary = {"step": step, "trainable_param_sum": checksum, "peak_mem_mb": peak_mem_mb()}
+    summary = {
+        "step": step,
+        "resumed_from": resumed_from,
+        "trainable_param_sum": checksum,
+        "peak_mem_mb": peak_mem_mb(),
+    }
     final.write_text(json.dumps(summary))
 
 
