@@ -36,6 +36,7 @@ from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, confi
 from unime_ray.models.backbone import load_model
 
 STATE_TAG = "state"
+SECTIONS = {"embed": "train", "rerank": "reranker"}  # training kind -> its config section
 
 
 class Task(Protocol):
@@ -116,7 +117,7 @@ def worker_loop(config: dict) -> None:
 
     cfg: Config = config_from_dict(Config, config["cfg"])
     kind = config["task"]
-    tcfg = cfg.train if kind == "embed" else cfg.reranker
+    tcfg = getattr(cfg, SECTIONS[kind])
     task: Task = {"embed": EmbedTask, "rerank": RerankTask}[kind](cfg)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -204,12 +205,11 @@ def run_training(cfg: Config, kind: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    tcfg = cfg.train if kind == "embed" else cfg.reranker
+    tcfg = getattr(cfg, SECTIONS[kind])
     accumulation_steps(tcfg)  # fail fast on an impossible batch layout
-    section = "train" if kind == "embed" else "reranker"
     for name in ("steps", "checkpoint_every", "report_every"):
         if getattr(tcfg, name) < 1:
-            raise ValueError(f"{section}.{name} must be at least 1, got {getattr(tcfg, name)}")
+            raise ValueError(f"{SECTIONS[kind]}.{name} must be at least 1, got {getattr(tcfg, name)}")
     out = Path(cfg.run.output_dir).resolve()
     data = tcfg.data_path or str(out / "mining" / "sample" / "hard_negatives.parquet")
     if not Path(data).exists():
