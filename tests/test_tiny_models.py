@@ -75,3 +75,12 @@ def test_folder_registers_videoless_processor_for_vllm(tiny):
     cfg = json.loads((path / "processor_config.json").read_text())
     module, cls = cfg["auto_map"]["AutoProcessor"].split(".")
     assert (path / f"{module}.py").is_file() and cls in (path / f"{module}.py").read_text()
+
+
+def test_answer_spread_scales_only_the_lm_head_25x(tmp_path):
+    spread = load_file(make_tiny(tmp_path / "a", "qwen2-vl", seed=3) / "model.safetensors")
+    usual_dir = make_tiny(tmp_path / "b", "qwen2-vl", seed=3, spread_answers=False)
+    usual = load_file(usual_dir / "model.safetensors")
+    assert torch.allclose(spread["lm_head.weight"], 25 * usual["lm_head.weight"])
+    assert all(torch.equal(spread[k], usual[k]) for k in spread if k != "lm_head.weight")
+    assert usual["lm_head.weight"].std() < 0.05  # the usual init (std 0.02), not the spread one

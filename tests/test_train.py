@@ -10,13 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import kill_when, registered_step
+from safetensors.torch import load_file
 
 from unime_ray.assets import mine_with_oracle, synthetic_overrides
 from unime_ray.config import load_config
+from unime_ray.eval.job import resolve_checkpoint
 from unime_ray.models.embedder import Embedder
+from unime_ray.models.reranker import Reranker
 from unime_ray.train.embed import EmbedTask, candidates
 from unime_ray.train.export import export
-from unime_ray.train.loop import accumulation_steps, lr_lambda, run_training
+from unime_ray.train.loop import accumulation_steps, lora_model, lr_lambda, run_training
 from unime_ray.train.losses import LOSSES
 from unime_ray.train.rerank import RerankTask, examples
 
@@ -210,3 +213,28 @@ def test_export_merges_adapter_into_a_standalone_model(mined, tmp_path):
     base = Embedder(cfg.train.model, cfg.data.image_root).embed(records)
     assert np.abs(base - with_adapter.embed(records)).max() > 1e-4  # training changed the model
     assert not list(tmp_path.glob(".merged*"))
+
+
+def test_without_lora_the_language_model_trains_and_vision_stays_frozen(mined, tmp_path):
+    cfg = _cfg(
+        mined, "reranker.lora.enabled=false", "reranker.steps=3", "reranker.checkpoint_every=3", out=tmp_path
+    )
+    model = lora_model(cfg.reranker.model, cfg.reranker.lora, gradient_checkpointing=False)
+    language = {id(p) for m in (model.model.language_model, model.lm_head) for p in m.parameters()}
+    assert all(p.requires_grad == (id(p) in language) for p in model.parameters())
+
+    summary = run_training(cfg, "rerank")
+    folder = summary["model"]
+    assert "adapter" not in summary and resolve_checkpoint(folder) == (folder, "")  # a model folder
+    base = load_file(Path(cfg.reranker.model.path) / "model.safetensors")
+    trained = load_file(Path(folder) / "model.safetensors")
+    assert trained.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    # Qwen2-VL's checkpoint names: language model "model.*", vision tower and merger "visual.*"
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= changed
+    assert not any(k.startswith("visual.") for k in changed) and any(k.startswith("visual.") for k in base)
+    # it loads on its own (processor files included) and answers as a reranker
+    reranker = Reranker(dataclasses.replace(cfg.reranker.model, path=folder), cfg.data.image_root)
+    image = {"text": "", "image": "train/00001.png"}
+    p_yes = reranker.pointwise({"text": "a red circle", "image": ""}, [image])
+    assert p_yes.shape == (1,) and 0 < p_yes[0] < 1

@@ -124,6 +124,13 @@ class MiningConfig:
 
 @dataclass
 class LoraConfig:
+    enabled: bool = field(
+        default=True,
+        metadata={
+            "help": "false = no adapter: every language-model weight trains (vision tower frozen). For "
+            "random-weight test models, whose random layers low-rank updates barely reshape"
+        },
+    )
     rank: int = field(default=16, metadata={"help": "LoRA rank (paper: 16 embedder, 128 reranker)"})
     alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})

@@ -127,16 +127,17 @@ SIZES = {
 }
 
 
-def _spread_answers(model):
+def _spread_answers(model, spread: bool):
     """A random LM head of the usual init scale gives logits near 0 and every judge score ~0.5; a larger
     scale spreads e_yes / (e_yes + e_no) over (0, 1) so the sampling rules see varied (if meaningless)
     scores, as with a real judge."""
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25.0)
+    if spread:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(25.0)
     return model
 
 
-def _qwen2_vl(out: Path, size: str) -> None:
+def _qwen2_vl(out: Path, size: str, spread: bool) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     hidden, layers, heads, kv, inter, v_dim, v_depth = SIZES[size]
@@ -176,7 +177,7 @@ def _qwen2_vl(out: Path, size: str) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = _spread_answers(Qwen2VLForConditionalGeneration(config))
+    model = _spread_answers(Qwen2VLForConditionalGeneration(config), spread)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -185,7 +186,7 @@ def _qwen2_vl(out: Path, size: str) -> None:
     _write_processor(out, "Qwen2VLProcessor", QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _llava_ov(out: Path, size: str) -> None:
+def _llava_ov(out: Path, size: str, spread: bool) -> None:
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -229,7 +230,7 @@ def _llava_ov(out: Path, size: str) -> None:
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=False,
     )
-    model = _spread_answers(LlavaOnevisionForConditionalGeneration(config))
+    model = _spread_answers(LlavaOnevisionForConditionalGeneration(config), spread)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -268,8 +269,12 @@ def _write_processor(out: Path, base: str, chat_template: str, **settings: objec
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))
 
 
-def make_tiny(out: str | Path, arch: Arch = "qwen2-vl", size: str = "tiny", seed: int = 0) -> Path:
-    """Build a random-weight `arch` model of `size` into folder `out` (replaced if present)."""
+def make_tiny(
+    out: str | Path, arch: Arch = "qwen2-vl", size: str = "tiny", seed: int = 0, spread_answers: bool = True
+) -> Path:
+    """Build a random-weight `arch` model of `size` into folder `out` (replaced if present).
+    `spread_answers=False` keeps the usual LM-head init: for a model to be trained as a reranker, whose
+    Yes/No logits a 25x head would start saturated."""
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
     out = Path(out)
@@ -277,7 +282,7 @@ def make_tiny(out: str | Path, arch: Arch = "qwen2-vl", size: str = "tiny", seed
         shutil.rmtree(out)
     out.mkdir(parents=True)
     torch.manual_seed(seed)
-    {"qwen2-vl": _qwen2_vl, "llava-ov": _llava_ov}[arch](out, size)
+    {"qwen2-vl": _qwen2_vl, "llava-ov": _llava_ov}[arch](out, size, spread_answers)
     return out
 
 
@@ -289,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         "--size", choices=sorted(SIZES), default="tiny", help="tiny ~0.2M params, mid ~3M, small ~75M"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-spread-answers",
+        action="store_true",
+        help="usual LM-head init (default: 25x, so a random judge gives varied Yes-probabilities)",
+    )
     a = p.parse_args(argv)
-    path = make_tiny(a.out, a.arch, a.size, a.seed)
+    path = make_tiny(a.out, a.arch, a.size, a.seed, not a.no_spread_answers)
     print(f"wrote {a.arch} ({a.size}) to {path}")

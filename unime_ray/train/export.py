@@ -21,11 +21,18 @@ def export(adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; expected a peft adapter folder")
     base = Path(json.loads(cfg_file.read_text())["base_model_name_or_path"])
     merged = load_model(base, dtype, str(adapter), device="cpu").merge_and_unload()
+    return save_model_folder(merged, base, out)
+
+
+def save_model_folder(model, base: str | Path, out: str | Path) -> Path:
+    """`model`'s weights and config plus everything else of the `base` folder (tokenizer, processor,
+    chat template, processor module), so the result loads like the base; written beside `out`, then
+    renamed over it."""
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    # tokenizer, processor, chat template, processor module: everything of the base but its weights
-    for f in base.iterdir():
+    model.save_pretrained(tmp)
+    for f in Path(base).iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
             shutil.copy(f, tmp / f.name)
     shutil.rmtree(out, ignore_errors=True)

@@ -34,6 +34,7 @@ import torch
 
 from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from unime_ray.models.backbone import load_model
+from unime_ray.train.export import save_model_folder
 
 STATE_TAG = "state"
 SECTIONS = {"embed": "train", "rerank": "reranker"}  # training kind -> its config section
@@ -45,9 +46,15 @@ class Task(Protocol):
     def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+# The language side of both backbones (Qwen2-VL and LLaVA-OV as transformers names them): what trains
+# without LoRA. The vision tower, its merger / projector and LLaVA's image_newline stay frozen.
+LANGUAGE_PARAMS = ("model.language_model.", "lm_head.")
+
+
 def lora_model(model_cfg: ModelConfig, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
     """Backbone with LoRA on the LANGUAGE model's projections only (the vision towers have modules of
-    the same names, e.g. SigLIP's q_proj, which the paper's recipe leaves frozen)."""
+    the same names, e.g. SigLIP's q_proj, which the paper's recipe leaves frozen). With `lora.enabled`
+    off, the language model itself trains and the vision side (tower and projector) stays frozen."""
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
@@ -55,6 +62,10 @@ def lora_model(model_cfg: ModelConfig, lora: LoraConfig, gradient_checkpointing:
     model.train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora.enabled:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith(LANGUAGE_PARAMS)
+        return model
     targets = "|".join(lora.target_modules)
     peft_cfg = PeftLora(
         r=lora.rank,
@@ -101,10 +112,18 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
-def _save(engine, tmp: Path, step: int, rank: int) -> None:
+def weights_dir(tcfg: TrainConfig) -> str:
+    """A checkpoint's loadable weights: a peft adapter, or (LoRA off) a whole model folder."""
+    return "adapter" if tcfg.lora.enabled else "model"
+
+
+def _save(engine, tmp: Path, step: int, rank: int, tcfg: TrainConfig) -> None:
     engine.save_checkpoint(str(tmp), tag=STATE_TAG, exclude_frozen_parameters=True)
     if rank == 0:
-        engine.module.save_pretrained(tmp / "adapter")
+        if tcfg.lora.enabled:
+            engine.module.save_pretrained(tmp / "adapter")
+        else:
+            save_model_folder(engine.module, tcfg.model.path, tmp / "model")
         (tmp / "progress.json").write_text(json.dumps({"step": step}))
 
 
@@ -173,7 +192,7 @@ def worker_loop(config: dict) -> None:
                     f.write(json.dumps(report) + "\n")
             if step % tcfg.checkpoint_every == 0 or step >= tcfg.steps:
                 with tempfile.TemporaryDirectory() as tmp:
-                    _save(engine, Path(tmp), step, rank)
+                    _save(engine, Path(tmp), step, rank, tcfg)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             elif step % tcfg.report_every == 0:
                 ray.train.report(report)
@@ -235,10 +254,10 @@ def run_training(cfg: Config, kind: str) -> dict:
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     result = trainer.fit()
-    adapter = Path(result.checkpoint.path) / "adapter"
+    weights = weights_dir(tcfg)
     return {
         "checkpoint": result.checkpoint.path,
-        "adapter": str(adapter),
+        weights: str(Path(result.checkpoint.path) / weights),  # "adapter", or "model" without LoRA
         "metrics": result.metrics,
         "metrics_path": str(metrics_path),
     }
