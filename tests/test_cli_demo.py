@@ -39,7 +39,7 @@ def test_demo_end_to_end(local_ray, tmp_path):
     # both trainings ran their steps and left a loadable peft adapter and a learning-curve plot
     for kind, n in (("train_embed", 4), ("train_rerank", 2)):
         assert saved[kind]["metrics"]["step"] == n
-        adapter = Path(saved[kind]["adapter"])
+        adapter = Path(saved[kind]["weights"])
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert (adapter / "adapter_model.safetensors").is_file() and Path(saved[kind]["curves"]).is_file()
     metrics = [json.loads(line) for line in (out / "train_embed/metrics.jsonl").read_text().splitlines()]
@@ -49,7 +49,7 @@ def test_demo_end_to_end(local_ray, tmp_path):
     untrained = json.loads((out / "eval/untrained/results.json").read_text())
     trained = json.loads((out / "eval/trained/results.json").read_text())
     assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
-    assert trained["settings"]["embedder"].endswith(f"adapter {saved['train_embed']['adapter']}")
+    assert trained["settings"]["embedder"].endswith(f"adapter {saved['train_embed']['weights']}")
     assert saved["eval"]["table3"] == trained["table3"]
     assert (out / "eval/trained/mmeb.png").is_file() and (out / "eval/compare/compare.md").is_file()
     deltas = json.loads((out / "eval/compare/compare.json").read_text())["deltas"]

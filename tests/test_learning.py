@@ -58,7 +58,7 @@ def test_trained_embedder_clearly_beats_untrained_on_held_out(oracle_mined, tmp_
     embed = run_training(cfg, "embed")
     before = _eval(overrides, tmp_path / "untrained", f"embedder.path={mid}")
     after = _eval(
-        overrides, tmp_path / "trained", f"embedder.path={mid}", f"embedder.adapter={embed['adapter']}"
+        overrides, tmp_path / "trained", f"embedder.path={mid}", f"embedder.adapter={embed['weights']}"
     )
     b, a = before["table3"]["embedding"], after["table3"]["embedding"]
     print(f"held-out P@1 (MMEB-style, chance {CHANCE:.1f}): untrained {b}, trained {a}")

@@ -170,7 +170,7 @@ def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
     l1 = np.mean([m["loss"] for m in _metrics(tmp_path / "w1")])
     l2 = np.mean([m["loss"] for m in _metrics(tmp_path / "w2")])
     assert abs(l1 - l2) < 0.25 * l1, (l1, l2)  # same global batch: same loss up to data order
-    assert Path(one["adapter"], "adapter_config.json").is_file() and Path(two["adapter"]).is_dir()
+    assert Path(one["weights"], "adapter_config.json").is_file() and Path(two["weights"]).is_dir()
 
 
 @pytest.mark.slow
@@ -198,13 +198,13 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     run_training(_cfg(mined, "train.steps=10", "train.checkpoint_every=2", out=tmp_path), "embed")
     assert [m["step"] for m in _metrics(tmp_path)][-2:] == [9, 10]
     assert _finals(tmp_path)[0]["resumed_from"] == 8
-    assert Path(summary["adapter"], "adapter_config.json").is_file()
+    assert Path(summary["weights"], "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
 def test_export_merges_adapter_into_a_standalone_model(mined, tmp_path):
     cfg = _cfg(mined, "train.steps=3", "train.checkpoint_every=3", out=tmp_path)
-    adapter = run_training(cfg, "embed")["adapter"]
+    adapter = run_training(cfg, "embed")["weights"]
     merged = export(adapter, tmp_path / "merged")
     records = [{"text": "a red circle on the left", "image": ""}, {"text": "x", "image": "train/00003.png"}]
     with_adapter = Embedder(dataclasses.replace(cfg.train.model, adapter=adapter), cfg.data.image_root)
@@ -224,8 +224,8 @@ def test_without_lora_the_language_model_trains_and_vision_stays_frozen(mined, t
     assert all(p.requires_grad == (id(p) in language) for p in model.parameters())
 
     summary = run_training(cfg, "rerank")
-    folder = summary["model"]
-    assert "adapter" not in summary and resolve_checkpoint(folder) == (folder, "")  # a model folder
+    folder = summary["weights"]
+    assert Path(folder).name == "model" and resolve_checkpoint(folder) == (folder, "")  # a model folder
     base = load_file(Path(cfg.reranker.model.path) / "model.safetensors")
     trained = load_file(Path(folder) / "model.safetensors")
     assert trained.keys() == base.keys()

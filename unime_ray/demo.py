@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from unime_ray.assets import prepare_synthetic
 from unime_ray.config import Config, add_config_args, config_from_args
 from unime_ray.eval.compare import compare
-from unime_ray.eval.job import run_eval
+from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
 from unime_ray.ray_utils import init_ray
@@ -49,17 +49,17 @@ def mine(cfg: Config) -> dict:
 
 
 def train(cfg: Config, kind: str) -> dict:
-    """One training run; returns its adapter, last metrics and learning-curve plot."""
+    """One training run; returns its weights (adapter/ or model/), last metrics and learning-curve plot."""
     summary = run.train(cfg, kind)
     keep = ("step", "loss", "p@1", "samples_per_s")
     return {
-        "adapter": summary["adapter"],
+        "weights": summary["weights"],
         "metrics": {k: summary["metrics"][k] for k in keep if k in summary["metrics"]},
         "curves": summary["curves"],
     }
 
 
-def evaluate(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
+def evaluate(cfg: Config, embedder: str, reranker: str) -> dict:
     """MMEB-style tables for the untrained embedder, then the trained embedder with the trained
     listwise reranker, and the table of deltas between them."""
     out = Path(cfg.run.output_dir) / "eval"
@@ -67,8 +67,8 @@ def evaluate(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
     before.eval.output_dir, before.eval.rerank = str(out / "untrained"), []
     after = copy.deepcopy(cfg)
     after.eval.output_dir, after.eval.rerank = str(out / "trained"), ["listwise"]
-    after.embedder.path, after.embedder.adapter = cfg.train.model.path, embedder_adapter
-    after.reranker.model.adapter = reranker_adapter
+    after.embedder.path, after.embedder.adapter = resolve_checkpoint(embedder)
+    after.reranker.model.path, after.reranker.model.adapter = resolve_checkpoint(reranker)
     run_eval(before)
     results = run_eval(after)
     deltas = compare(out / "untrained", out / "trained", out / "compare")
@@ -76,7 +76,7 @@ def evaluate(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
     return {"table3": results["table3"], "compare": deltas["out"]}
 
 
-def serve_one_query(cfg: Config, embedder_adapter: str, reranker_adapter: str) -> dict:
+def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
     """Index the world's captions with the trained embedder, deploy the Serve app on 127.0.0.1, search
     them with an image over HTTP (listwise rerank on), shut Serve down."""
     from ray import serve
@@ -85,8 +85,8 @@ def serve_one_query(cfg: Config, embedder_adapter: str, reranker_adapter: str) -
     from unime_ray.serve.index import build_index
 
     cfg = copy.deepcopy(cfg)
-    cfg.embedder.path, cfg.embedder.adapter = cfg.train.model.path, embedder_adapter
-    cfg.reranker.model.adapter = reranker_adapter
+    cfg.embedder.path, cfg.embedder.adapter = resolve_checkpoint(embedder)
+    cfg.reranker.model.path, cfg.reranker.model.adapter = resolve_checkpoint(reranker)
     cfg.index.items = "texts"  # image -> caption search; "both" would index the images too
     world = Path(cfg.data.image_root).parent
     index = build_index(cfg, world / "retrieval" / "captions.jsonl", rebuild=True)
@@ -122,9 +122,9 @@ def run_demo(cfg: Config) -> dict:
     report["train_rerank"] = train(cfg, "rerank")
     for kind in ("train_embed", "train_rerank"):
         print(f"{kind}: {report[kind]['metrics']}, curves {report[kind]['curves']}")
-    adapters = report["train_embed"]["adapter"], report["train_rerank"]["adapter"]
-    report["eval"] = evaluate(cfg, *adapters)
-    report["serve"] = serve_one_query(cfg, *adapters)
+    weights = report["train_embed"]["weights"], report["train_rerank"]["weights"]
+    report["eval"] = evaluate(cfg, *weights)
+    report["serve"] = serve_one_query(cfg, *weights)
     hits = report["serve"]["answer"]["results"]
     print(f"served one query over HTTP: top-{len(hits)} " + ", ".join(repr(h["text"]) for h in hits))
     write_json(report, out / "demo_report.json")

@@ -254,10 +254,9 @@ def run_training(cfg: Config, kind: str) -> dict:
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     result = trainer.fit()
-    weights = weights_dir(tcfg)
     return {
         "checkpoint": result.checkpoint.path,
-        weights: str(Path(result.checkpoint.path) / weights),  # "adapter", or "model" without LoRA
+        "weights": str(Path(result.checkpoint.path) / weights_dir(tcfg)),  # adapter/, or model/ without LoRA
         "metrics": result.metrics,
         "metrics_path": str(metrics_path),
     }
