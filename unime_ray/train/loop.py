@@ -120,10 +120,11 @@ def weights_dir(tcfg: TrainConfig) -> str:
 def _save(engine, tmp: Path, step: int, rank: int, tcfg: TrainConfig) -> None:
     engine.save_checkpoint(str(tmp), tag=STATE_TAG, exclude_frozen_parameters=True)
     if rank == 0:
+        weights = tmp / weights_dir(tcfg)
         if tcfg.lora.enabled:
-            engine.module.save_pretrained(tmp / "adapter")
+            engine.module.save_pretrained(weights)
         else:
-            save_model_folder(engine.module, tcfg.model.path, tmp / "model")
+            save_model_folder(engine.module, tcfg.model.path, weights)
         (tmp / "progress.json").write_text(json.dumps({"step": step}))
 
 
