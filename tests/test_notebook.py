@@ -1,6 +1,8 @@
 """notebooks/quickstart.ipynb runs top to bottom in its own kernel (nbclient) and shows what it claims: the
 judge-score plot, both learning curves and the eval plot inline, the eval table, and the service's 3 hits,
-all from the files its stages wrote; and what it started listened on loopback (see the exceptions below)."""
+all from the files its stages wrote; and what it started listened on loopback (see the exceptions below).
+Then the README's first command, `unime-ray demo` (the same stage functions in one go), reruns on the
+notebook's outputs: one pipeline run for both, and the rerun shows that finished work is reused."""
 
 import ast
 import base64
@@ -8,8 +10,10 @@ import contextlib
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -19,8 +23,13 @@ import pytest
 from conftest import free_port
 from nbclient import NotebookClient
 
+from unime_ray.assets import synthetic_overrides
+from unime_ray.config import load_config
+from unime_ray.demo import run_demo
+
 ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "notebooks/quickstart.ipynb"
+STEPS = 2  # optimizer steps of each training in the notebook's run
 
 
 def _tagged(nb, tag: str) -> list:
@@ -70,11 +79,22 @@ def test_committed_notebook_is_clean():
     assert assigned == ["OUT", "STEPS", "PORT"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the kernel starts its own local Ray, joins none
-    out, steps, port = tmp_path / "quickstart", 2, free_port()
+@dataclass
+class Quickstart:
+    out: Path
+    steps: int
+    port: int
+    nb: nbformat.NotebookNode  # as executed, with its outputs
+    listeners: set[tuple[str, int, int]]
+    titles: dict[int, set[str]]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> Quickstart:
+    """The notebook executed once for this module: its test checks what it showed, the demo's test then
+    reruns the pipeline on its outputs."""
+    tmp = tmp_path_factory.mktemp("notebook")
+    out, steps, port = tmp / "quickstart", STEPS, free_port()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (params,) = _tagged(nb, "parameters")
     params.source = f"OUT = {str(out)!r}\nSTEPS = {steps}\nPORT = {port}\n"
@@ -85,12 +105,21 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
         kernel_name="python3",
         resources={"metadata": {"path": str(ROOT / "notebooks")}},  # as Jupyter starts it
     )
-    try:
-        with _listening() as (listeners, titles):
-            client.execute()
-    finally:  # what it showed, to look at when it fails
-        nbformat.write(nb, tmp_path / "executed.ipynb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)  # the kernel starts its own local Ray, joins none
+        try:
+            with _listening() as (listeners, titles):
+                client.execute()
+        finally:  # what it showed, to look at when it fails
+            nbformat.write(nb, tmp / "executed.ipynb")
+    return Quickstart(out, steps, port, nb, listeners, titles)
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_quickstart_notebook_runs(quickstart):
+    out, steps, port, nb = quickstart.out, quickstart.steps, quickstart.port, quickstart.nb
+    listeners, titles = quickstart.listeners, quickstart.titles
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     # The service listened on 127.0.0.1:PORT only, and Ray's processes (GCS, raylet, agents, workers,
@@ -147,3 +176,69 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     trained = json.loads((out / "eval/trained/results.json").read_text())
     assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
     assert os.path.isfile(out / "eval/compare/compare.md")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart, local_ray):
+    """The README's first command (`unime-ray demo`: the notebook's stage functions in one go) on the
+    notebook's outputs, as a user reruns it: no mining file rewritten, no training step taken, nothing
+    embedded or reranked again; it still reports, evaluates, and serves one query over HTTP on 127.0.0.1,
+    then shuts Serve down."""
+    out, steps, port = quickstart.out, quickstart.steps, free_port()
+    overrides = synthetic_overrides(out) + [f"train.steps={steps}", f"reranker.steps={steps}"]
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides + [f"serve.port={port}"])
+    mining_files = {f: f.stat().st_mtime_ns for f in (out / "mining").rglob("*.parquet")}
+    logs = {kind: (out / kind / "metrics.jsonl").read_text() for kind in ("train_embed", "train_rerank")}
+    report = run_demo(cfg)
+    saved = json.loads((out / "demo_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+
+    # mining: every stage reused (not one parquet file rewritten), its counts reported
+    assert {f: f.stat().st_mtime_ns for f in (out / "mining").rglob("*.parquet")} == mining_files
+    mined = saved["mining"]
+    assert mined["queries"] == 4 * 48 and mined["quarantined_pairs"] == 0  # nothing quarantined, nothing lost
+    assert mined["hard_negative_queries"] == mined["queries"]
+    assert mined["judged_pairs"] == pq.read_table(out / "mining/judge/results").num_rows > mined["queries"]
+
+    # training: both runs resumed at their last step and took none (no step logged again); their LoRA
+    # adapters and learning curves are what the demo reports
+    for kind in ("train_embed", "train_rerank"):
+        assert (out / kind / "metrics.jsonl").read_text() == logs[kind]
+        assert json.loads((out / kind / "final_rank0.json").read_text())["resumed_from"] == steps
+        assert saved[kind]["metrics"]["step"] == steps
+        adapter = Path(saved[kind]["weights"])
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert (adapter / "adapter_model.safetensors").is_file() and Path(saved[kind]["curves"]).is_file()
+
+    # evaluation from the caches: nothing embedded or reranked; the trained table has the listwise
+    # reranker, and the comparison its deltas
+    untrained = json.loads((out / "eval/untrained/results.json").read_text())
+    trained = json.loads((out / "eval/trained/results.json").read_text())
+    for results in (untrained, trained):
+        assert results["work"]["items_embedded"] == results["work"]["rerank_requests_computed"] == 0
+    assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
+    assert trained["settings"]["embedder"].endswith(f"adapter {saved['train_embed']['weights']}")
+    assert saved["eval"]["table3"] == trained["table3"]
+    deltas = json.loads((out / "eval/compare/compare.json").read_text())["deltas"]
+    key = "table3.embedding.MMEB_Other"  # the synthetic sets are not among MMEB's 36
+    before, after = (
+        untrained["table3"]["embedding"]["MMEB_Other"],
+        trained["table3"]["embedding"]["MMEB_Other"],
+    )
+    assert deltas[key] == {"a": before, "b": after, "delta": after - before}
+
+    # the service answered over HTTP with captions of the indexed corpus, reranked listwise
+    served = saved["serve"]
+    captions = {
+        c
+        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
+        for c in json.loads(line)["captions"]
+    }
+    assert served["index"]["count"] == len(captions)
+    hits = served["answer"]["results"]
+    assert len(hits) == 3 and all(h["text"] in captions for h in hits)
+    assert served["answer"]["rerank"]["mode"] == "listwise"
+    assert served["answer"]["rerank"]["candidates"] == cfg.serve.rerank_top
+    with pytest.raises(OSError):  # Serve was shut down: nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -10,7 +10,7 @@ a corpus index and the Ray Serve app on 127.0.0.1, asked one query over HTTP -> 
 Every stage writes under run.output_dir; the world and the tiny models are built only when missing,
 and a rerun reuses finished mining stages and training checkpoints. The tiny models start from random
 weights and the tiny judge knows nothing, so the numbers show the plumbing, not the method's gains
-(tests/test_train.py shows learning with the synthetic world's oracle judge).
+(tests/test_learning.py shows learning with the synthetic world's oracle judge).
 """
 
 from __future__ import annotations
