@@ -85,6 +85,21 @@ def test_reranker_examples_hardest_negative_and_listwise_position():
     assert examples(ROW, 2, seed=0) == ex  # deterministic per (seed, query id)
 
 
+def test_reranker_redraws_negatives_tied_in_judge_score_each_epoch():
+    """Three negatives tie at the top score, one scores lower: each epoch's "hardest" negative is one of
+    the tied three, each of them comes up over the epochs, the lower one never does (nor in a listwise
+    prompt of 2), and a given (seed, query, epoch) always gives the same examples."""
+    negs = {"neg_texts": ["x", "y", "z", "w"], "neg_images": [""] * 4, "neg_scores": [0.3, 0.3, 0.3, 0.1]}
+    row = {**ROW, **negs}
+    last = lambda content: [p["text"] for p in content if p["type"] == "text"][-1]  # noqa: E731
+    hardest = [last(examples(row, 3, seed=0, epoch=e)[1][0]) for e in range(30)]
+    assert set(hardest) == {"x", "y", "z"}
+    listed = [examples(row, 2, seed=0, epoch=e)[2][0] for e in range(30)]
+    texts = [{p["text"] for p in content if p["type"] == "text"} for content in listed]
+    assert all("w" not in t and len(t & {"x", "y", "z"}) == 2 for t in texts)  # 2 of the tied 3, never w
+    assert examples(row, 3, seed=0, epoch=7) == examples(row, 3, seed=0, epoch=7)
+
+
 def test_reranker_batch_reaches_texts_images_and_masks_prompts(tiny_qwen, world):
     cfg = load_config(
         None,

@@ -35,7 +35,8 @@ class EmbedTask:
         self.embedder = Embedder(self.cfg.model, image_root=cfg.data.image_root, model=self.model)
         self.loss_fn = LOSSES[self.cfg.loss]
 
-    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, rows: list[dict], epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured loss over each query's positive + k negatives (the same in every epoch)."""
         k = self.cfg.num_negatives
         queries = [{"text": r["qry_text"], "image": r["qry_image"]} for r in rows]
         cands, scores = zip(*(candidates(r, k) for r in rows), strict=True)

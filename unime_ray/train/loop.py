@@ -43,7 +43,10 @@ SECTIONS = {"embed": "train", "rerank": "reranker"}  # training kind -> its conf
 class Task(Protocol):
     model: torch.nn.Module
 
-    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, rows: list[dict], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """A micro-batch of mined rows -> (loss, metrics); `epoch` = passes over the data so far in
+        this attempt, for tasks that redraw per pass."""
+        ...
 
 
 # The language side of both backbones (Qwen2-VL and LLaVA-OV as transformers names them): what trains
@@ -171,7 +174,7 @@ def worker_loop(config: dict) -> None:
             local_shuffle_seed=cfg.run.seed + 1000 * epoch + rank,
         )
         for batch in batches:
-            loss, metrics = task.loss(batch.to_pylist())
+            loss, metrics = task.loss(batch.to_pylist(), epoch)
             engine.backward(loss)
             engine.step()
             micro += 1

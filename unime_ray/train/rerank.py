@@ -4,6 +4,12 @@
 - listwise: the positive inserted at a random position among the top-`list_size` negatives (by judge
   score) -> "Ans: (n)" with the listwise prompt;
 
+Negatives tied in judge score are ordered afresh every epoch (seeded by run seed, query and epoch), so
+a tie at the top gives a different "hardest" negative each pass. Mining orders ties by retrieval rank,
+and an embedder's hubs then head many lists: in the oracle-mined synthetic world one label was the first
+negative of 129 of 300 classification/VQA queries, a candidate-only cue for "No" that the reranker
+fitted instead of matching (README, Learning).
+
 cross-entropy on the answer tokens only (prompt tokens masked), L = L_pair + L_list. Query and
 candidate texts AND images reach every prompt (the official code's dataset drops the texts through a
 key mismatch; see README).
@@ -34,12 +40,15 @@ from unime_ray.train.loop import lora_model
 END = "<|im_end|>"  # the answer is followed by the end-of-turn token, so the model learns to stop
 
 
-def examples(row: dict, list_size: int, seed: int) -> list[tuple[list[dict], list[str], str]]:
-    """The three (content parts, image paths, answer) of one mined row, deterministic per (seed, query)."""
-    rng = random.Random(int(hashlib.blake2b(f"{seed}:{row['id']}".encode(), digest_size=8).hexdigest(), 16))
+def examples(row: dict, list_size: int, seed: int, epoch: int = 0) -> list[tuple[list[dict], list[str], str]]:
+    """The three (content parts, image paths, answer) of one mined row, deterministic per (seed, query,
+    epoch)."""
+    key = f"{seed}:{row['id']}:{epoch}"
+    rng = random.Random(int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16))
     q_text, q_image = row["qry_text"], row["qry_image"]
     pos = (row["pos_text"], row["pos_image"])
     negs = list(zip(row["neg_texts"], row["neg_images"], row["neg_scores"], strict=True))
+    rng.shuffle(negs)  # the stable sort below then breaks score ties in this epoch's order
     unique = list(
         dict.fromkeys((t, i) for t, i, _ in sorted(negs, key=lambda n: -n[2]))
     )  # by score, no repeats
@@ -75,11 +84,11 @@ class RerankTask:
         self.processor = load_processor(self.cfg.model.path, padding_side="left")
         self.yes, self.no = answer_token_ids(self.processor.tokenizer)
 
-    def batch(self, rows: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def batch(self, rows: list[dict], epoch: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Tokenised prompt+answer sequences and labels (-100 on every prompt and padding token)."""
         prompts, answers, images = [], [], []
         for row in rows:
-            for content, paths, answer in examples(row, self.cfg.list_size, self.seed):
+            for content, paths, answer in examples(row, self.cfg.list_size, self.seed, epoch):
                 prompts.append(render(self.processor.tokenizer, content))
                 answers.append(answer + END)
                 images += [load_image(p, self.image_root, self.cfg.model.image_size) for p in paths]
@@ -98,8 +107,8 @@ class RerankTask:
         )
         return dict(full), labels
 
-    def loss(self, rows: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, labels = self.batch(rows)
+    def loss(self, rows: list[dict], epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, labels = self.batch(rows, epoch)
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         labels = labels.to(device)
