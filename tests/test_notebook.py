@@ -36,6 +36,15 @@ def _tagged(nb, tag: str) -> list:
     return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
 
 
+def _corpus_captions(out: Path) -> set[str]:
+    """Every caption of the synthetic world's retrieval corpus under `out`: what the service indexes."""
+    return {
+        c
+        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
+        for c in json.loads(line)["captions"]
+    }
+
+
 @contextlib.contextmanager
 def _listening() -> Iterator[tuple[set[tuple[str, int, int]], dict[int, set[str]]]]:
     """While the block runs, collect (address, port, pid) of every TCP listener among the descendants of
@@ -82,7 +91,6 @@ def test_committed_notebook_is_clean():
 @dataclass
 class Quickstart:
     out: Path
-    steps: int
     port: int
     nb: nbformat.NotebookNode  # as executed, with its outputs
     listeners: set[tuple[str, int, int]]
@@ -94,10 +102,10 @@ def quickstart(tmp_path_factory) -> Quickstart:
     """The notebook executed once for this module: its test checks what it showed, the demo's test then
     reruns the pipeline on its outputs."""
     tmp = tmp_path_factory.mktemp("notebook")
-    out, steps, port = tmp / "quickstart", STEPS, free_port()
+    out, port = tmp / "quickstart", free_port()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (params,) = _tagged(nb, "parameters")
-    params.source = f"OUT = {str(out)!r}\nSTEPS = {steps}\nPORT = {port}\n"
+    params.source = f"OUT = {str(out)!r}\nSTEPS = {STEPS}\nPORT = {port}\n"
     client = NotebookClient(
         nb,
         timeout=900,
@@ -112,13 +120,13 @@ def quickstart(tmp_path_factory) -> Quickstart:
                 client.execute()
         finally:  # what it showed, to look at when it fails
             nbformat.write(nb, tmp / "executed.ipynb")
-    return Quickstart(out, steps, port, nb, listeners, titles)
+    return Quickstart(out, port, nb, listeners, titles)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_quickstart_notebook_runs(quickstart):
-    out, steps, port, nb = quickstart.out, quickstart.steps, quickstart.port, quickstart.nb
+    out, port, nb = quickstart.out, quickstart.port, quickstart.nb
     listeners, titles = quickstart.listeners, quickstart.titles
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -159,11 +167,7 @@ def test_quickstart_notebook_runs(quickstart):
     (serve_cell,) = _tagged(nb, "serve")
     printed = "".join(o.text for o in serve_cell.outputs if o.output_type == "stream" and o.name == "stdout")
     hits = [ast.literal_eval(m) for m in re.findall(r"^hit \d: (.*) \(cosine -?[\d.]+\)$", printed, re.M)]
-    captions = {
-        c
-        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
-        for c in json.loads(line)["captions"]
-    }
+    captions = _corpus_captions(out)
     assert len(hits) == 3 and all(h in captions for h in hits), printed
 
     # what the stages wrote: hard negatives for all 4 x 48 training queries, both trainings ran STEPS
@@ -171,7 +175,7 @@ def test_quickstart_notebook_runs(quickstart):
     assert pq.ParquetFile(out / "mining/sample/hard_negatives.parquet").metadata.num_rows == 4 * 48
     for kind in ("train_embed", "train_rerank"):
         metrics = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     untrained = json.loads((out / "eval/untrained/results.json").read_text())
     trained = json.loads((out / "eval/trained/results.json").read_text())
     assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}
@@ -185,8 +189,8 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart, local
     notebook's outputs, as a user reruns it: no mining file rewritten, no training step taken, nothing
     embedded or reranked again; it still reports, evaluates, and serves one query over HTTP on 127.0.0.1,
     then shuts Serve down."""
-    out, steps, port = quickstart.out, quickstart.steps, free_port()
-    overrides = synthetic_overrides(out) + [f"train.steps={steps}", f"reranker.steps={steps}"]
+    out, port = quickstart.out, free_port()
+    overrides = synthetic_overrides(out) + [f"train.steps={STEPS}", f"reranker.steps={STEPS}"]
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides + [f"serve.port={port}"])
     mining_files = {f: f.stat().st_mtime_ns for f in (out / "mining").rglob("*.parquet")}
     logs = {kind: (out / kind / "metrics.jsonl").read_text() for kind in ("train_embed", "train_rerank")}
@@ -205,8 +209,8 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart, local
     # adapters and learning curves are what the demo reports
     for kind in ("train_embed", "train_rerank"):
         assert (out / kind / "metrics.jsonl").read_text() == logs[kind]
-        assert json.loads((out / kind / "final_rank0.json").read_text())["resumed_from"] == steps
-        assert saved[kind]["metrics"]["step"] == steps
+        assert json.loads((out / kind / "final_rank0.json").read_text())["resumed_from"] == STEPS
+        assert saved[kind]["metrics"]["step"] == STEPS
         adapter = Path(saved[kind]["weights"])
         assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert (adapter / "adapter_model.safetensors").is_file() and Path(saved[kind]["curves"]).is_file()
@@ -230,11 +234,7 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart, local
 
     # the service answered over HTTP with captions of the indexed corpus, reranked listwise
     served = saved["serve"]
-    captions = {
-        c
-        for line in (out / "world/retrieval/captions.jsonl").read_text().splitlines()
-        for c in json.loads(line)["captions"]
-    }
+    captions = _corpus_captions(out)
     assert served["index"]["count"] == len(captions)
     hits = served["answer"]["results"]
     assert len(hits) == 3 and all(h["text"] in captions for h in hits)
