@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unime_ray.data.synthetic import main, make_world
+from unime_ray.data.synthetic import main, make_world, oracle_truth
 
 RGB = {
     "red": (230, 25, 25),
@@ -158,6 +158,63 @@ def test_train_files_are_mmeb_train_pairs_and_true(world):
                 assert described(row["qry"]) == truth(scene)
     labels = {row["pos_text"] for row in read_jsonl(out / "train/ShapesCLS.jsonl")}
     assert len(labels) >= 6
+
+
+def test_oracle_judges_other_objects_and_partial_captions_true_by_hand():
+    red_left = {"shape": "circle", "colour": "red", "position": "left"}
+    blue_right = {"shape": "square", "colour": "blue", "position": "right"}
+    red_right = {"shape": "circle", "colour": "red", "position": "right"}
+    world = {"scenes": {"ab.png": [red_left, blue_right], "a.png": [red_left], "c.png": [red_right]}}
+    true_of = oracle_truth(world)
+    both = "a red circle on the left and a blue square on the right"
+    img = {"text": TOKEN, "image": "ab.png"}
+    # classification: either object's label, not a label of neither
+    assert true_of("ShapesCLS", img, {"text": "blue square", "image": ""})
+    assert true_of("ShapesCLS", img, {"text": "red circle", "image": ""})
+    assert not true_of("ShapesCLS", img, {"text": "red square", "image": ""})
+    # a caption of part of the image is true; the same object elsewhere is not
+    assert true_of("ShapesI2T", img, {"text": "a red circle on the left", "image": ""})
+    assert true_of("ShapesI2T", img, {"text": both, "image": ""})
+    assert not true_of("ShapesI2T", img, {"text": "a red circle on the right", "image": ""})
+    assert not true_of("ShapesI2T", {"text": TOKEN, "image": "a.png"}, {"text": both, "image": ""})
+    query = {
+        "text": "Find me an everyday image that matches the given caption: a red circle on the left",
+        "image": "",
+    }
+    assert true_of("ShapesT2I", query, {"text": TOKEN, "image": "ab.png"})
+    assert not true_of("ShapesT2I", query, {"text": TOKEN, "image": "c.png"})
+    assert not true_of(
+        "ShapesVQA", {"text": "What colour is the circle?", "image": "ab.png"}, {"text": "blue"}
+    )
+
+
+def test_oracle_agrees_with_the_scenes_on_every_train_pair_of_the_world(world):
+    """Each train query against every other distinct train positive of its dataset (a query's own
+    positive is scored by id, not by the oracle), judged independently here."""
+    out, manifest = world
+    scenes, true_of = manifest["scenes"], oracle_truth(manifest)
+    judged_true = Counter()
+    for name, info in manifest["datasets"].items():
+        rows = read_jsonl(out / info["train"])
+        for row in rows:
+            query = {"text": row["qry"], "image": row["qry_image_path"]}
+            others = {(r["pos_text"], r["pos_image_path"]) for r in rows} - {
+                (row["pos_text"], row["pos_image_path"])
+            }
+            for text, image in others:
+                if name == "ShapesCLS":
+                    expected = text in {f"{o['colour']} {o['shape']}" for o in scenes[query["image"]]}
+                elif name == "ShapesVQA":
+                    expected = False  # another answer string is another answer
+                elif name == "ShapesI2T":
+                    expected = not described(text) - truth(scenes[query["image"]])
+                else:
+                    expected = not described(query["text"]) - truth(scenes[image])
+                got = true_of(name, query, {"text": text, "image": image})
+                assert got == expected, (name, row, text, image)
+                judged_true[name] += got
+    # the world has such pairs: labels of second objects, one-shape captions inside two-shape images
+    assert judged_true["ShapesCLS"] > 0 and judged_true["ShapesI2T"] > 0 and judged_true["ShapesT2I"] > 0
 
 
 def test_eval_files_are_mmeb_eval_lists_with_the_answer_first(world):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from unime_ray.assets import mine_with_oracle, synthetic_overrides
 from unime_ray.config import load_config
+from unime_ray.data.synthetic import oracle_truth
 from unime_ray.eval.job import resolve_checkpoint
 from unime_ray.models.embedder import Embedder
 from unime_ray.models.reranker import Reranker
@@ -61,6 +62,25 @@ ROW = {
     "neg_scores": [0.2, 0.7, 0.5, 0.2],
     "neg_ids": ["a", "b", "c", "a"],
 }
+
+
+def test_oracle_mining_keeps_no_negative_that_is_true_of_its_query(mined):
+    """The oracle scores retrieved candidates that are true of their query (another object's label, a
+    caption of part of the image) 1.0 like the positive, so the false-negative filter drops them."""
+    base, _ = mined
+    true_of = oracle_truth(json.loads((base / "world/world.json").read_text()))
+    oracle = pq.read_table(base / "oracle.parquet").to_pylist()
+    queries = pq.read_table(base / "mining/ingest/queries.parquet").to_pylist()
+    assert sum(r["score"] == 1.0 for r in oracle) > len(queries)  # some retrieved candidate was true
+    rows = pq.read_table(base / "mining/sample/hard_negatives.parquet").to_pylist()
+    assert not any(r["fallback"] for r in rows)  # the paper's random draw when nothing survives
+    checked = 0
+    for r in rows:
+        query = {"text": r["qry_text"], "image": r["qry_image"]}
+        for text, image in zip(r["neg_texts"], r["neg_images"], strict=True):
+            assert not true_of(r["dataset"], query, {"text": text, "image": image}), (r["id"], text, image)
+            checked += 1
+    assert checked >= 8 * len(queries) * 0.9
 
 
 def test_reranker_examples_hardest_negative_and_listwise_position():

@@ -51,7 +51,8 @@ def mine_with_oracle(config: str | Path, out: str | Path, extra: list[str] | Non
     run_mining(cfg, ("retrieve",))
     oracle = write_oracle_scores(
         sorted((out / "mining/retrieve").glob("*.parquet")),
-        out / "mining/ingest/queries.parquet",
+        out / "mining/ingest",
+        Path(cfg.data.image_root).parent / "world.json",
         out / "oracle.parquet",
     )
     overrides += ["judge.backend=precomputed", f"judge.scores_path={oracle}"]

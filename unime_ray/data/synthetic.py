@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,19 +366,60 @@ if __name__ == "__main__":
     main()
 
 
-def write_oracle_scores(candidate_files: list[Path], queries: Path, out: str | Path) -> Path:
+def _objects(scene: Scene) -> set[tuple[str, str, str]]:
+    return {(o["colour"], o["shape"], o["position"]) for o in scene}
+
+
+def oracle_truth(world: dict[str, Any]) -> Callable[[str, dict[str, str], dict[str, str]], bool]:
+    """`true_of(dataset, query, cand)`: whether candidate `cand` meets `query` ({"text", "image"} each) in
+    this world, as a judge that sees the scenes would say. `world` is the manifest (`world.json`), whose
+    `scenes` map image paths to objects; captions are one-to-one with scenes.
+
+    - classification: the label names ANY object in the image (the positive names the first one);
+    - image -> caption, caption -> image: every object the caption names is in the image, so a one-shape
+      caption is true of a two-shape image that contains its object;
+    - VQA: a question has one right answer, which is the positive itself, so no other candidate is true.
+    """
+    scenes = world["scenes"]
+    by_caption = {caption(scene): scene for scene in scenes.values()}
+
+    def true_of(dataset: str, query: dict[str, str], cand: dict[str, str]) -> bool:
+        if dataset == "ShapesCLS":
+            return cand["text"] in {f"{o['colour']} {o['shape']}" for o in scenes[query["image"]]}
+        if dataset == "ShapesI2T":
+            named = by_caption.get(cand["text"])
+            return named is not None and _objects(named) <= _objects(scenes[query["image"]])
+        if dataset == "ShapesT2I":
+            named = by_caption[query["text"].removeprefix(T2I_QUERY)]
+            return _objects(named) <= _objects(scenes[cand["image"]])
+        return False
+
+    return true_of
+
+
+def write_oracle_scores(candidate_files: list[Path], ingest_dir: Path, world: Path, out: str | Path) -> Path:
     """A stand-in for a capable judge on this world, where a random-weight tiny judge knows nothing:
-    score 1.0 for each query's own positive and 0.0 for every retrieved candidate (every candidate of
-    the synthetic pools is a true negative: identical positives share one pool entry, the query's own,
-    which retrieval excludes). Input: the mining run's `retrieve/*.parquet` and `ingest/queries.parquet`;
-    feed the output to the judge stage with `judge.backend=precomputed`."""
+    score 1.0 for each query's own positive and for every retrieved candidate that is TRUE of the query
+    (`oracle_truth`: the other object's label, a caption of part of the image), 0.0 for the rest. The
+    mining's false-negative filter then drops the true ones, as it would with a real judge; before
+    2026-12-01 they were scored 0 and trained on as negatives (5% of the classification negatives, 1% of
+    the caption ones). Input: the mining run's `retrieve/*.parquet`, its ingest folder (QUERIES and POOL)
+    and the world's `world.json`; feed the output to the judge stage with `judge.backend=precomputed`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from unime_ray.io import write_parquet
 
+    true_of = oracle_truth(json.loads(Path(world).read_text()))
+    queries = {r["id"]: r for r in pq.read_table(Path(ingest_dir) / "queries.parquet").to_pylist()}
+    pool = {r["id"]: r for r in pq.read_table(Path(ingest_dir) / "pool.parquet").to_pylist()}
     cands = pa.concat_tables([pq.read_table(p, columns=["query_id", "cand_id"]) for p in candidate_files])
-    pos = pq.read_table(queries, columns=["id", "pos_id"]).rename_columns(["query_id", "cand_id"])
-    scores = [1.0] * pos.num_rows + [0.0] * cands.num_rows
-    table = pa.concat_tables([pos, cands]).append_column("score", pa.array(scores, pa.float32()))
+    scores = [
+        float(true_of(queries[q]["dataset"], queries[q], pool[c]))
+        for q, c in zip(cands["query_id"].to_pylist(), cands["cand_id"].to_pylist(), strict=True)
+    ]
+    pos = pa.table({"query_id": list(queries), "cand_id": [r["pos_id"] for r in queries.values()]})
+    table = pa.concat_tables([pos, cands]).append_column(
+        "score", pa.array([1.0] * pos.num_rows + scores, pa.float32())
+    )
     return write_parquet(table, out)
