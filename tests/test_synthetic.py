@@ -186,6 +186,8 @@ def test_oracle_judges_other_objects_and_partial_captions_true_by_hand():
     assert not true_of(
         "ShapesVQA", {"text": "What colour is the circle?", "image": "ab.png"}, {"text": "blue"}
     )
+    with pytest.raises(ValueError, match="'ShapesOCR' is not a dataset of the synthetic world"):
+        true_of("ShapesOCR", img, {"text": "blue square", "image": ""})
 
 
 def test_oracle_agrees_with_the_scenes_on_every_train_pair_of_the_world(world):

@@ -362,10 +362,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _objects(scene: Scene) -> set[tuple[str, str, str]]:
     return {(o["colour"], o["shape"], o["position"]) for o in scene}
 
@@ -392,7 +388,9 @@ def oracle_truth(world: dict[str, Any]) -> Callable[[str, dict[str, str], dict[s
         if dataset == "ShapesT2I":
             named = by_caption[query["text"].removeprefix(T2I_QUERY)]
             return _objects(named) <= _objects(scenes[cand["image"]])
-        return False
+        if dataset == "ShapesVQA":
+            return False
+        raise ValueError(f"{dataset!r} is not a dataset of the synthetic world ({', '.join(DATASETS)})")
 
     return true_of
 
@@ -423,3 +421,7 @@ def write_oracle_scores(candidate_files: list[Path], ingest_dir: Path, world: Pa
         "score", pa.array([1.0] * pos.num_rows + scores, pa.float32())
     )
     return write_parquet(table, out)
+
+
+if __name__ == "__main__":
+    main()
