@@ -198,11 +198,10 @@ def test_oracle_agrees_with_the_scenes_on_every_train_pair_of_the_world(world):
     judged_true = Counter()
     for name, info in manifest["datasets"].items():
         rows = read_jsonl(out / info["train"])
+        positives = {(r["pos_text"], r["pos_image_path"]) for r in rows}
         for row in rows:
             query = {"text": row["qry"], "image": row["qry_image_path"]}
-            others = {(r["pos_text"], r["pos_image_path"]) for r in rows} - {
-                (row["pos_text"], row["pos_image_path"])
-            }
+            others = positives - {(row["pos_text"], row["pos_image_path"])}
             for text, image in others:
                 if name == "ShapesCLS":
                     expected = text in {f"{o['colour']} {o['shape']}" for o in scenes[query["image"]]}

@@ -116,6 +116,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _label(obj: dict[str, str]) -> str:
+    """The classification label of an object, also the answer to "What is on the left?": "red circle"."""
+    return f"{obj['colour']} {obj['shape']}"
+
+
 def _noun(obj: dict[str, str]) -> str:
     return f"{_article(obj['colour'])} {obj['colour']} {obj['shape']}"
 
@@ -170,7 +175,7 @@ def _question(rng: np.random.Generator, scene: Scene) -> tuple[str, str, str]:
         return kind, f"What shape is the {o['colour']} object?", o["shape"]
     if kind == "position":
         return kind, f"Where is the {o['colour']} {o['shape']}?", o["position"]
-    return kind, f"What is {PHRASES[o['position']]}?", f"{o['colour']} {o['shape']}"
+    return kind, f"What is {PHRASES[o['position']]}?", _label(o)
 
 
 def _vqa_distractors(rng: np.random.Generator, kind: str, answer: str, k: int) -> list[str]:
@@ -194,7 +199,7 @@ def _train_rows(rng: np.random.Generator, scenes: list[Scene], paths: list[str])
     for scene, path in zip(scenes, paths, strict=True):
         first = scene[0]
         _, question, answer = _question(rng, scene)
-        rows["ShapesCLS"].append(_train_row(CLS_QUERY, path, f"{first['colour']} {first['shape']}", ""))
+        rows["ShapesCLS"].append(_train_row(CLS_QUERY, path, _label(first), ""))
         rows["ShapesVQA"].append(_train_row(VQA_QUERY + question, path, answer, ""))
         rows["ShapesI2T"].append(_train_row(I2T_QUERY, path, caption(scene), ""))
         rows["ShapesT2I"].append(_train_row(T2I_QUERY + caption(scene), "", IMAGE_TARGET, path))
@@ -210,7 +215,7 @@ def _eval_rows(
     rows: dict[str, list[dict]] = {name: [] for name in DATASETS}
     for i, (scene, path) in enumerate(zip(scenes, paths, strict=True)):
         # the second object's label is not a distractor: it is in the image too
-        present = [f"{o['colour']} {o['shape']}" for o in scene]
+        present = [_label(o) for o in scene]
         labels = present[:1] + _sample(rng, [x for x in LABELS if x not in present], k)
         rows["ShapesCLS"].append(_eval_row(CLS_QUERY, path, labels, no_images))
 
@@ -381,7 +386,7 @@ def oracle_truth(world: dict[str, Any]) -> Callable[[str, dict[str, str], dict[s
 
     def true_of(dataset: str, query: dict[str, str], cand: dict[str, str]) -> bool:
         if dataset == "ShapesCLS":
-            return cand["text"] in {f"{o['colour']} {o['shape']}" for o in scenes[query["image"]]}
+            return cand["text"] in {_label(o) for o in scenes[query["image"]]}
         if dataset == "ShapesI2T":
             named = by_caption.get(cand["text"])
             return named is not None and _objects(named) <= _objects(scenes[query["image"]])
