@@ -1,6 +1,6 @@
 """Learning is real: on the synthetic world, the "mid" tiny Qwen2-VL (~3M random weights) trained for
-minutes on CPU with the real jobs (oracle-judged hard negatives -> Ray Train + DeepSpeed ZeRO-2 + LoRA,
-the paper's Jeffreys loss) clearly beats its untrained self on HELD-OUT data, measured by the real
+minutes on CPU with the real jobs (oracle-judged hard negatives -> Ray Train with 2 workers + DeepSpeed
+ZeRO-2 + LoRA, the paper's Jeffreys loss) clearly beats its untrained self on HELD-OUT data, measured by the real
 evaluation job (issues #4 and #5). The oracle judge stands in for a judge MLLM that knows the world;
 the tiny random judge knows nothing. The held-out split is 72 scenes (288 MMEB-style queries), not the
 demo's 24: with 96 queries one P@1 reading has a standard error near 5 points, and a CI machine (other
@@ -37,6 +37,7 @@ def oracle_mined(tmp_path_factory, local_ray):
         f"train.model.path={mid}",
         f"train.steps={EMBED_STEPS}",
         "train.lr=2e-3",
+        "train.num_workers=2",  # a worker of 0.5 CPU runs one torch thread: 2 workers use both cores
         f"train.checkpoint_every={EMBED_STEPS}",
     ]
     overrides = mine_with_oracle(ROOT / "jobs/configs/tiny.yaml", out, more)
