@@ -1,7 +1,7 @@
 """Learning is real: on the synthetic world, the "mid" tiny Qwen2-VL (~3M random weights) trained for
 minutes on CPU with the real jobs (oracle-judged hard negatives -> Ray Train with 2 workers + DeepSpeed
-ZeRO-2 + LoRA, the paper's Jeffreys loss) clearly beats its untrained self on HELD-OUT data, measured by the real
-evaluation job (issues #4 and #5). The oracle judge stands in for a judge MLLM that knows the world;
+ZeRO-2 + LoRA, the paper's Jeffreys loss) clearly beats its untrained self on HELD-OUT data, measured by
+the real evaluation job (issues #4 and #5). The oracle judge stands in for a judge MLLM that knows the world;
 the tiny random judge knows nothing. The held-out split is 72 scenes (288 MMEB-style queries), not the
 demo's 24: with 96 queries one P@1 reading has a standard error near 5 points, and a CI machine (other
 CPU kernels, other Ray Data block order) once read 22.9 where this one read 33.3 after 160 steps.

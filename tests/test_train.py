@@ -3,6 +3,7 @@ Ray Train + DeepSpeed ZeRO-2 runs (1 and 2 workers, a killed worker, a rerun, ex
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from unime_ray.models.embedder import Embedder
 from unime_ray.models.reranker import Reranker
 from unime_ray.train.embed import EmbedTask, candidates
 from unime_ray.train.export import export
-from unime_ray.train.loop import accumulation_steps, lora_model, lr_lambda, run_training
+from unime_ray.train.loop import accumulation_steps, lora_model, lr_lambda, run_training, train_dataset
 from unime_ray.train.losses import LOSSES
 from unime_ray.train.rerank import RerankTask, examples
 
@@ -206,6 +207,31 @@ def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
     l2 = np.mean([m["loss"] for m in _metrics(tmp_path / "w2")])
     assert abs(l1 - l2) < 0.25 * l1, (l1, l2)  # same global batch: same loss up to data order
     assert Path(one["weights"], "adapter_config.json").is_file() and Path(two["weights"]).is_dir()
+
+
+def test_training_data_is_shuffled_across_datasets_afresh_every_epoch(mined):
+    """Mining writes the rows grouped by dataset; training reads every row once per pass, in a new global
+    order each pass (reproducible from the seed), with the datasets mixed as a random order mixes them."""
+    base, _ = mined
+    path = str(base / "mining/sample/hard_negatives.parquet")
+    dataset_of = {r["id"]: r["dataset"] for r in pq.read_table(path, columns=["id", "dataset"]).to_pylist()}
+    in_file = list(dataset_of)
+    ds = train_dataset(path, seed=0)
+    first, second = ([r["id"] for r in ds.iter_rows()] for _ in range(2))
+    again = [r["id"] for r in train_dataset(path, seed=0).iter_rows()]
+    other = [r["id"] for r in train_dataset(path, seed=1).iter_rows()]
+    assert sorted(first) == sorted(second) == sorted(in_file)  # each pass: every row exactly once
+    assert first != second and first == again and first != other
+
+    def changes(order: list[str]) -> int:
+        return sum(dataset_of[a] != dataset_of[b] for a, b in zip(order, order[1:]))
+
+    # Neighbours from different datasets in a uniformly random order of n rows, datasets of size k:
+    # (n - 1) * (1 - sum k(k-1) / (n(n-1))); the file has one run per dataset.
+    n, sizes = len(in_file), Counter(dataset_of.values())
+    expected = (n - 1) * (1 - sum(k * (k - 1) for k in sizes.values()) / (n * (n - 1)))
+    assert len(sizes) > 1 and changes(in_file) == len(sizes) - 1
+    assert min(changes(first), changes(second)) > 0.7 * expected, (changes(first), expected)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ into a loss; everything else lives here once:
 - `deepspeed.initialize` with a client AdamW (no FusedAdam compile on CPU) and a warmup + decay
   schedule; gloo on CPU, nccl on GPU (Ray Train sets up the process group); bf16 on GPU only.
 - Gradient accumulation up to `global_batch_size = micro_batch_size x accumulation x workers`.
+- Data: the mined rows in a fresh global order every epoch (`train_dataset`), split across the ranks.
 - Every `checkpoint_every` steps all ranks write their DeepSpeed state (frozen base weights excluded),
   rank 0 the peft adapter, and all call `ray.train.report(..., checkpoint=...)`: Ray Train merges the
   ranks' files into one checkpoint and keeps the last `keep_checkpoints`.
@@ -166,13 +167,9 @@ def worker_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
     while step < tcfg.steps:
-        batches = shard.iter_batches(
-            batch_size=tcfg.micro_batch_size,
-            batch_format="pyarrow",
-            drop_last=True,  # every rank runs the same number of micro-batches (DeepSpeed all-reduces)
-            local_shuffle_buffer_size=4 * tcfg.micro_batch_size,
-            local_shuffle_seed=cfg.run.seed + 1000 * epoch + rank,
-        )
+        # drop_last: every rank runs the same number of micro-batches (DeepSpeed all-reduces); the
+        # rows left over differ per epoch, as each epoch is a new global order.
+        batches = shard.iter_batches(batch_size=tcfg.micro_batch_size, batch_format="pyarrow", drop_last=True)
         for batch in batches:
             loss, metrics = task.loss(batch.to_pylist(), epoch)
             engine.backward(loss)
@@ -223,6 +220,19 @@ def peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def train_dataset(path: str, seed: int) -> ray.data.Dataset:
+    """The mined rows, globally shuffled afresh on every pass (each epoch is a new execution), the same
+    orders again for the same seed. Mining writes them sorted by query id, i.e. grouped by dataset: read
+    in file order (a local shuffle buffer only mixes neighbours), an epoch would walk MMEB's datasets one
+    after another, thousands of steps each at the paper's scale. The rows hold texts and image paths, not
+    pixels, so the all-to-all shuffle moves little."""
+    from ray.data import RandomSeedConfig
+
+    return ray.data.read_parquet(path).random_shuffle(
+        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    )
+
+
 def run_training(cfg: Config, kind: str) -> dict:
     """Driver: a TorchTrainer over the mined hard negatives; returns a summary with the adapter path."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -243,7 +253,7 @@ def run_training(cfg: Config, kind: str) -> dict:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": asdict(cfg), "task": kind, "metrics_path": str(metrics_path)},
-        datasets={"train": ray.data.read_parquet(data)},
+        datasets={"train": train_dataset(data, cfg.run.seed)},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
