@@ -14,7 +14,8 @@ into a loss; everything else lives here once:
 - Metrics: every step to `metrics.jsonl` (rank 0); to Ray Train every `report_every` steps and with
   each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller.
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
-  checkpoint with `ray.train.get_checkpoint()` and continues from its step.
+  checkpoint with `ray.train.get_checkpoint()` and continues from its step; its data stream starts a
+  new pass (the optimizer state is restored, the position within an epoch is not).
 """
 
 from __future__ import annotations
