@@ -226,11 +226,14 @@ def train_dataset(path: str, seed: int) -> ray.data.Dataset:
     orders again for the same seed. Mining writes them sorted by query id, i.e. grouped by dataset: read
     in file order (a local shuffle buffer only mixes neighbours), an epoch would walk MMEB's datasets one
     after another, thousands of steps each at the paper's scale. The rows hold texts and image paths, not
-    pixels, so the all-to-all shuffle moves little."""
+    pixels (~3 KB a row, ~2 GB for MMEB's 662k), so they are read once into the object store: re-reading
+    the file every epoch cost ~1.5 s per epoch here against 0.08 s for shuffling the blocks held."""
     from ray.data import RandomSeedConfig
 
-    return ray.data.read_parquet(path).random_shuffle(
-        seed=RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    return (
+        ray.data.read_parquet(path)
+        .materialize()
+        .random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     )
 
 
