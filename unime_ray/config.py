@@ -63,6 +63,21 @@ class ModelConfig:
 
 
 @dataclass
+class EmbedderConfig(ModelConfig):
+    backend: Literal["model", "precomputed"] = field(
+        default="model",
+        metadata={"help": "model: embed with `path`; precomputed: read `embeddings_path` (bring your own)"},
+    )
+    embeddings_path: str = field(
+        default="",
+        metadata={
+            "help": "precomputed embeddings: Parquet with `id` (every query and pool id once) and "
+            "`embedding` (list of floats, one dimension); normalized on read"
+        },
+    )
+
+
+@dataclass
 class JudgeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     backend: Literal["vllm", "transformers", "precomputed"] = field(
@@ -329,7 +344,7 @@ class ServeConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    embedder: ModelConfig = field(default_factory=ModelConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -437,6 +452,7 @@ PATH_FIELDS = {
     "path",
     "adapter",
     "scores_path",
+    "embeddings_path",
     "data_path",
 }
 
@@ -455,6 +471,11 @@ def absolute_paths(cfg: Any) -> Any:
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def model_dict(model: ModelConfig) -> dict:
+    """The ModelConfig fields of `model` (an EmbedderConfig too) as a dict, for actors that load it."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)}
 
 
 def config_from_dict(cls: type, values: dict) -> Any:

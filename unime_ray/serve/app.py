@@ -64,6 +64,7 @@ from unime_ray.config import (
     config_from_args,
     config_from_dict,
     load_config,
+    model_dict,
 )
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
@@ -449,7 +450,7 @@ def build_app(cfg: Config) -> Application:
         return d.options(**_deploy_options(name, settings))
 
     embedder = deployment(EmbedderDeployment, "Embedder", s.embedder).bind(
-        asdict(cfg.embedder), s.batching, s.max_batch_size, s.batch_wait_s
+        model_dict(cfg.embedder), s.batching, s.max_batch_size, s.batch_wait_s
     )
     index = deployment(IndexDeployment, "Index", s.index).bind(
         str(directory.resolve()), model, asdict(cfg.index)
