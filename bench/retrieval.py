@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from unime_ray.mining.retrieve import search_topk
+from unime_ray.engine.index import search_topk
 
 RESULTS = Path(__file__).parent / "results" / "retrieval.json"
 

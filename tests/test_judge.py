@@ -117,7 +117,7 @@ def test_judge_stage_on_ray_matches_direct_scores(local_ray, tiny_qwen, tmp_path
     assert max(abs(got[k] - want[k]) for k in got) < 1e-5
 
 
-def test_precomputed_scores_validated_by_id(tmp_path):
+def test_precomputed_scores_validated_by_id(local_ray, tmp_path):
     reqs, rows = _requests(tmp_path)
     scores = [
         {"query_id": r["query_id"], "cand_id": r["cand_id"], "score": 0.1 * i} for i, r in enumerate(rows)

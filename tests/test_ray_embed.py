@@ -5,9 +5,9 @@ import ray
 
 from unime_ray.config import ModelConfig
 from unime_ray.data.mmeb import read_folder
+from unime_ray.engine.embed import embed_dataset
 from unime_ray.eval.metrics import precision_at_1
 from unime_ray.eval.mmeb import evaluate_mmeb
-from unime_ray.mining.embed import embed_dataset
 from unime_ray.models.embedder import Embedder
 
 

@@ -11,14 +11,8 @@ import pytest
 
 from unime_ray.config import MiningConfig
 from unime_ray.data.schemas import CANDIDATES, EMBEDDINGS, QUERIES
-from unime_ray.mining.retrieve import (
-    SEARCH_MARGIN,
-    STATS_KEY,
-    PoolIndex,
-    retrieve_candidates,
-    run_retrieve,
-    search_topk,
-)
+from unime_ray.engine.index import PoolIndex, search_topk
+from unime_ray.mining.retrieve import SEARCH_MARGIN, STATS_KEY, retrieve_candidates, run_retrieve
 
 no_gpu = pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="FAISS sees no GPU")
 
@@ -320,7 +314,7 @@ def write_embeddings(rows: list[dict], folder) -> None:
     pq.write_table(pa.Table.from_pylist(rows[1::2], schema=EMBEDDINGS), folder / "part-1.parquet")
 
 
-def test_run_retrieve_per_dataset_files(tmp_path):
+def test_run_retrieve_per_dataset_files(local_ray, tmp_path):
     emb, queries = world()
     write_embeddings(emb, tmp_path / "emb")
     cfg = MiningConfig(top_n=5, delta=0.95)
@@ -335,6 +329,8 @@ def test_run_retrieve_per_dataset_files(tmp_path):
         ("A/q1", "A/pos0", 1),
     ]
     assert rows_of(b) == [("B/q0", "B/leak", 0)]
+    # A fresh search also reports its dimension and the Ray node that ran it (a resumed one cannot).
+    assert report["A"].pop("node") and report["A"].pop("dim") == 2
     assert report["A"] == dict(
         queries=2,
         pool=3,
@@ -349,7 +345,7 @@ def test_run_retrieve_per_dataset_files(tmp_path):
     assert report["B"]["candidates"] == 1 and report["B"]["pool"] == 2
 
 
-def test_run_retrieve_resumes_and_keeps_finished_work(tmp_path):
+def test_run_retrieve_resumes_and_keeps_finished_work(local_ray, tmp_path):
     emb, queries = world()
     bad = [dict(r, embedding=[0.0, 1.0, 0.0]) if r["id"] == "B/leak" else r for r in emb]
     write_embeddings(bad, tmp_path / "emb")
@@ -371,12 +367,13 @@ def test_run_retrieve_resumes_and_keeps_finished_work(tmp_path):
     assert report["A"]["candidates"] == 4 and report["A"]["queries"] == 2
 
     again = run_retrieve(files, queries, tmp_path / "out", cfg)
-    assert again["B"] == dict(report["B"], resumed=True)
+    fresh = {k: v for k, v in report["B"].items() if k not in ("node", "dim")}
+    assert again["B"] == dict(fresh, resumed=True)
     with pytest.raises(ValueError, match="A.parquet was written with top_n=5, delta=0.95"):
         run_retrieve(files, queries, tmp_path / "out", MiningConfig(top_n=5, delta=0.9))
 
 
-def test_run_retrieve_resume_of_a_foreign_file(tmp_path):
+def test_run_retrieve_resume_of_a_foreign_file(local_ray, tmp_path):
     emb, queries = world()
     write_embeddings(emb, tmp_path / "emb")
     foreign = pa.Table.from_pylist(
@@ -403,7 +400,7 @@ def test_run_retrieve_resume_of_a_foreign_file(tmp_path):
     ],
     ids=["dimension", "nan", "query-without-embedding", "embedding-without-query", "no-pool", "kind"],
 )
-def test_run_retrieve_input_errors(tmp_path, change, match):
+def test_run_retrieve_input_errors(local_ray, tmp_path, change, match):
     emb, queries = change(*world())
     write_embeddings(emb, tmp_path / "emb")
     with pytest.raises(ValueError, match=match):

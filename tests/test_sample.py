@@ -142,7 +142,7 @@ def image_of(id):
 
 
 @pytest.fixture
-def stage(tmp_path):
+def stage(local_ray, tmp_path):
     ids = ["p1", "p2", "p3", "p4", "p5", *Q1_CANDIDATES, *Q4_CANDIDATES, "b12", "c0", "c1", "c2"]
     pool = pa.Table.from_pylist(
         [{"id": i, "dataset": "ds", "text": f"text of {i}", "image": image_of(i)} for i in ids], schema=POOL
@@ -332,7 +332,7 @@ def test_rerun_with_another_beta_needs_only_the_score_files(stage):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_a_query_split_over_two_files_is_an_error(tmp_path):
+def test_a_query_split_over_two_files_is_an_error(local_ray, tmp_path):
     queries = pa.Table.from_pylist(
         [{"id": "q", "dataset": "ds", "text": "t", "image": "", "pos_id": "p"}], schema=QUERIES
     )

@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from unime_ray.mining.shards import requests_once, run_shards, write_request_shards
+from unime_ray.engine.shards import requests_once, run_shards, write_request_shards
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.int64()), ("y", pa.int64()), ("run", pa.int64())])
 

@@ -6,6 +6,8 @@ a text is "" when the side has no text. Ids are strings, stable across re-runs o
 (the source's own `id` column when it has one, else `<dataset>/<row number>`).
 """
 
+import hashlib
+
 import pyarrow as pa
 
 # One MMEB-train style pair: a query, its positive, and an optional given negative.
@@ -68,6 +70,13 @@ POOL = pa.schema(
         ("image", pa.string()),
     ]
 )
+
+
+def candidate_id(dataset: str, text: str, image: str) -> str:
+    """The content id of a pool candidate (or an index record, with its source as `dataset`)."""
+    digest = hashlib.sha1(f"{text}\0{image}".encode()).hexdigest()[:16]
+    return f"{dataset}/c{digest}"
+
 
 # One embedded query or candidate (`kind` = "query" | "candidate"); unit vectors.
 EMBEDDINGS = pa.schema(

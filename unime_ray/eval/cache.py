@@ -8,7 +8,7 @@ A model's fingerprint covers everything that changes its outputs: the model and 
 size and modification time of their weight files (a checkpoint retrained into the same folder must not
 reuse stale vectors), image size, token limit and dtype. Within it, rows are cached per dataset and
 per row key: only rows never computed before go through Ray, in request shards run by
-`mining.shards.run_shards`, each result shard written atomically as it completes — so a killed
+`engine.shards.run_shards`, each result shard written atomically as it completes — so a killed
 evaluation of a 7B model keeps every finished shard and resumes with the rest.
 """
 
@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import ModelConfig
+from unime_ray.engine.embed import embed_dataset
+from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
 from unime_ray.io import write_json, write_parquet
-from unime_ray.mining.embed import embed_dataset
-from unime_ray.mining.shards import PATH_COL, run_shards
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 EMBEDDINGS = pa.schema([("text", pa.string()), ("image", pa.string()), ("embedding", pa.list_(pa.float32()))])

@@ -25,10 +25,10 @@ import pyarrow as pa
 import ray
 
 from unime_ray.config import ModelConfig
+from unime_ray.engine.shards import PATH_COL
 from unime_ray.eval.cache import cached_map, model_folder, model_identity
 from unime_ray.eval.metrics import pessimistic_order
 from unime_ray.eval.ranking import Collection, Ranked, Task
-from unime_ray.mining.shards import PATH_COL
 from unime_ray.models.prompts import JUDGE_INSTRUCTION, LIST_INSTRUCTION
 from unime_ray.models.reranker import apply_listwise, fuse
 

@@ -1,63 +1,39 @@
-"""Embedding stage on Ray Data: records stream through a pool of actors, each holding one embedder.
+"""Embed stage of mining: every query and every pool candidate once, as EMBEDDINGS shards in `results/`.
 
-Used by mining (queries and candidates), evaluation and index building. On a cluster each actor owns
-a GPU (`gpus_per_actor`); on a laptop one CPU actor does the same work.
+Two backends (`embedder.backend`):
+
+- `model`: the records stream through an actor pool of embedders on Ray Data (`engine.embed`), in
+  request shards of `embed_shard_rows` items, the unit of resume (`engine.shards`).
+- `precomputed`: bring your own embeddings, e.g. from a VLM2Vec run: a Parquet file with `id` and
+  `embedding` (a list of floats). It is validated before any work: every query and pool id present
+  exactly once, non-null ids; then Ray tasks, each over a range of the file's row groups, check that
+  every vector has the file's dimension and finite, non-zero values, normalize it to unit length
+  (counted in `normalized` when its norm was off by more than 1e-4), attach its dataset and kind, and
+  write one part file each, sorted by dataset and id, so retrieve reads one dataset's row groups only.
+  Rows whose id is neither a query nor a pool item are counted (`unused`), not written. JSONL is
+  refused: at MMEB's size it is gigabytes of text to parse, and Parquet is one `to_parquet` away.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
-from unime_ray.config import MiningConfig, ModelConfig
+from unime_ray.config import EmbedderConfig, MiningConfig
+from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import EMBEDDINGS
-from unime_ray.mining.shards import PATH_COL, requests_once, run_shards, write_request_shards
+from unime_ray.engine.embed import embed_dataset
+from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
+from unime_ray.engine.tasks import run_tasks
+from unime_ray.io import write_parquet
 
-
-class EmbedActor:
-    """`map_batches` callable: adds an `embedding` column (float32 [b, d]) to each batch."""
-
-    def __init__(self, model: dict, image_root: str, text_col: str, image_col: str):
-        from unime_ray.models.embedder import Embedder
-
-        self.embedder = Embedder(ModelConfig(**model), image_root=image_root)
-        self.text_col, self.image_col = text_col, image_col
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [
-            {"text": str(t), "image": str(i)}
-            for t, i in zip(batch[self.text_col], batch[self.image_col], strict=True)
-        ]
-        batch["embedding"] = self.embedder.embed(records)
-        return batch
-
-
-def embed_dataset(
-    ds: ray.data.Dataset,
-    model: ModelConfig,
-    image_root: str,
-    *,
-    text_col: str = "text",
-    image_col: str = "image",
-    num_actors: int = 1,
-    gpus_per_actor: float = 0.0,
-) -> ray.data.Dataset:
-    """Lazily add an `embedding` column to `ds` using an actor pool of `num_actors` embedders."""
-    return ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs=dict(
-            model=asdict(model), image_root=str(image_root), text_col=text_col, image_col=image_col
-        ),
-        batch_size=model.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-        num_gpus=gpus_per_actor,
-        num_cpus=0 if gpus_per_actor else 1,
-    )
+PART_ROWS = 65536  # user rows per import task (whole row groups, so at least one row group)
+NORM_TOLERANCE = 1e-4
 
 
 def _to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
@@ -70,16 +46,30 @@ def _to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({**cols, "embedding": flat})
 
 
-def run_embed(
-    queries: pa.Table, pool: pa.Table, out_dir: Path, model: ModelConfig, image_root: str, cfg: MiningConfig
-) -> dict:
-    """Embed every query and every pool candidate once; shards of `embed_shard_rows` items."""
-    items = pa.concat_tables(
+def _items(queries: str | Path, pool: str | Path, columns: list[str]) -> pa.Table:
+    """Queries then pool candidates with a `kind` column: what the stage embeds, in that order."""
+    return pa.concat_tables(
         [
-            t.select(["id", "dataset", "text", "image"]).append_column("kind", pa.array([kind] * t.num_rows))
-            for t, kind in ((queries, "query"), (pool, "candidate"))
+            pq.read_table(path, columns=columns).append_column(
+                "kind", pa.repeat(pa.scalar(kind), pq.read_metadata(path).num_rows)
+            )
+            for path, kind in ((queries, "query"), (pool, "candidate"))
         ]
     )
+
+
+def run_embed(
+    queries: str | Path,
+    pool: str | Path,
+    out_dir: Path,
+    model: EmbedderConfig,
+    image_root: str,
+    cfg: MiningConfig,
+) -> dict:
+    """Embed the items of the QUERIES and POOL files `queries` and `pool` into `out_dir/results`."""
+    if model.backend == "precomputed":
+        return import_embeddings(model.embeddings_path, queries, pool, out_dir / "results")
+    items = _items(queries, pool, ["id", "dataset", "text", "image"])
     requests = requests_once(
         out_dir / "requests", lambda d: write_request_shards(items, d, cfg.embed_shard_rows)
     )
@@ -91,3 +81,111 @@ def run_embed(
         return ds.map_batches(_to_arrow, batch_format="numpy")
 
     return run_shards(requests, out_dir / "results", transform, EMBEDDINGS, ["id", "kind"], "embed")
+
+
+def _check_ids(path: str, items: pa.Table) -> int:
+    """Every item's id in the user's file exactly once; return the number of rows the file has beyond."""
+    ids = pq.read_table(path, columns=["id"])["id"]
+    if ids.null_count:
+        row = pc.index(pc.is_null(ids), True).as_py()
+        raise DataError(f"{path}: row {row}: field 'id' is null")
+    counts = pc.value_counts(ids).flatten()
+    dup = pc.filter(counts[0], pc.greater(counts[1], 1))
+    if len(dup):
+        raise DataError(f"{path}: id {dup[0].as_py()!r} appears more than once")
+    absent = items.filter(pc.invert(pc.is_in(items["id"], value_set=ids)))
+    if absent.num_rows:
+        first = absent.slice(0, 1).to_pylist()[0]
+        raise DataError(
+            f"{path}: no embedding for {first['kind']} {first['id']!r} of dataset {first['dataset']!r} "
+            f"({absent.num_rows} ids missing in all)"
+        )
+    return len(ids) - items.num_rows
+
+
+def _first_dim(path: str) -> int:
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["embedding"]))
+    value = batch["embedding"][0]
+    if not value.is_valid:
+        raise DataError(f"{path}: row 0: field 'embedding' is null")
+    return len(value)
+
+
+def _import_part(path: str, row_groups: list[int], first_row: int, items: pa.Table, dim: int, out: Path):
+    """One import task: the rows of `row_groups` (the first is file row `first_row`) -> a part file."""
+    table = pq.ParquetFile(path).read_row_groups(row_groups, columns=["id", "embedding"])
+    lengths = pc.fill_null(pc.list_value_length(table["embedding"]), -1).to_numpy()
+    bad = np.flatnonzero(lengths != dim)
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{path}: row {first_row + row}: field 'embedding' of {table['id'][row].as_py()!r} has "
+            f"dimension {lengths[row]} (null = -1), expected {dim}"
+        )
+    matrix = pc.list_flatten(table["embedding"]).to_numpy().astype(np.float32).reshape(-1, dim)
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1) | (norms == 0) | ~np.isfinite(norms))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{path}: row {first_row + row}: field 'embedding' of {table['id'][row].as_py()!r} is not "
+            "finite or is all zeros"
+        )
+    where = pc.index_in(table["id"], value_set=items["id"])
+    known = pc.is_valid(where).to_numpy(zero_copy_only=False)
+    rows = where.drop_null()
+    unit = (matrix[known] / norms[known, None]).astype(np.float32)
+    part = pa.table(
+        {
+            "id": table["id"].filter(known),
+            "dataset": items["dataset"].take(rows),
+            "kind": items["kind"].take(rows),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)), dim).cast(
+                pa.list_(pa.float32())
+            ),
+        },
+        schema=EMBEDDINGS,
+    ).sort_by([("dataset", "ascending"), ("id", "ascending")])
+    write_parquet(part, out)
+    normalized = int((np.abs(norms[known] - 1) > NORM_TOLERANCE).sum())
+    return {"rows": part.num_rows, "normalized": normalized}
+
+
+def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir: Path) -> dict:
+    """Validate the user's embeddings file and write it as EMBEDDINGS part files (module docstring)."""
+    if not path:
+        raise DataError("embedder.backend=precomputed needs embedder.embeddings_path")
+    if not Path(path).is_file():
+        raise DataError(f"embedder.embeddings_path: no file {path}")
+    if Path(path).suffix != ".parquet":
+        raise DataError(
+            f"embedder.embeddings_path: {path} is not Parquet; write it as Parquet with columns id, "
+            "embedding (pandas: df.to_parquet(path); JSONL is not read at this size)"
+        )
+    meta = pq.ParquetFile(path)
+    absent = {"id", "embedding"} - set(meta.schema_arrow.names)
+    if absent:
+        raise DataError(f"{path}: missing column(s) {sorted(absent)}; need id, embedding")
+    items = _items(queries, pool, ["id", "dataset"])
+    unused = _check_ids(path, items)
+    dim = _first_dim(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, group, rows, first = [], [], 0, 0
+    for rg in range(meta.metadata.num_row_groups):
+        group.append(rg)
+        rows += meta.metadata.row_group(rg).num_rows
+        if rows - first >= PART_ROWS or rg == meta.metadata.num_row_groups - 1:
+            parts.append((group, first))
+            group, first = [], rows
+    items_ref = ray.put(items)
+    todo = [
+        (path, groups, start, items_ref, dim, out_dir / f"part-{i:05d}.parquet")
+        for i, (groups, start) in enumerate(parts)
+        if not (out_dir / f"part-{i:05d}.parquet").exists()
+    ]
+    report = {"rows": 0, "normalized": 0, "dim": dim, "unused": unused, "parts": len(parts)}
+    report["parts_done_before"] = len(parts) - len(todo)
+    for _, counts, _ in run_tasks(_import_part, todo):
+        report["rows"] += counts["rows"]
+        report["normalized"] += counts["normalized"]
+    return report

@@ -8,20 +8,14 @@ same in every run; a query's `pos_id` points at its positive in the pool.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pyarrow as pa
 
 from unime_ray.config import DataConfig
 from unime_ray.data.mmeb import read_folder
-from unime_ray.data.schemas import POOL, QUERIES
+from unime_ray.data.schemas import POOL, QUERIES, candidate_id
 from unime_ray.io import write_parquet
-
-
-def candidate_id(dataset: str, text: str, image: str) -> str:
-    digest = hashlib.sha1(f"{text}\0{image}".encode()).hexdigest()[:16]
-    return f"{dataset}/c{digest}"
 
 
 def run_ingest(data: DataConfig, out_dir: Path) -> dict:

@@ -12,21 +12,24 @@ bad row never kills a 9-hour run (the sample stage quarantines what it cannot us
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import JudgeConfig, MiningConfig, config_from_dict
 from unime_ray.data.schemas import JUDGE_REQUESTS, JUDGE_SCORES
+from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
+from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import write_parquet
-from unime_ray.mining.shards import PATH_COL, run_shards, write_request_shards
 
 log = logging.getLogger(__name__)
 
@@ -63,97 +66,211 @@ class JudgeActor:
         return batch.select(keep).append_column("score", pa.array(self._score(batch), pa.float32()))
 
 
-def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
-    """CANDIDATES rows -> JUDGE_REQUESTS rows, ordered by query, each query's positive first."""
-    q = {r["id"]: r for r in queries.to_pylist()}
-    texts = dict(
-        zip(
-            pool["id"].to_pylist(),
-            zip(pool["text"].to_pylist(), pool["image"].to_pylist(), strict=True),
-            strict=True,
-        )
+def _lookup(table: pa.Table, ids: pa.ChunkedArray | pa.Array, what: str) -> pa.Array:
+    """Row of each id in `table`; an id not there is an error naming it."""
+    rows = pc.index_in(ids, value_set=table["id"])
+    if rows.null_count:
+        missing = pc.filter(ids, pc.is_null(rows))[0].as_py()
+        raise ValueError(f"{what} {missing!r} is not in the {what} table")
+    return rows
+
+
+def _request_ids(candidates: pa.Table, queries: pa.Table) -> pa.Table:
+    """The id columns of the judge requests: per query with candidates, its positive (rank -1) and then
+    its candidates by rank; queries in id order."""
+    cands = candidates.select(["query_id", "cand_id", "rank", "sim"])
+    qids = pc.unique(cands["query_id"])
+    pos = queries["pos_id"].take(_lookup(queries, qids, "query"))
+    positives = pa.table(
+        {
+            "query_id": qids,
+            "cand_id": pos,
+            "rank": pa.repeat(pa.scalar(-1, pa.int32()), len(qids)),
+            "sim": pa.repeat(pa.scalar(float("nan"), pa.float32()), len(qids)),
+        }
     )
-    by_query: dict[str, list[dict]] = {}
-    for c in candidates.to_pylist():
-        by_query.setdefault(c["query_id"], []).append(c)
-    rows = []
-    for qid in sorted(by_query):
-        query = q[qid]
-        cands = sorted(by_query[qid], key=lambda c: c["rank"])
-        pos = {"cand_id": query["pos_id"], "rank": -1, "sim": float("nan"), "is_positive": True}
-        for c in [pos] + [{**c, "is_positive": False} for c in cands]:
-            cand_text, cand_image = texts[c["cand_id"]]
-            rows.append(
-                {
-                    "query_id": qid,
-                    "dataset": query["dataset"],
-                    "cand_id": c["cand_id"],
-                    "is_positive": c["is_positive"],
-                    "rank": c["rank"],
-                    "sim": c["sim"],
-                    "qry_text": query["text"],
-                    "qry_image": query["image"],
-                    "cand_text": cand_text,
-                    "cand_image": cand_image,
-                }
-            )
-    return pa.Table.from_pylist(rows, schema=JUDGE_REQUESTS)
+    flags = [pa.repeat(pa.scalar(flag), n) for flag, n in ((True, len(qids)), (False, cands.num_rows))]
+    rows = pa.concat_tables([positives, cands.cast(positives.schema)])
+    rows = rows.append_column("is_positive", pa.concat_arrays(flags))
+    return rows.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def _with_texts(ids: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
+    """JUDGE_REQUESTS rows: the id columns with the query's and the candidate's texts and images."""
+    q = queries.take(_lookup(queries, ids["query_id"], "query"))
+    c = pool.take(_lookup(pool, ids["cand_id"], "candidate"))
+    columns = {
+        "query_id": ids["query_id"],
+        "dataset": q["dataset"],
+        "cand_id": ids["cand_id"],
+        "is_positive": ids["is_positive"],
+        "rank": ids["rank"],
+        "sim": ids["sim"],
+        "qry_text": q["text"],
+        "qry_image": q["image"],
+        "cand_text": c["text"],
+        "cand_image": c["image"],
+    }
+    return pa.table(columns, schema=JUDGE_REQUESTS)
+
+
+def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
+    """CANDIDATES rows -> JUDGE_REQUESTS rows, ordered by query id, each query's positive first."""
+    return _with_texts(_request_ids(candidates, queries), queries, pool)
+
+
+def _dataset_requests(candidates: Path, queries: str, pool: str, out_dir: Path, per_shard: int) -> list[Path]:
+    """One Ray task of `write_requests`: the request shards of one candidates file. Only that dataset's
+    queries and pool are read, and the texts are joined one shard at a time."""
+    cands = pq.read_table(candidates)
+    names = pc.unique(cands["dataset"]).to_pylist()
+    columns = ["id", "dataset", "text", "image"]
+    q = pq.read_table(queries, columns=[*columns, "pos_id"], filters=[("dataset", "in", names)])
+    p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)])
+    ids = _request_ids(cands, q)
+    del cands
+    return write_request_shards(
+        ids, out_dir, per_shard, prefix=candidates.stem, group="query_id", fill=lambda t: _with_texts(t, q, p)
+    )
 
 
 def write_requests(
-    candidate_files: list[Path], queries: pa.Table, pool: pa.Table, out_dir: Path, cfg: MiningConfig
+    candidate_files: list[Path], queries: str | Path, pool: str | Path, out_dir: Path, cfg: MiningConfig
 ) -> list[Path]:
-    """One dataset at a time, `judge_shard_queries` queries per shard file."""
-    shards = []
-    for path in sorted(candidate_files):
-        requests = build_requests(pq.read_table(path), queries, pool)
-        shards += write_request_shards(
-            requests, out_dir, cfg.judge_shard_queries, prefix=path.stem, group="query_id"
-        )
-    return shards
+    """The request shards of every candidates file (one Ray task per file, i.e. per dataset), each
+    shard `judge_shard_queries` whole queries; `queries` and `pool` are the QUERIES and POOL files."""
+    files = sorted(candidate_files)
+    todo = [(path, str(queries), str(pool), out_dir, cfg.judge_shard_queries) for path in files]
+    shards: list[list[Path]] = [[] for _ in files]
+    for i, paths, _ in run_tasks(_dataset_requests, todo):
+        shards[i] = paths
+    return [path for paths in shards for path in paths]
 
 
-def _read_user_scores(path: str) -> pa.Table:
+USER_SCORES = pa.schema([("query_id", pa.string()), ("cand_id", pa.string()), ("score", pa.float32())])
+BUCKET_ROWS = 2_000_000  # request rows joined at once against the user's scores (~0.5 GB in a task)
+CHUNK_ROWS = 1_000_000  # user rows per partitioning task
+
+
+def _user_batches(path: str, row_groups: list[int] | None) -> Iterator[pa.RecordBatch]:
+    """The user's score rows as batches of USER_SCORES: a Parquet file's `row_groups`, or a whole JSONL
+    file streamed (never loaded whole)."""
+    try:
+        if path.endswith(".parquet"):
+            reader = pq.ParquetFile(path).iter_batches(
+                batch_size=CHUNK_ROWS, row_groups=row_groups, columns=USER_SCORES.names
+            )
+        else:
+            options = pajson.ParseOptions(explicit_schema=USER_SCORES, unexpected_field_behavior="ignore")
+            reader = pajson.open_json(path, parse_options=options)
+        for batch in reader:
+            yield pa.Table.from_batches([batch]).select(USER_SCORES.names).cast(USER_SCORES).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a score file of query_id, cand_id, score: {e}") from e
+
+
+def _check_user_scores(path: str) -> list[list[int] | None]:
+    """Fail fast on a file without the columns; return the partitioning tasks' row-group lists."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"judge.scores_path: no file {path}")
-    if p.suffix == ".parquet":
-        table = pq.read_table(p)
+    if p.suffix != ".parquet":
+        names = set(next(iter(pajson.open_json(path))).schema.names)
+        chunks: list[list[int] | None] = [None]  # one streaming task: JSONL has no row groups
     else:
-        table = pa.Table.from_pylist(
-            [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        )
-    missing = {"query_id", "cand_id", "score"} - set(table.column_names)
+        meta = pq.ParquetFile(path).metadata
+        names = set(pq.read_schema(path).names)
+        chunks, rows = [[]], 0
+        for rg in range(meta.num_row_groups):
+            if rows >= CHUNK_ROWS:
+                chunks, rows = [*chunks, []], 0
+            chunks[-1].append(rg)
+            rows += meta.row_group(rg).num_rows
+    missing = {"query_id", "cand_id", "score"} - names
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}; need query_id, cand_id, score")
-    return table.select(["query_id", "cand_id", "score"]).cast(
-        pa.schema([("query_id", pa.string()), ("cand_id", pa.string()), ("score", pa.float32())])
-    )
+    return chunks
+
+
+def _partition_user_scores(
+    path: str, row_groups: list[int] | None, chunk: int, buckets: pa.Table, out_dir: Path
+) -> list[Path]:
+    """One Ray task: the user's rows of `row_groups`, split by the bucket of their query into fragment
+    files `b<bucket>-c<chunk>.parquet`; rows of a query no request names go to bucket -1 (unused)."""
+    parts: dict[int, list[pa.Table]] = {}
+    for batch in _user_batches(path, row_groups):
+        where = pc.index_in(batch["query_id"], value_set=buckets["query_id"])
+        bucket = pc.fill_null(pc.take(buckets["bucket"], where), -1)
+        for b in pc.unique(bucket).to_pylist():
+            parts.setdefault(b, []).append(batch.filter(pc.equal(bucket, b)))
+    return [
+        write_parquet(pa.concat_tables(tables), out_dir / f"b{b:05d}-c{chunk:05d}.parquet")
+        for b, tables in sorted(parts.items())
+    ]
+
+
+def _attach_bucket(shards: list[Path], fragments: list[Path], out_dir: Path, scores_path: str) -> None:
+    """One Ray task: join the requests of `shards` with the user's rows of their queries (`fragments`),
+    check every request has exactly one score, write each shard's JUDGE_SCORES file."""
+    keys = ["query_id", "cand_id"]
+    user = pa.concat_tables([pq.read_table(f) for f in fragments]) if fragments else USER_SCORES.empty_table()
+    counts = user.group_by(keys).aggregate([([], "count_all")])
+    dup = counts.filter(pc.greater(counts["count_all"], 1))
+    if dup.num_rows:
+        raise ValueError(
+            f"{scores_path}: duplicate (query_id, cand_id) rows, e.g. {dup.select(keys).to_pylist()[:3]}"
+        )
+    for shard in shards:
+        req = pq.read_table(shard, columns=[n for n in JUDGE_SCORES.names if n != "score"])
+        joined = req.join(user, keys, join_type="inner")
+        if joined.num_rows != req.num_rows:
+            lacking = req.join(user.select(keys), keys, join_type="left anti").select(keys)
+            raise ValueError(
+                f"{scores_path}: {lacking.num_rows} requests of {shard.name} lack a score, e.g. "
+                f"{[tuple(r.values()) for r in lacking.slice(0, 3).to_pylist()]}"
+            )
+        order = pc.sort_indices(joined, [("query_id", "ascending"), ("rank", "ascending")])
+        write_parquet(joined.take(order).select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / shard.name)
 
 
 def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) -> dict:
-    """Join a user's scores onto the requests; every request must have exactly one score."""
-    user = _read_user_scores(scores_path)
-    if user.group_by(["query_id", "cand_id"]).aggregate([]).num_rows != user.num_rows:
-        raise ValueError(f"{scores_path}: duplicate (query_id, cand_id) rows")
-    used = 0
+    """Join a user's scores (Parquet or JSONL: query_id, cand_id, score) onto the requests; every request
+    must have exactly one score. At MMEB's size (33.8M rows) nothing is loaded whole: consecutive request
+    shards form buckets of ~BUCKET_ROWS requests; Ray tasks split the user's file by the bucket of each
+    row's query, then one task per bucket joins its requests with its rows. A pair's rows share its
+    query, so a duplicate or a missing score is always found within one bucket."""
+    chunks = _check_user_scores(scores_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: list[list[Path]] = [[]]
+    bucket_rows, ids, bucket_of = 0, [], []
     for path in requests:
-        req = pq.read_table(path)
-        joined = req.join(user, ["query_id", "cand_id"], join_type="inner")
-        if joined.num_rows != req.num_rows:
-            have = set(zip(joined["query_id"].to_pylist(), joined["cand_id"].to_pylist(), strict=True))
-            lacking = [
-                k
-                for k in zip(req["query_id"].to_pylist(), req["cand_id"].to_pylist(), strict=True)
-                if k not in have
-            ]
-            raise ValueError(
-                f"{scores_path}: {len(lacking)} requests of {path.name} lack a score, e.g. {lacking[:3]}"
-            )
-        used += joined.num_rows
-        order = pc.sort_indices(joined, [("query_id", "ascending"), ("rank", "ascending")])
-        write_parquet(joined.take(order).select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / path.name)
-    return {"rows": used, "user_rows_unused": user.num_rows - used}
+        rows = pq.read_metadata(path).num_rows
+        if bucket_rows and bucket_rows + rows > BUCKET_ROWS:
+            groups, bucket_rows = [*groups, []], 0
+        groups[-1].append(path)
+        bucket_rows += rows
+        qids = pc.unique(pq.read_table(path, columns=["query_id"])["query_id"])
+        ids.append(qids)
+        bucket_of.append(pa.repeat(pa.scalar(len(groups) - 1, pa.int32()), len(qids)))
+    buckets = pa.table(
+        {"query_id": pa.chunked_array(ids, pa.string()), "bucket": pa.chunked_array(bucket_of, pa.int32())}
+    )
+    work = out_dir / "_user_scores"
+    items = [(scores_path, rgs, i, buckets, work) for i, rgs in enumerate(chunks)]
+    fragments = requests_once(
+        work, lambda _: [p for _, paths, _ in run_tasks(_partition_user_scores, items) for p in paths]
+    )
+    todo = [
+        (shards, [f for f in fragments if f.name.startswith(f"b{b:05d}-")], out_dir, scores_path)
+        for b, shards in enumerate(groups)
+        if any(not (out_dir / s.name).exists() for s in shards)
+    ]
+    for _ in run_tasks(_attach_bucket, todo):
+        pass
+    user_rows = sum(pq.read_metadata(f).num_rows for f in fragments)
+    used = sum(pq.read_metadata(out_dir / s.name).num_rows for s in requests)
+    shutil.rmtree(work)
+    return {"rows": used, "user_rows_unused": user_rows - used}
 
 
 def run_judge(

@@ -23,16 +23,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from unime_ray.config import Config
+from unime_ray.engine.shards import requests_once
 from unime_ray.io import write_json
 from unime_ray.mining.embed import run_embed
 from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
 from unime_ray.mining.retrieve import run_retrieve
 from unime_ray.mining.sample import run_sample
-from unime_ray.mining.shards import requests_once
 
 STAGES = ("ingest", "embed", "retrieve", "judge", "sample")
 
@@ -101,16 +99,12 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
 
     image_root = cfg.data.image_root
 
-    def tables():
-        return pq.read_table(dirs["ingest"] / "queries.parquet"), pq.read_table(
-            dirs["ingest"] / "pool.parquet"
-        )
+    queries, pool = (str(dirs["ingest"] / f"{name}.parquet") for name in ("queries", "pool"))
 
     def files(stage: str, sub: str = "") -> list[Path]:
         return sorted((dirs[stage] / sub).glob("*.parquet"))
 
     def judge(d: Path) -> dict:
-        queries, pool = tables()
         candidates = files("retrieve")
         requests = requests_once(
             d / "requests", lambda r: write_requests(candidates, queries, pool, r, cfg.mining)
@@ -119,10 +113,10 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
 
     steps = {
         "ingest": lambda d: run_ingest(cfg.data, d),
-        "embed": lambda d: run_embed(*tables(), d, cfg.embedder, image_root, cfg.mining),
-        "retrieve": lambda d: run_retrieve(files("embed", "results"), tables()[0], d, cfg.mining),
+        "embed": lambda d: run_embed(queries, pool, d, cfg.embedder, image_root, cfg.mining),
+        "retrieve": lambda d: run_retrieve(files("embed", "results"), queries, d, cfg.mining),
         "judge": judge,
-        "sample": lambda d: run_sample(files("judge", "results"), *tables(), d, cfg.mining, cfg.run.seed),
+        "sample": lambda d: run_sample(files("judge", "results"), queries, pool, d, cfg.mining, cfg.run.seed),
     }
     last = max(STAGES.index(s) for s in stages)
     for stage in STAGES[: last + 1]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +59,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
+from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import atomic_path, write_json, write_parquet
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
+MERGE_ROWS = 8192  # rows per chunk of the streaming merge of the per-task outputs
 
 
 @dataclass
@@ -131,8 +135,19 @@ def sample_negatives(
     return Sampled(indices=picks, scores=picked_scores, num_survivors=len(survivors), fallback=fallback)
 
 
-def _problem(source: Path | str, row: int, id: str | None, field: str, reason: str) -> dict:
-    return {"source": str(source), "row": row, "id": id, "field": field, "reason": reason}
+def _problems(
+    source: Path | str, rows: np.ndarray, ids: pa.Array | list, field: str, reason: str
+) -> pa.Table:
+    """Quarantine rows (QUARANTINE schema), one per row number in `rows` (-1: a whole query)."""
+    n = len(rows)
+    columns = {
+        "source": pa.repeat(pa.scalar(str(source)), n),
+        "row": pa.array(rows, pa.int64()),
+        "id": pa.array(ids, pa.string()),
+        "field": pa.repeat(pa.scalar(field), n),
+        "reason": pa.repeat(pa.scalar(reason), n),
+    }
+    return pa.table(columns, schema=QUARANTINE)
 
 
 def _index_in(values: pa.ChunkedArray, ids: pa.ChunkedArray) -> np.ndarray:
@@ -140,9 +155,9 @@ def _index_in(values: pa.ChunkedArray, ids: pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(pc.index_in(values, value_set=ids), -1).to_numpy()
 
 
-def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[dict]]:
+def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[pa.Table]]:
     """The score rows of one file that can be sampled, each with its candidate's row in `pool`, sorted by
-    query id; and a quarantine row for each of the others."""
+    query id; and the quarantine rows of the others."""
     wanted = pa.schema([JUDGE_SCORES.field(column) for column in SCORE_COLUMNS])
     try:
         table = pq.read_table(path, columns=SCORE_COLUMNS).cast(wanted)
@@ -158,10 +173,9 @@ def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[dict]]:
     keep = np.ones(table.num_rows, dtype=bool)
     problems = []
     for field, reason, hits in checks:
-        hits = pc.fill_null(hits, False).to_numpy(zero_copy_only=False) & keep
-        for row in np.flatnonzero(hits):
-            problems.append(_problem(path, int(row), table["query_id"][row].as_py(), field, reason))
-        keep &= ~hits
+        rows = np.flatnonzero(pc.fill_null(hits, False).to_numpy(zero_copy_only=False) & keep)
+        problems.append(_problems(path, rows, table["query_id"].take(rows), field, reason))
+        keep[rows] = False
     return table.append_column("pool_row", pool_row).filter(keep).sort_by("query_id"), problems
 
 
@@ -242,12 +256,12 @@ def _json_float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _write_official_json(table: pa.Table, path: Path) -> None:
-    """The official release format, streamed one record per line so memory holds one batch at a time."""
+def _write_official_json(source: Path, path: Path) -> None:
+    """The official release format, streamed from the HARD_NEGATIVES file one batch at a time."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("[")
         separator = "\n"
-        for batch in table.to_batches(max_chunksize=4096):
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=4096):
             for r in batch.to_pylist():
                 record = {
                     "query_text": r["qry_text"],
@@ -304,22 +318,34 @@ def _plot_scores(
         fig.savefig(tmp, format="png")
 
 
-def run_sample(
-    score_files: list[Path], queries: pa.Table, pool: pa.Table, out_dir: Path, cfg: MiningConfig, seed: int
+def _rows_of(source: pa.Table | str, datasets: list[str], columns: list[str]) -> pa.Table:
+    """The rows of `datasets` in a QUERIES / POOL table or file (a file reads only their row groups)."""
+    if isinstance(source, pa.Table):
+        return source.filter(pc.is_in(source["dataset"], value_set=pa.array(datasets))).select(columns)
+    return pq.read_table(source, columns=columns, filters=[("dataset", "in", datasets)])
+
+
+def _sample_files(
+    files: list[Path],
+    datasets: list[str],
+    queries_src: pa.Table | str,
+    pool_src: pa.Table | str,
+    cfg: MiningConfig,
+    seed: int,
+    out: Path,
 ) -> dict:
-    """Sample hard negatives for the queries of `score_files` (JUDGE_SCORES parquet) with texts and images
-    from `queries` (QUERIES) and `pool` (POOL); write the outputs listed in the module docstring into
-    `out_dir` and return the report."""
-    out_dir = Path(out_dir)
-    for name, table in [("queries", queries), ("pool", pool)]:
-        if pc.count_distinct(table["id"]).as_py() != table.num_rows:
-            raise DataError(f"the {name} table has duplicate ids")
+    """One Ray task of `run_sample`: the score files of some datasets, against only those datasets'
+    queries and pool. Writes `out` (HARD_NEGATIVES, sorted by id) and `<out>.quarantine.parquet`; returns
+    the ids of the queries it sampled or found without a usable row (for the run-wide checks) and the
+    score arrays of the report."""
+    queries = _rows_of(queries_src, datasets, ["id", "dataset", "text", "image", "pos_id"])
+    pool = _rows_of(pool_src, datasets, ["id", "dataset", "text", "image"])
     pos_pool_row = _index_in(queries["pos_id"], pool["id"])
     file_of_query = np.full(queries.num_rows, -1)  # which score file held each query's rows
-    problems: list[dict] = []
+    problems: list[pa.Table] = []
     collector = _Collector()
 
-    for file_no, path in enumerate(score_files):
+    for file_no, path in enumerate(files):
         table, file_problems = _usable_rows(path, pool)
         problems += file_problems
         ids = table["query_id"].to_numpy(zero_copy_only=False)
@@ -328,65 +354,215 @@ def run_sample(
         ranks = table["rank"].to_numpy()
         scores = table["score"].to_numpy().astype(np.float64)
         pool_row = table["pool_row"].to_numpy()
+        query_problems: dict[tuple[str, str], list[str]] = {}
         # Rows are sorted by query id, so each query is one run of rows [start, end).
         starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
         for start, end in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
             query_id, q = ids[start], query_row[start]
+            problem = None
             if q < 0:
-                problems.append(_problem(path, -1, query_id, "query_id", "unknown_query"))
-                continue
-            if file_of_query[q] >= 0:
+                problem = ("query_id", "unknown_query")
+            elif file_of_query[q] >= 0:
                 raise DataError(
-                    f"query {query_id!r} has score rows in {score_files[file_of_query[q]]} and in {path}; "
+                    f"query {query_id!r} has score rows in {files[file_of_query[q]]} and in {path}; "
                     "all rows of a query must be in one file"
                 )
-            file_of_query[q] = file_no
+            else:
+                file_of_query[q] = file_no
             positives = start + np.flatnonzero(is_positive[start:end])
             negatives = start + np.flatnonzero(~is_positive[start:end])
-            if pos_pool_row[q] < 0:
-                problems.append(_problem(path, -1, query_id, "pos_id", "positive_not_in_pool"))
+            if problem:
+                pass
+            elif pos_pool_row[q] < 0:
+                problem = ("pos_id", "positive_not_in_pool")
             elif len(positives) == 0:
-                problems.append(_problem(path, -1, query_id, "is_positive", "no_positive_score"))
+                problem = ("is_positive", "no_positive_score")
             elif len(positives) > 1:
-                problems.append(_problem(path, -1, query_id, "is_positive", "several_positive_scores"))
+                problem = ("is_positive", "several_positive_scores")
             elif len(negatives) == 0:
-                problems.append(_problem(path, -1, query_id, "cand_id", "no_judged_candidates"))
-            else:
-                sampled = sample_negatives(
-                    scores[positives[0]],
-                    scores[negatives],
-                    ranks[negatives],
-                    beta=cfg.beta,
-                    interval=cfg.interval,
-                    min_negatives=cfg.min_negatives,
-                    num_negatives=cfg.num_negatives,
-                    rng=query_rng(seed, query_id),
-                )
-                chosen = negatives[sampled.indices]
-                collector.add(
-                    query=q,
-                    pos_score=scores[positives[0]],
-                    num_survivors=sampled.num_survivors,
-                    fallback=sampled.fallback,
-                    num_negatives=len(chosen),
-                    neg_pool=pool_row[chosen],
-                    neg_score=sampled.scores,
-                    neg_rank=ranks[chosen],
-                    candidate_score=scores[negatives],
-                )
+                problem = ("cand_id", "no_judged_candidates")
+            if problem:
+                query_problems.setdefault(problem, []).append(query_id)
+                continue
+            sampled = sample_negatives(
+                scores[positives[0]],
+                scores[negatives],
+                ranks[negatives],
+                beta=cfg.beta,
+                interval=cfg.interval,
+                min_negatives=cfg.min_negatives,
+                num_negatives=cfg.num_negatives,
+                rng=query_rng(seed, query_id),
+            )
+            chosen = negatives[sampled.indices]
+            collector.add(
+                query=q,
+                pos_score=scores[positives[0]],
+                num_survivors=sampled.num_survivors,
+                fallback=sampled.fallback,
+                num_negatives=len(chosen),
+                neg_pool=pool_row[chosen],
+                neg_score=sampled.scores,
+                neg_rank=ranks[chosen],
+                candidate_score=scores[negatives],
+            )
+        for (field, reason), qids in query_problems.items():
+            problems.append(_problems(path, np.full(len(qids), -1), qids, field, reason))
         collector.pack()
-    for q in np.flatnonzero(file_of_query < 0):
-        problems.append(_problem("", -1, queries["id"][q].as_py(), "id", "no_judge_scores"))
 
-    out = collector.arrays()
-    result = _hard_negatives_table(out, queries, pool, pos_pool_row)
-    write_parquet(result, out_dir / "hard_negatives.parquet")
-    _write_official_json(result, out_dir / "hard_negatives.json")
-    write_parquet(pa.Table.from_pylist(problems, schema=QUARANTINE), out_dir / "quarantine.parquet")
+    result = collector.arrays()
+    write_parquet(_hard_negatives_table(result, queries, pool, pos_pool_row), out)
+    write_parquet(
+        pa.concat_tables([QUARANTINE.empty_table(), *problems]), out.with_suffix(".quarantine.parquet")
+    )
+    seen = queries["id"].combine_chunks().filter(pa.array(file_of_query >= 0))
+    return {
+        "seen": seen,
+        "file_of_seen": pa.array([str(files[i]) for i in file_of_query[file_of_query >= 0]], pa.string()),
+        **{k: result[k] for k in ("pos_score", "candidate_score", "neg_score", "num_survivors", "fallback")},
+    }
+
+
+def _datasets_of(path: Path) -> tuple[str, ...]:
+    """The datasets a score file holds, from its statistics when one value spans every row group."""
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.names.index("dataset") if "dataset" in meta.schema.names else -1
+    values = set()
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(column).statistics if column >= 0 else None
+        if stats is None or not stats.has_min_max or stats.min != stats.max:
+            table = pq.read_table(path, columns=["dataset"])
+            return tuple(sorted(pc.unique(table["dataset"].drop_null()).to_pylist()))
+        values.add(stats.min)
+    return tuple(sorted(values))
+
+
+class _Stream:
+    """Rows of a sorted part file taken from its front, n at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS)
+        self.buffer = pa.table({})
+
+    def take(self, n: int) -> pa.Table:
+        parts, have = [], 0
+        while have < n:
+            if self.buffer.num_rows == 0:
+                self.buffer = pa.Table.from_batches([next(self.batches)])
+            part = self.buffer.slice(0, n - have)
+            self.buffer = self.buffer.slice(part.num_rows)
+            parts.append(part)
+            have += part.num_rows
+        return pa.concat_tables(parts)
+
+
+def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> int:
+    """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
+    the keys of all parts and one chunk of MERGE_ROWS rows are in memory at once. Returns rows written."""
+    keys = pa.concat_tables(
+        [
+            pq.read_table(p, columns=[key]).append_column(
+                "_part", pa.repeat(pa.scalar(i, pa.int32()), pq.read_metadata(p).num_rows)
+            )
+            for i, p in enumerate(parts)
+        ]
+    )
+    order = pc.sort_indices(keys, [(key, "ascending")])
+    labels = keys["_part"].take(order).to_numpy()
+    del keys, order
+    streams = [_Stream(p) for p in parts]
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(labels), MERGE_ROWS):
+            chunk = labels[start : start + MERGE_ROWS]
+            counts = np.bincount(chunk, minlength=len(parts))
+            taken = pa.concat_tables([streams[i].take(int(n)) for i, n in enumerate(counts) if n])
+            # The j-th row of part i in this chunk sits at offset[i] + j of `taken`.
+            offsets = np.r_[0, np.cumsum(counts[counts > 0])][:-1]
+            position = np.empty(len(chunk), dtype=np.int64)
+            for i, offset in zip(np.flatnonzero(counts), offsets, strict=True):
+                where = np.flatnonzero(chunk == i)
+                position[where] = offset + np.arange(len(where))
+            writer.write_table(taken.take(position).cast(schema))
+    return len(labels)
+
+
+def run_sample(
+    score_files: list[Path],
+    queries: pa.Table | str | Path,
+    pool: pa.Table | str | Path,
+    out_dir: Path,
+    cfg: MiningConfig,
+    seed: int,
+) -> dict:
+    """Sample hard negatives for the queries of `score_files` (JUDGE_SCORES parquet) with texts and images
+    from `queries` (QUERIES) and `pool` (POOL), tables or Parquet files; write the outputs listed in the
+    module docstring into `out_dir` and return the report.
+
+    The score files are grouped by the datasets they hold and each group is one Ray task (spread over
+    the nodes) that reads only its datasets' queries and pool; the driver merges the groups' outputs
+    by streaming. A query whose score rows name a dataset it is not in is `unknown_query`."""
+    out_dir = Path(out_dir)
+    sources = {"queries": queries, "pool": pool}
+    for name, src in sources.items():
+        if not isinstance(src, pa.Table):
+            sources[name] = str(src)
+        ids = src["id"] if isinstance(src, pa.Table) else pq.read_table(src, columns=["id"])["id"]
+        if pc.count_distinct(ids).as_py() != len(ids):
+            raise DataError(f"the {name} table has duplicate ids")
+    if isinstance(queries, pa.Table):
+        sources = {k: ray.put(v) if isinstance(v, pa.Table) else v for k, v in sources.items()}
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for path in score_files:
+        groups.setdefault(_datasets_of(Path(path)), []).append(Path(path))
+    parts_dir = out_dir / "parts"
+    parts = [parts_dir / f"part-{i:05d}.parquet" for i in range(len(groups))]
+    todo = [
+        (files, list(names), sources["queries"], sources["pool"], cfg, seed, part)
+        for (names, files), part in zip(groups.items(), parts, strict=True)
+    ]
+    results: list[dict] = [{}] * len(todo)
+    nodes = set()
+    for i, result, node in run_tasks(_sample_files, todo):
+        results[i] = result
+        nodes.add(node)
+
+    seen = pa.concat_arrays([pa.array([], pa.string())] + [r["seen"] for r in results])
+    seen_in = pa.concat_arrays([pa.array([], pa.string())] + [r["file_of_seen"] for r in results])
+    counts = pc.value_counts(seen).flatten()
+    twice = pc.filter(counts[0], pc.greater(counts[1], 1))
+    if len(twice):
+        files = pc.filter(seen_in, pc.equal(seen, twice[0])).to_pylist()
+        raise DataError(
+            f"query {twice[0].as_py()!r} has score rows in {files[0]} and in {files[1]}; "
+            "all rows of a query must be in one file"
+        )
+    src = sources["queries"]
+    query_ids = (
+        ray.get(src)["id"] if isinstance(src, ray.ObjectRef) else pq.read_table(src, columns=["id"])["id"]
+    )
+    unjudged = query_ids.filter(pc.invert(pc.is_in(query_ids, value_set=seen)))
+    num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES)
+    _write_official_json(out_dir / "hard_negatives.parquet", out_dir / "hard_negatives.json")
+    by_reason: Counter = Counter()
+    with atomic_path(out_dir / "quarantine.parquet") as tmp, pq.ParquetWriter(tmp, QUARANTINE) as writer:
+        for part in parts:
+            quarantine = pq.ParquetFile(part.with_suffix(".quarantine.parquet"))
+            for batch in quarantine.iter_batches(batch_size=MERGE_ROWS):
+                by_reason.update(batch["reason"].to_pylist())
+                writer.write_batch(batch)
+        missing = _problems("", np.full(len(unjudged), -1), unjudged, "id", "no_judge_scores")
+        by_reason.update(missing["reason"].to_pylist())
+        writer.write_table(missing)
+    shutil.rmtree(parts_dir)
+
+    out = {
+        key: np.concatenate([np.zeros(0, _Collector.DTYPES[key])] + [r[key] for r in results])
+        for key in ("pos_score", "candidate_score", "neg_score", "num_survivors", "fallback")
+    }
     _plot_scores(out["pos_score"], out["candidate_score"], out["neg_score"], cfg.beta, out_dir / "scores.png")
-
-    num_out, num_fallback = len(out["query"]), int(out["fallback"].sum())
+    num_fallback = int(out["fallback"].sum())
     survivors, counts = np.unique(out["num_survivors"], return_counts=True)
+    num_queries = len(query_ids)
     report = {
         "beta": cfg.beta,
         "interval": cfg.interval,
@@ -394,9 +570,9 @@ def run_sample(
         "num_negatives": cfg.num_negatives,
         "seed": seed,
         "score_files": [str(path) for path in score_files],
-        "queries_in": queries.num_rows,
+        "queries_in": num_queries,
         "queries_out": num_out,
-        "queries_quarantined": queries.num_rows - num_out,
+        "queries_quarantined": num_queries - num_out,
         "fallback": num_fallback,
         "fallback_pct": 100.0 * num_fallback / num_out if num_out else 0.0,
         "survivors_histogram": [[int(k), int(n)] for k, n in zip(survivors, counts, strict=True)],
@@ -405,7 +581,8 @@ def run_sample(
             "candidates": _stats(out["candidate_score"]),
             "negatives": _stats(out["neg_score"]),
         },
-        "quarantine_by_reason": dict(Counter(problem["reason"] for problem in problems)),
+        "quarantine_by_reason": dict(by_reason),
+        "nodes": len(nodes),
     }
     write_json(report, out_dir / "report.json")
     return report

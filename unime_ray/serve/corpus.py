@@ -40,8 +40,7 @@ from unime_ray.data.mmeb import (
     string,
     strings,
 )
-from unime_ray.data.schemas import INDEX_RECORDS, QUARANTINE
-from unime_ray.mining.ingest import candidate_id
+from unime_ray.data.schemas import INDEX_RECORDS, QUARANTINE, candidate_id
 
 CORPUS = pa.schema([f for f in INDEX_RECORDS if f.name != "embedding"])
 

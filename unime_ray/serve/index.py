@@ -4,7 +4,7 @@
     unime-ray build-index --config FILE --corpus FILE_OR_DIR [--rebuild] [--set index.type=hnsw]
 
 Building embeds the corpus (`unime_ray.serve.corpus`) with a Ray Data actor pool of embedders
-(`mining.embed.embed_dataset`, the same code as mining), then writes the folder `index.dir`
+(`engine.embed.embed_dataset`, the same code as mining), then writes the folder `index.dir`
 (default `<run.output_dir>/index`):
 
     meta.json              the commit point: embedder identity, dim, type, count, and the files below
@@ -13,7 +13,7 @@ Building embeds the corpus (`unime_ray.serve.corpus`) with a Ray Data actor pool
     ann-g00001.faiss       ivf / hnsw only: the FAISS index over the same rows (exact search needs none)
     quarantine.parquet     the corpus rows set aside by the last build, with reasons
 
-Search: "exact" (default) is FAISS inner product over every vector (`mining.retrieve.PoolIndex`:
+Search: "exact" (default) is FAISS inner product over every vector (`engine.index.PoolIndex`:
 chunked, ties by row, on GPU when FAISS sees one); "ivf" (trained IndexIVFFlat, GPU too; a corpus
 too small to train it is searched exactly) and "hnsw" (IndexHNSWFlat, CPU) are approximate, for large
 corpora. Vectors are unit length, so scores are cosines.
@@ -51,8 +51,8 @@ import pyarrow.parquet as pq
 
 from unime_ray.config import Config, IndexConfig, ModelConfig, add_config_args, config_from_args
 from unime_ray.data.schemas import INDEX_RECORDS
+from unime_ray.engine.index import PoolIndex, build_ivf
 from unime_ray.io import atomic_path, write_json, write_parquet
-from unime_ray.mining.retrieve import PoolIndex, build_ivf
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -341,7 +341,7 @@ def embed_records(records: pa.Table, cfg: Config) -> np.ndarray:
     """float32 [n, dim] vectors of `records` in row order, from a Ray Data actor pool of embedders."""
     import ray
 
-    from unime_ray.mining.embed import embed_dataset
+    from unime_ray.engine.embed import embed_dataset
 
     ds = ray.data.from_arrow(
         records.select(["text", "image"]).append_column("row", pa.array(np.arange(records.num_rows)))

@@ -27,21 +27,27 @@ PATH_COL = "path"
 
 
 def write_request_shards(
-    table: pa.Table, out_dir: Path, per_shard: int, prefix: str = "shard", group: str | None = None
+    table: pa.Table,
+    out_dir: Path,
+    per_shard: int,
+    prefix: str = "shard",
+    group: str | None = None,
+    fill: Callable[[pa.Table], pa.Table] | None = None,
 ) -> list[Path]:
     """Split `table` (already in processing order) into request files of `per_shard` rows, or, with
     `group`, of `per_shard` consecutive groups (a group, e.g. one query's judge calls, never straddles
-    two shards)."""
+    two shards). `fill` completes each shard's rows before it is written (e.g. joins the texts), so only
+    one shard at a time holds them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if group is None:
         starts = list(range(0, table.num_rows, per_shard))
     else:
         values = table[group].to_numpy(zero_copy_only=False)
-        group_starts = [0] + [i for i in range(1, len(values)) if values[i] != values[i - 1]]
-        starts = group_starts[::per_shard] if table.num_rows else []
+        group_starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else []
+        starts = [int(i) for i in group_starts[::per_shard]]
     bounds = starts + [table.num_rows]
     return [
-        write_parquet(table.slice(a, b - a), out_dir / f"{prefix}-{i:05d}.parquet")
+        write_parquet((fill or (lambda t: t))(table.slice(a, b - a)), out_dir / f"{prefix}-{i:05d}.parquet")
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 

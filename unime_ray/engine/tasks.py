@@ -1,0 +1,49 @@
+"""Ray tasks over a list of work items (a dataset, a file, a bucket), spread over the cluster's nodes.
+
+Stages whose unit of work is bigger than a batch but independent of the others (retrieve one dataset,
+sample one dataset's score files) run each unit as one Ray task: the driver only submits, collects small
+results and writes nothing big, so its memory does not grow with the run. At most `max_in_flight` tasks
+run at once (default: one per CPU of the cluster), which bounds the memory of the stage as a whole; each
+task writes its own output file atomically, so a lost node loses only the units it was running, and
+Ray runs those again (`max_retries`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ray
+
+
+def _run_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
+    return fn(*args), ray.get_runtime_context().get_node_id()
+
+
+def run_tasks(
+    fn: Callable[..., Any],
+    items: Sequence[tuple],
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    max_in_flight: int | None = None,
+    max_retries: int = 3,
+) -> Iterator[tuple[int, Any, str]]:
+    """Run `fn(*item)` for every item as a Ray task; yield (item index, result, node id) as each ends.
+
+    Tasks are scheduled with the SPREAD strategy, so the units of a stage land on every node. An
+    exception inside `fn` (bad input) is raised here at once, not retried: only system failures (a dead
+    worker or node) are."""
+    remote = ray.remote(_run_on_node).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD", max_retries=max_retries
+    )
+    limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-3)))
+    pending, running = list(enumerate(items)), {}
+    while pending or running:
+        while pending and len(running) < limit:
+            i, item = pending.pop(0)
+            running[remote.remote(fn, *item)] = i  # refs among the args arrive resolved
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        i = running.pop(ref)
+        result, node = ray.get(ref)
+        yield i, result, node
