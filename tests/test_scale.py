@@ -1,0 +1,133 @@
+"""Mining at scale, in small: the stages that run as Ray tasks give the same output as the code before
+the scale-out, and bad bring-your-own inputs give a clear error or a counted quarantine.
+
+The regression fixture `fixtures/synthetic_hard_negatives.parquet` was written by commit 72b41fa (the
+code before the rework: retrieve, request building and sampling in the driver) on the synthetic world
+(seed 0, tiny.yaml's mining settings) with the embeddings of `planted.py`, normalized, and the world's
+oracle judge scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from planted import planted_embeddings
+
+from unime_ray.assets import synthetic_overrides
+from unime_ray.config import load_config
+from unime_ray.data.mmeb import DataError
+from unime_ray.data.synthetic import make_world, write_oracle_scores
+from unime_ray.mining.pipeline import run_mining
+
+ROOT = Path(__file__).parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "synthetic_hard_negatives.parquet"
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    """The synthetic world ingested once; each test copies nothing and mines into its own folder."""
+    out = tmp_path_factory.mktemp("scale")
+    make_world(out / "world", seed=0)
+    return out
+
+
+def _cfg(out: Path, world: Path, *extra: str):
+    overrides = synthetic_overrides(world) + [f"run.output_dir={out}", "data.synthetic=false", *extra]
+    return load_config(ROOT / "jobs/configs/tiny.yaml", overrides)
+
+
+def _embeddings(cfg, path: Path) -> Path:
+    run_mining(cfg, ("ingest",))
+    table = planted_embeddings(Path(cfg.run.output_dir) / "mining/ingest").select(["id", "embedding"])
+    pq.write_table(table, path)
+    return path
+
+
+def test_precomputed_mining_equals_the_code_before_the_scale_out(local_ray, ingested, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(out, ingested)
+    emb = _embeddings(cfg, tmp_path / "emb.parquet")
+    cfg = _cfg(out, ingested, "embedder.backend=precomputed", f"embedder.embeddings_path={emb}")
+    report = run_mining(cfg, ("retrieve",))
+    # planted.py's vectors are not unit length: every one was normalized, and counted.
+    assert report["embed"]["normalized"] == report["embed"]["rows"] == 192 + 134
+    scores = write_oracle_scores(
+        sorted((out / "mining/retrieve").glob("*.parquet")),
+        out / "mining/ingest",
+        ingested / "world/world.json",
+        tmp_path / "oracle.parquet",
+    )
+    cfg.judge.backend, cfg.judge.scores_path = "precomputed", str(scores)
+    report = run_mining(cfg)
+    candidates = sum(pq.read_metadata(f).num_rows for f in (out / "mining/retrieve").glob("*.parquet"))
+    assert report["judge"]["rows"] == 192 + candidates and report["judge"]["user_rows_unused"] == 0
+    got, want = pq.read_table(out / "mining/sample/hard_negatives.parquet"), pq.read_table(FIXTURE)
+    assert got.schema.equals(want.schema)
+    assert got.to_pylist() == want.to_pylist()
+    official = json.loads((out / "mining/sample/hard_negatives.json").read_text())
+    assert [r["query_text"] for r in official] == want["qry_text"].to_pylist()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.slice(1), r"no embedding for query 'ShapesCLS/0' of dataset 'ShapesCLS'"),
+        (lambda t: pa.concat_tables([t, t.slice(5, 1)]), r"id 'ShapesCLS/5' appears more than once"),
+        (
+            lambda t: t.set_column(
+                1, "embedding", pa.array([[1.0] * (3 if i == 7 else 16) for i in range(len(t))])
+            ),
+            r"row 7: field 'embedding' of 'ShapesCLS/7' has dimension 3 .* expected 16",
+        ),
+        (
+            lambda t: t.set_column(
+                1, "embedding", pa.array([[0.0 if i == 9 else 1.0] * 16 for i in range(len(t))])
+            ),
+            r"row 9: field 'embedding' of 'ShapesCLS/9' is not finite or is all zeros",
+        ),
+    ],
+    ids=["missing-id", "duplicate-id", "wrong-dimension", "zero-vector"],
+)
+def test_bad_embeddings_file_names_the_row_and_id(local_ray, ingested, tmp_path, change, match):
+    cfg = _cfg(tmp_path / "run", ingested)
+    emb = _embeddings(cfg, tmp_path / "emb.parquet")
+    pq.write_table(change(pq.read_table(emb)), emb)
+    cfg = _cfg(tmp_path / "run", ingested, "embedder.backend=precomputed", f"embedder.embeddings_path={emb}")
+    with pytest.raises(DataError, match=match):
+        run_mining(cfg, ("embed",))
+
+
+def test_score_file_in_jsonl_with_nan_and_unknown_rows_is_streamed_and_counted(local_ray, ingested, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(out, ingested)
+    emb = _embeddings(cfg, tmp_path / "emb.parquet")
+    cfg = _cfg(out, ingested, "embedder.backend=precomputed", f"embedder.embeddings_path={emb}")
+    run_mining(cfg, ("retrieve",))
+    oracle = write_oracle_scores(
+        sorted((out / "mining/retrieve").glob("*.parquet")),
+        out / "mining/ingest",
+        ingested / "world/world.json",
+        tmp_path / "oracle.parquet",
+    ).read_bytes()
+    rows = pq.read_table(pa.BufferReader(oracle)).to_pylist()
+    nan_query = rows[0]["query_id"]  # every score of one query NaN: the query is quarantined, counted
+    lines = [
+        json.dumps({**r, "score": float("nan") if r["query_id"] == nan_query else r["score"]}) for r in rows
+    ] + [json.dumps({"query_id": "nobody", "cand_id": "x", "score": 0.5})]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("\n".join(lines) + "\n")
+    cfg.judge.backend, cfg.judge.scores_path = "precomputed", str(scores)
+    report = run_mining(cfg)
+    assert report["judge"]["rows"] == len(rows) and report["judge"]["user_rows_unused"] == 1
+    # Its NaN rows are quarantined one by one; with no usable row left, the query has no judge scores.
+    per_query = sum(r["query_id"] == nan_query for r in rows)
+    assert report["sample"]["quarantine_by_reason"] == {"nan_score": per_query, "no_judge_scores": 1}
+    quarantine = pq.read_table(out / "mining/sample/quarantine.parquet")
+    assert set(quarantine["id"].to_pylist()) == {nan_query}
+    assert report["sample"]["queries_out"] == 192 - 1
+    judged = pa.concat_tables(pq.read_table(f) for f in (out / "mining/judge/results").glob("*.parquet"))
+    assert int(np.isnan(judged["score"].to_numpy()).sum()) == per_query  # stored as given, not dropped
