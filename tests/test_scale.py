@@ -131,3 +131,55 @@ def test_score_file_in_jsonl_with_nan_and_unknown_rows_is_streamed_and_counted(l
     assert report["sample"]["queries_out"] == 192 - 1
     judged = pa.concat_tables(pq.read_table(f) for f in (out / "mining/judge/results").glob("*.parquet"))
     assert int(np.isnan(judged["score"].to_numpy()).sum()) == per_query  # stored as given, not dropped
+
+
+def test_ingest_in_tasks_equals_one_sequential_read_with_ids_shared_across_files(local_ray, tmp_path):
+    from unime_ray.config import DataConfig
+    from unime_ray.data.mmeb import read_folder
+    from unime_ray.mining.ingest import run_ingest
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    rows = {
+        "A": [
+            {
+                "id": f"x{i}",
+                "qry": f"q{i}",
+                "qry_image_path": "",
+                "pos_text": f"p{i % 2}",
+                "pos_image_path": "",
+            }
+            for i in range(4)
+        ],
+        # x1 and x3 were A's; b2 appears twice in B itself; "" text is an empty query
+        "B": [
+            {"id": i, "qry": f"r{i}", "qry_image_path": "", "pos_text": "same", "pos_image_path": ""}
+            for i in ("b0", "x1", "b2", "b2", "x3")
+        ]
+        + [{"id": "b5", "qry": " ", "qry_image_path": "", "pos_text": "t", "pos_image_path": ""}],
+    }
+    for name, records in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = DataConfig(train_dir=str(folder), image_root=str(tmp_path))
+    report = run_ingest(data, tmp_path / "out")
+    sequential = read_folder(folder, "pairs", image_root=tmp_path)
+    quarantine = pq.read_table(tmp_path / "out/quarantine.parquet")
+    assert quarantine.to_pylist() == sequential.quarantine.to_pylist()
+    assert [(r["id"], r["reason"]) for r in quarantine.to_pylist()] == [
+        ("x1", "duplicate_id"),
+        ("b2", "duplicate_id"),
+        ("x3", "duplicate_id"),
+        ("b5", "empty_query"),
+    ]
+    queries = pq.read_table(tmp_path / "out/queries.parquet")
+    assert (
+        queries["id"].to_pylist()
+        == sequential.table["id"].to_pylist()
+        == ["x0", "x1", "x2", "x3", "b0", "b2"]
+    )
+    assert report["read"] == sequential.counts() and report["datasets"] == {
+        "A": {"queries": 4, "pool": 2},
+        "B": {"queries": 2, "pool": 1},
+    }
+    pool = pq.read_table(tmp_path / "out/pool.parquet")
+    assert pool["id"].to_pylist() == sorted(pool["id"].to_pylist()) and pool.num_rows == 3

@@ -1,5 +1,6 @@
 """Atomic output: every file is written to a temporary name in the same folder, then renamed, so a
-killed job leaves either the old file or the new one, never half of one."""
+killed job leaves either the old file or the new one, never half of one. Also `merge_sorted`, which
+joins the sorted part files of parallel tasks into one sorted file without holding them in memory."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+MERGE_ROWS = 8192  # rows per chunk of a streaming merge
 
 
 @contextlib.contextmanager
@@ -40,3 +45,55 @@ def write_json(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+class _Stream:
+    """Rows of a sorted part file taken from its front, n at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS)
+        self.buffer = pa.table({})
+
+    def take(self, n: int) -> pa.Table:
+        parts, have = [], 0
+        while have < n:
+            if self.buffer.num_rows == 0:
+                self.buffer = pa.Table.from_batches([next(self.batches)])
+            part = self.buffer.slice(0, n - have)
+            self.buffer = self.buffer.slice(part.num_rows)
+            parts.append(part)
+            have += part.num_rows
+        return pa.concat_tables(parts)
+
+
+def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> int:
+    """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
+    the keys of all parts and one chunk of MERGE_ROWS rows are in memory at once. Returns rows written."""
+    if not parts:
+        write_parquet(schema.empty_table(), out)
+        return 0
+    keys = pa.concat_tables(
+        [
+            pq.read_table(p, columns=[key]).append_column(
+                "_part", pa.repeat(pa.scalar(i, pa.int32()), pq.read_metadata(p).num_rows)
+            )
+            for i, p in enumerate(parts)
+        ]
+    )
+    order = pc.sort_indices(keys, [(key, "ascending")])
+    labels = keys["_part"].take(order).to_numpy()
+    del keys, order
+    streams = [_Stream(p) for p in parts]
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(labels), MERGE_ROWS):
+            chunk = labels[start : start + MERGE_ROWS]
+            counts = np.bincount(chunk, minlength=len(parts))
+            taken = pa.concat_tables([streams[i].take(int(n)) for i, n in enumerate(counts) if n])
+            # The j-th row of part i in this chunk sits at offset[i] + j of `taken`.
+            offsets = np.r_[0, np.cumsum(counts[counts > 0])][:-1]
+            position = np.empty(len(chunk), dtype=np.int64)
+            for i, offset in zip(np.flatnonzero(counts), offsets, strict=True):
+                where = np.flatnonzero(chunk == i)
+                position[where] = offset + np.arange(len(where))
+            writer.write_table(taken.take(position).cast(schema))
+    return len(labels)

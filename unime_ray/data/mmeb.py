@@ -114,14 +114,14 @@ def read_pairs(
     path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
 ) -> ReadResult:
     """Read one MMEB-train style file into a PAIRS table plus its quarantine."""
-    return _read_file(Path(path), "pairs", dataset, ReadState(image_root, check_images))
+    return read_file(Path(path), "pairs", dataset, ReadState(image_root, check_images))
 
 
 def read_eval(
     path: str | Path, *, dataset: str | None = None, image_root: str | Path = "", check_images: bool = True
 ) -> ReadResult:
     """Read one MMEB-eval style file into an EVAL table plus its quarantine."""
-    return _read_file(Path(path), "eval", dataset, ReadState(image_root, check_images))
+    return read_file(Path(path), "eval", dataset, ReadState(image_root, check_images))
 
 
 def read_folder(
@@ -139,7 +139,17 @@ def read_folder(
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be 'pairs' or 'eval', got {kind!r}")
+    files = data_files(folder, datasets)
+    state = ReadState(image_root, check_images)
+    return ReadResult.concat([read_file(path, kind, name, state) for name, path in files.items()])
+
+
+def data_files(folder: str | Path, datasets: list[str] | None = None) -> dict[str, Path]:
+    """{dataset: file} of the data files of `folder` (a dataset per file, named by its stem), in
+    `datasets` order when given (a subset), else sorted; an unknown name or an empty folder is an error."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix in DATA_SUFFIXES and path.is_file():
@@ -154,11 +164,11 @@ def read_folder(
     unknown = [name for name in selected if name not in files]
     if unknown or not selected:
         raise DataError(f"{folder}: unknown or no datasets {unknown}; available: {', '.join(files)}")
-    state = ReadState(image_root, check_images)
-    return ReadResult.concat([_read_file(files[name], kind, name, state) for name in selected])
+    return {name: files[name] for name in selected}
 
 
-def _read_file(path: Path, kind: str, dataset: str | None, state: ReadState) -> ReadResult:
+def read_file(path: Path, kind: str, dataset: str | None, state: ReadState) -> ReadResult:
+    """One file of `kind` ("pairs" | "eval") read with a shared `state` (see `ReadState`)."""
     schema, parse, find_problem = _KINDS[kind]
     # Parse the whole file first: a file-level error raises before any (slow) image check.
     rows = [parse(record, where) for where, record in load_records(path)]

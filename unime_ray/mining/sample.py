@@ -67,10 +67,9 @@ from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import atomic_path, write_json, write_parquet
+from unime_ray.io import MERGE_ROWS, atomic_path, merge_sorted, write_json, write_parquet
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
-MERGE_ROWS = 8192  # rows per chunk of the streaming merge of the per-task outputs
 
 
 @dataclass
@@ -435,55 +434,6 @@ def _datasets_of(path: Path) -> tuple[str, ...]:
             return tuple(sorted(pc.unique(table["dataset"].drop_null()).to_pylist()))
         values.add(stats.min)
     return tuple(sorted(values))
-
-
-class _Stream:
-    """Rows of a sorted part file taken from its front, n at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS)
-        self.buffer = pa.table({})
-
-    def take(self, n: int) -> pa.Table:
-        parts, have = [], 0
-        while have < n:
-            if self.buffer.num_rows == 0:
-                self.buffer = pa.Table.from_batches([next(self.batches)])
-            part = self.buffer.slice(0, n - have)
-            self.buffer = self.buffer.slice(part.num_rows)
-            parts.append(part)
-            have += part.num_rows
-        return pa.concat_tables(parts)
-
-
-def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> int:
-    """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
-    the keys of all parts and one chunk of MERGE_ROWS rows are in memory at once. Returns rows written."""
-    keys = pa.concat_tables(
-        [
-            pq.read_table(p, columns=[key]).append_column(
-                "_part", pa.repeat(pa.scalar(i, pa.int32()), pq.read_metadata(p).num_rows)
-            )
-            for i, p in enumerate(parts)
-        ]
-    )
-    order = pc.sort_indices(keys, [(key, "ascending")])
-    labels = keys["_part"].take(order).to_numpy()
-    del keys, order
-    streams = [_Stream(p) for p in parts]
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for start in range(0, len(labels), MERGE_ROWS):
-            chunk = labels[start : start + MERGE_ROWS]
-            counts = np.bincount(chunk, minlength=len(parts))
-            taken = pa.concat_tables([streams[i].take(int(n)) for i, n in enumerate(counts) if n])
-            # The j-th row of part i in this chunk sits at offset[i] + j of `taken`.
-            offsets = np.r_[0, np.cumsum(counts[counts > 0])][:-1]
-            position = np.empty(len(chunk), dtype=np.int64)
-            for i, offset in zip(np.flatnonzero(counts), offsets, strict=True):
-                where = np.flatnonzero(chunk == i)
-                position[where] = offset + np.arange(len(where))
-            writer.write_table(taken.take(position).cast(schema))
-    return len(labels)
 
 
 def run_sample(
