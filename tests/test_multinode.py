@@ -1,8 +1,9 @@
 """Multi-node behaviour on one machine: Ray's own `ray.cluster_utils.Cluster` starts a head and worker
 raylets as separate nodes (each with its own CPUs, object store and workers, all on 127.0.0.1) and the
-real jobs run on it. The mining job's judge actor pool spreads over nodes, and losing a worker node
-mid-judge loses no finished shard, every pair still judged exactly once; a training run whose two
-workers sit on two nodes loses one node and resumes from its last registered checkpoint.
+real jobs run on it. The mining job's judge actor pool and its retrieve and sample tasks spread over
+nodes, and losing a worker node mid-judge loses no finished shard, every pair still judged exactly
+once; a training run whose two workers sit on two nodes loses one node and resumes from its last
+registered checkpoint.
 
 The pytest process may hold the session's local Ray and a driver joins one cluster only, so each
 scenario runs in a child interpreter (this file as a script: `python tests/test_multinode.py mine|train
@@ -187,7 +188,10 @@ def _mine_child(out: Path) -> dict:
         runs = []
         for _ in range(2):  # the job, on the nodes left; a rerun only if it failed
             try:
-                runs.append({"ok": True, "judge": run_mining(cfg)["judge"]})
+                report = run_mining(cfg)
+                runs.append(
+                    {"ok": True, **{stage: report[stage] for stage in ("retrieve", "judge", "sample")}}
+                )
                 break
             except Exception as e:  # noqa: BLE001 - reported; the test decides
                 runs.append({"ok": False, "error": repr(e)[-3000:]})
@@ -305,6 +309,12 @@ def test_mining_spreads_judge_actors_and_survives_losing_a_worker_node(tmp_path)
     assert len(pairs) == len(set(pairs)) and set(pairs) == expected
     hard = pq.read_table(out / "mining/sample/hard_negatives.parquet")
     assert hard.num_rows == queries.num_rows
+
+    # Retrieve and sample ran as Ray tasks on more than one node: retrieve's four datasets before the
+    # removal (three nodes), sample's four groups of score files after it (the head and one worker).
+    retrieve = {name: stats for name, stats in runs[-1]["retrieve"].items() if isinstance(stats, dict)}
+    assert len(retrieve) == 4 and len({stats["node"] for stats in retrieve.values()}) >= 2, retrieve
+    assert runs[-1]["sample"]["nodes"] >= 2, runs[-1]["sample"]
 
 
 @pytest.mark.slow

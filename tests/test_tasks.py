@@ -1,0 +1,55 @@
+"""engine.tasks.run_tasks on a real local Ray: every item once, results as they end, at most
+`max_in_flight` at a time, a task whose worker process dies is run again (the unit of a lost node), and
+an error in the work itself is raised at once, not retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle
+
+from unime_ray.engine.tasks import run_tasks
+from unime_ray.io import write_json
+
+# Ray's workers cannot import this test module: send its task functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _work(i: int, out: Path, die_once: bool) -> int:
+    """Write out/<i>.json; with `die_once`, the first attempt kills its own worker process first."""
+    attempts = out / f"{i}.attempts"
+    with attempts.open("a") as f:
+        f.write(f"{os.getpid()} {time.time()}\n")
+    if die_once and len(attempts.read_text().splitlines()) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.3)
+    write_json({"item": i}, out / f"{i}.json")
+    return i * i
+
+
+def _bad(i: int) -> int:
+    raise ValueError(f"item {i} is bad input")
+
+
+def test_every_item_once_and_a_killed_task_is_run_again(local_ray, tmp_path):
+    items = [(i, tmp_path, i == 2) for i in range(5)]
+    got = {i: (result, node) for i, result, node in run_tasks(_work, items, max_in_flight=2)}
+    assert {i: result for i, (result, _) in got.items()} == {i: i * i for i in range(5)}
+    assert all(node == local_ray.get_runtime_context().get_node_id() for _, node in got.values())
+    attempts = {i: (tmp_path / f"{i}.attempts").read_text().splitlines() for i in range(5)}
+    assert len(attempts[2]) == 2 and all(len(attempts[i]) == 1 for i in (0, 1, 3, 4))
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{i}.json" for i in range(5)]
+    # Never more than two at once: sorted by start, the third task starts after the first one ended.
+    starts = sorted(float(line.split()[1]) for lines in attempts.values() for line in lines)
+    ends = sorted((tmp_path / f"{i}.json").stat().st_mtime for i in range(5))
+    assert all(start >= ends[n] - 0.05 for n, start in enumerate(starts[2:]) if n < len(ends))
+
+
+def test_an_error_in_the_work_is_raised_not_retried(local_ray):
+    with pytest.raises(ValueError, match="item 1 is bad input"):
+        list(run_tasks(_bad, [(1,)]))
