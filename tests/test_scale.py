@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from planted import planted_embeddings
@@ -183,3 +184,75 @@ def test_ingest_in_tasks_equals_one_sequential_read_with_ids_shared_across_files
     }
     pool = pq.read_table(tmp_path / "out/pool.parquet")
     assert pool["id"].to_pylist() == sorted(pool["id"].to_pylist()) and pool.num_rows == 3
+
+
+def _hand_sample(pos: float, cands: list[tuple[str, int, float]], beta: float, interval: int, k: int):
+    """The paper's rules written out again, independently of sample.py: drop s > pos - beta, order the
+    rest by score descending then rank, visit them with a step of `interval`, repeat up to k."""
+    kept = sorted((c for c in cands if c[2] <= pos - beta), key=lambda c: (-c[2], c[1]))
+    picks = [kept[p] for offset in range(interval) for p in range(offset, len(kept), interval)]
+    return [picks[i % len(picks)][0] for i in range(k)] if picks else None
+
+
+def test_scale_harness_small_end_to_end(tmp_path):
+    """bench/scale.py at 3000 pairs (20 MMEB-shaped datasets, planted embeddings and judge scores), as a
+    user runs it; then its outputs checked against independent computations."""
+    import subprocess
+    import sys
+
+    n = 3000
+    cmd = [sys.executable, str(ROOT / "bench/scale.py"), "--n", str(n), "--dim", "32", "--out", str(tmp_path)]
+    cmd += ["--label", "ci", "--results", str(tmp_path / "scale.json"), "--max-rss-gb", "12"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / f"ci-n{n}"
+    mining = run / "mining"
+    report = json.loads((mining / "report.json").read_text())
+    queries = pq.read_table(mining / "ingest/queries.parquet")
+    assert queries.num_rows == n and len(report["ingest"]["datasets"]) == 20
+
+    # Every request judged exactly once: the positive and the retrieved candidates of every query.
+    retrieved = pa.concat_tables(pq.read_table(f) for f in sorted((mining / "retrieve").glob("*.parquet")))
+    judged = pa.concat_tables(pq.read_table(f) for f in sorted((mining / "judge/results").glob("*.parquet")))
+    pairs = list(zip(judged["query_id"].to_pylist(), judged["cand_id"].to_pylist(), strict=True))
+    expected = set(zip(queries["id"].to_pylist(), queries["pos_id"].to_pylist(), strict=True))
+    expected |= set(zip(retrieved["query_id"].to_pylist(), retrieved["cand_id"].to_pylist(), strict=True))
+    assert len(pairs) == len(set(pairs)) == len(expected) and set(pairs) == expected
+
+    # Every query has its negatives, or is a counted fallback (scores 1.0), or is counted in quarantine.
+    hard = pq.read_table(mining / "sample/hard_negatives.parquet")
+    sample = report["sample"]
+    assert hard.num_rows + sample["queries_quarantined"] == n and sample["queries_quarantined"] == 0
+    assert all(len(r) == 10 for r in hard["neg_ids"].to_pylist())
+    fallback = hard.filter(hard["fallback"])
+    assert fallback.num_rows == sample["fallback"] > 0
+    assert all(set(s) == {1.0} for s in fallback["neg_scores"].to_pylist())
+
+    # A sample of queries recomputed independently: numpy brute-force retrieval over the planted
+    # embeddings (normalized here), the exclusions, the top 50, then the sampling rules by hand.
+    emb = pq.read_table(run / "inputs/embeddings.parquet")
+    vectors = np.stack(emb["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    row_of = {id_: i for i, id_ in enumerate(emb["id"].to_pylist())}
+    pool = pq.read_table(mining / "ingest/pool.parquet")
+    scores = pq.read_table(run / "inputs/scores.parquet").to_pylist()
+    score = {(r["query_id"], r["cand_id"]): r["score"] for r in scores}
+    by_id = {r["id"]: r for r in hard.to_pylist()}
+    rng = np.random.default_rng(0)
+    for q in rng.choice(queries.to_pylist(), size=40, replace=False):
+        mates = [c for c in pool.to_pylist() if c["dataset"] == q["dataset"]]
+        sims = [(float(vectors[row_of[q["id"]]] @ vectors[row_of[c["id"]]]), c["id"]) for c in mates]
+        kept = sorted(((s, c) for s, c in sims if c != q["pos_id"] and s < 0.98), key=lambda x: (-x[0], x[1]))
+        top = [(c, rank) for rank, (_, c) in enumerate(kept[:50])]
+        mine = retrieved.filter(pc.equal(retrieved["query_id"], q["id"]))
+        assert [
+            (c, r) for c, r in zip(mine["cand_id"].to_pylist(), mine["rank"].to_pylist(), strict=True)
+        ] == top
+        row = by_id[q["id"]]
+        want = _hand_sample(
+            score[(q["id"], q["pos_id"])], [(c, r, score[(q["id"], c)]) for c, r in top], 0.01, 5, 10
+        )
+        if want is None:
+            assert row["fallback"] and set(row["neg_ids"]) <= {c for c, _ in top}
+        else:
+            assert not row["fallback"] and row["neg_ids"] == want

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
 
 from unime_ray.config import MiningConfig
 from unime_ray.data.schemas import CANDIDATES
@@ -240,7 +241,9 @@ def run_retrieve(
             report[name] = _resumed_stats(path, cfg)
         else:
             todo.append((paths, queries, name, path, cfg))
-    gpus = 1 if cfg.faiss_gpu else 0
+    # Ray hides the GPUs from a task that asks for none, so "when FAISS sees a GPU" means asking for one.
+    auto = cfg.faiss_gpu is None and ray.cluster_resources().get("GPU", 0) > 0
+    gpus = 1 if cfg.faiss_gpu or auto else 0
     for i, stats, node in run_tasks(retrieve_dataset, todo, num_gpus=gpus):
         report[todo[i][2]] = {**stats, "node": node}
     dims = {s["dim"] for s in report.values() if s.get("dim")}
