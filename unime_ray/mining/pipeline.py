@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from unime_ray.config import Config
 from unime_ray.engine.shards import requests_once
 from unime_ray.io import write_json
@@ -31,6 +33,7 @@ from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
 from unime_ray.mining.retrieve import run_retrieve
 from unime_ray.mining.sample import run_sample
+from unime_ray.preflight import PreflightError, check_job, check_quarantine
 
 STAGES = ("ingest", "embed", "retrieve", "judge", "sample")
 
@@ -90,11 +93,15 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             shutil.rmtree(dirs[stage])
         dirs[stage].mkdir(parents=True, exist_ok=True)
         (dirs[stage] / "_FINGERPRINT").write_text(prints[stage])
+        print(f"[mine] {stage}: started", flush=True)
         start = time.perf_counter()
         result = fn(dirs[stage])
         result["seconds"] = round(time.perf_counter() - start, 2)
+        if stage == "ingest":
+            check_quarantine(dirs["ingest"], result, cfg)
+        check_not_empty(stage, dirs)
         write_json({"fingerprint": prints[stage], "report": result}, marker)
-        print(f"[mine] {stage}: {json.dumps(result)[:300]}", flush=True)
+        print(f"[mine] {stage}: done in {result['seconds']:.1f} s: {summary(stage, result)}", flush=True)
         return result
 
     image_root = cfg.data.image_root
@@ -125,6 +132,51 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     return report
 
 
+def summary(stage: str, result: dict) -> str:
+    """The key counts of a stage's report, for its console line."""
+    if stage == "retrieve":
+        per = [r for r in result.values() if isinstance(r, dict)]
+        counts = {
+            "datasets": len(per),
+            "candidates": sum(r.get("candidates", 0) for r in per),
+            "short_queries": sum(r.get("short_queries", 0) for r in per),
+            "nodes": len({r["node"] for r in per if "node" in r}),
+        }
+    else:
+        keys = {
+            "ingest": ("queries", "pool"),
+            "embed": ("rows", "normalized", "shards_done_before", "parts_done_before"),
+            "judge": ("rows", "nan_scores", "shards_done_before", "user_rows_unused"),
+            "sample": ("queries_out", "queries_quarantined", "fallback", "nodes"),
+        }[stage]
+        counts = {k: result[k] for k in keys if k in result}
+        if stage == "ingest":
+            counts["quarantined"] = result["read"]["rows_in"] - result["read"]["rows_out"]
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _rows(files: list[Path]) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in files)
+
+
+def check_not_empty(stage: str, dirs: dict[str, Path]) -> None:
+    """A stage that leaves nothing for the next one stops the run, saying which stage and why."""
+    why = ""
+    if stage == "ingest" and not _rows([dirs["ingest"] / "queries.parquet"]):
+        why = f"ingest kept no query: every row was quarantined (see {dirs['ingest'] / 'quarantine.parquet'})"
+    elif stage == "embed" and not _rows(sorted((dirs["embed"] / "results").glob("*.parquet"))):
+        why = "embed wrote no embedding"
+    elif stage == "retrieve" and not _rows(sorted(dirs["retrieve"].glob("*.parquet"))):
+        why = (
+            "retrieve found no candidate for any query: each dataset's pool holds only the queries' own "
+            "positives, or every other candidate is within mining.delta of the query"
+        )
+    elif stage == "sample" and not _rows([dirs["sample"] / "hard_negatives.parquet"]):
+        why = f"sample kept no query: see the reasons in {dirs['sample'] / 'quarantine.parquet'}"
+    if why:
+        raise PreflightError(why)
+
+
 def _stale(stage_dir: Path, fingerprint: str) -> bool:
     """An interrupted stage may continue only if it was started with the same settings."""
     mark = stage_dir / "_FINGERPRINT"
@@ -144,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     prepare_synthetic(cfg)
-    init_ray(cfg.ray.address)
-    report = run_mining(cfg, stages=(args.until,))
+    try:
+        check_job(cfg, "mine")
+        init_ray(cfg.ray.address)
+        report = run_mining(cfg, stages=(args.until,))
+    except PreflightError as e:
+        raise SystemExit(f"[mine] stopped: {e}") from None
     print(json.dumps({s: {k: v for k, v in r.items() if not isinstance(v, dict)} for s, r in report.items()}))
