@@ -105,3 +105,17 @@ def test_a_stage_left_empty_names_the_stage_and_why(local_ray, tmp_path, tiny_qw
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", _args(tmp_path, tiny_qwen, tmp_path / "run")[1::2][1:])
     with pytest.raises(PreflightError, match="retrieve found no candidate for any query"):
         run_mining(cfg)
+
+
+def test_training_job_checks_its_model_folder(tmp_path):
+    from unime_ray.train.run import main as train_main
+
+    sets = [f"run.output_dir={tmp_path}", f"train.model.path={tmp_path / 'none'}", "data.synthetic=false"]
+    with pytest.raises(SystemExit) as stop:
+        train_main(
+            ["--config", str(ROOT / "jobs/configs/tiny.yaml"), *(a for s in sets for a in ("--set", s))]
+        )
+    assert str(stop.value) == (
+        f"[train-embed] stopped: train.model.path: no model folder '{tmp_path / 'none'}' "
+        "(a local Hugging Face folder; no hub)"
+    )

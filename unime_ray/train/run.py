@@ -9,6 +9,7 @@ from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
 from unime_ray.config import Config, add_config_args, config_from_args
+from unime_ray.preflight import PreflightError, check_job
 from unime_ray.ray_utils import init_ray
 from unime_ray.train.loop import run_training
 
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     add_config_args(p, default="jobs/configs/tiny.yaml")
     cfg = config_from_args(p.parse_args(argv))
     prepare_synthetic(cfg)
+    try:
+        check_job(cfg, f"train_{kind}")
+    except PreflightError as e:
+        raise SystemExit(f"[train-{kind}] stopped: {e}") from None
     init_ray(cfg.ray.address)
     summary = train(cfg, kind)
     print(json.dumps(summary, indent=2, default=str))
