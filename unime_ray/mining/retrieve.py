@@ -18,14 +18,14 @@ equal similarities are ordered by candidate id ascending.
 similarity >= delta. Such a candidate ranks above every kept one, so the search has always seen all of
 them: with the exact index the count is exact, with ivf it counts those ivf found.
 
-Exact search ("exact") processes the pool in chunks of `chunk_size` vectors and the queries in blocks
-of `query_block`, merging the per-chunk top-k lists, so memory stays bounded at millions of
-candidates. "ivf" trains one IndexIVFFlat (approximate, holds a copy of the pool). FAISS runs on GPU
-when it sees one (faiss-gpu on clusters), on CPU otherwise.
+The search itself is `engine.index.PoolIndex` (exact and chunked, or ivf; FAISS on GPU when asked).
+As k doubles, fewer queries are searched at once (at most SEARCH_CELLS query x neighbour cells), so
+many near duplicates, or collapsed embeddings, cannot blow up memory.
 
-`run_retrieve` reads the EMBEDDINGS parquet, works one dataset at a time, and writes
-`<out_dir>/<dataset>.parquet` (CANDIDATES schema) atomically with its stats in the schema metadata
-(key `STATS_KEY`); a dataset whose output exists is not searched again (resume).
+`run_retrieve` runs each dataset as one Ray task (`retrieve_dataset`, spread over the nodes) that reads
+only that dataset's embeddings and queries and writes `<out_dir>/<dataset>.parquet` (CANDIDATES schema)
+atomically with its stats in the schema metadata (key `STATS_KEY`); a dataset whose output exists is
+not searched again (resume), and a task lost with its node is run again by Ray.
 """
 
 from __future__ import annotations
@@ -250,53 +250,6 @@ def run_retrieve(
     if len(dims) > 1:
         raise ValueError(f"embeddings of several dimensions across datasets: {sorted(dims)}")
     return dict(sorted(report.items()))
-
-
-def _resumed_stats(path: Path, cfg: MiningConfig) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    if STATS_KEY not in meta:
-        return {"candidates": pq.read_metadata(path).num_rows, "resumed": True}
-    stats = json.loads(meta[STATS_KEY])
-    if (stats["top_n"], stats["delta"]) != (cfg.top_n, cfg.delta):
-        raise ValueError(
-            f"{path} was written with top_n={stats['top_n']}, delta={stats['delta']}; the config says "
-            f"top_n={cfg.top_n}, delta={cfg.delta}: remove the file or write elsewhere"
-        )
-    return {**stats, "resumed": True}
-
-
-def _positives(embedded_ids: pa.ChunkedArray, queries: pa.Table, dataset: str) -> np.ndarray:
-    """The pos_id of every embedded query, in the order of `embedded_ids`."""
-    missing = queries.filter(pc.invert(pc.is_in(queries["id"], value_set=embedded_ids)))
-    if missing.num_rows:
-        raise ValueError(f"dataset {dataset!r}: query {missing['id'][0].as_py()!r} has no embedding")
-    where = pc.index_in(embedded_ids, value_set=queries["id"])
-    if where.null_count:
-        orphan = embedded_ids.filter(pc.is_null(where))[0].as_py()
-        raise ValueError(f"dataset {dataset!r}: query embedding {orphan!r} has no row in the queries table")
-    return queries["pos_id"].take(where).to_numpy()
-
-
-def _matrix(rows: pa.Table, dataset: str, dim: int | None) -> np.ndarray:
-    """The `embedding` column as a float32 [n, dim] matrix; `dim=None` takes the first row's."""
-    column = rows["embedding"].combine_chunks()
-    lengths = pc.list_value_length(column).fill_null(-1).to_numpy()
-    if len(lengths) and dim is None:
-        dim = int(lengths[0])
-    bad = np.flatnonzero(lengths != dim)
-    if bad.size:
-        raise ValueError(
-            f"dataset {dataset!r}: embedding of {rows['id'][int(bad[0])].as_py()!r} has dimension "
-            f"{lengths[bad[0]]} (null = -1), expected {dim}"
-        )
-    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    matrix = matrix.reshape(len(rows), dim or 0)
-    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"dataset {dataset!r}: embedding of {rows['id'][int(bad[0])].as_py()!r} is not finite"
-        )
-    return matrix
 
 
 def _resumed_stats(path: Path, cfg: MiningConfig) -> dict:

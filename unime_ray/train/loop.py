@@ -225,7 +225,7 @@ def train_dataset(path: str, seed: int) -> ray.data.Dataset:
     """The mined rows, globally shuffled afresh on every pass (each epoch is a new execution), the same
     orders again for the same seed. Mining writes them sorted by query id, i.e. grouped by dataset: read
     in file order, a local shuffle buffer mixes only the blocks it holds, each a slice of the file (~40k
-    rows), so an epoch would walk MMEB's datasets one or two at a time (README, Learning). The rows hold
+    rows), so an epoch would walk MMEB's datasets one or two at a time (docs/experiment-log.md). The rows hold
     texts and image paths, not pixels (~3 KB a row, ~2 GB for MMEB's 662k), so they are read once into
     the object store: re-reading the file every epoch cost ~1.5 s per epoch here against 0.08 s for
     shuffling the blocks held."""

@@ -8,11 +8,11 @@ Negatives tied in judge score are ordered afresh every epoch (seeded by run seed
 a tie at the top gives a different "hardest" negative each pass. Mining orders ties by retrieval rank,
 and an embedder's hubs then head many lists: in the oracle-mined synthetic world one label was the first
 negative of 129 of 300 classification/VQA queries, a candidate-only cue for "No" that the reranker
-fitted instead of matching (README, Learning).
+fitted instead of matching (docs/experiment-log.md).
 
 cross-entropy on the answer tokens only (prompt tokens masked), L = L_pair + L_list. Query and
 candidate texts AND images reach every prompt (the official code's dataset drops the texts through a
-key mismatch; see README).
+key mismatch; see docs/method.md).
 
     python jobs/train_rerank.py --config jobs/configs/tiny.yaml
 """
