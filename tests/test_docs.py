@@ -1,0 +1,76 @@
+"""The docs site and the README stay true: the generated pages equal what the code generates now, the
+site builds with `mkdocs build --strict` (a broken link, anchor, include or page fails), and the README
+stays short, with the exact test command CI runs."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from unime_ray import config, docsgen
+from unime_ray.cli import COMMANDS
+
+ROOT = Path(__file__).parents[1]
+DOCS = ROOT / "docs"
+README = (ROOT / "README.md").read_text()
+REGENERATE = "regenerate with `.venv/bin/python -m unime_ray.docsgen` and commit the result"
+
+
+def test_configuration_reference_is_current():
+    page = (DOCS / "configuration.md").read_text()
+    assert docsgen.generated_part(page) == config.reference_markdown(), (
+        f"docs/configuration.md is stale (the typed config changed): {REGENERATE}"
+    )
+
+
+def test_config_command_prints_the_reference(capsys):
+    config.main(["--markdown"])
+    assert capsys.readouterr().out == config.reference_markdown()
+
+
+def test_api_page_and_openapi_json_are_current():
+    schema = docsgen.openapi_schema()
+    stored = json.loads((DOCS / "api" / "openapi.json").read_text())
+    assert stored == schema, f"docs/api/openapi.json is stale (the Serve app's API changed): {REGENERATE}"
+    page = (DOCS / "api.md").read_text()
+    assert docsgen.generated_part(page) == docsgen.api_markdown(schema), f"docs/api.md is stale: {REGENERATE}"
+    assert docsgen.stale() == []  # byte for byte, as `python -m unime_ray.docsgen` writes them
+
+
+def test_site_builds_strict(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about MkDocs 2, not a problem
+    res = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,  # the snippet includes are relative to the repo root
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "site" / "api" / "openapi.json").exists()
+
+
+def test_readme_is_short_and_runs_the_ci_test_command():
+    lines = README.splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail into docs/"
+    # .ci/run's command is the README's second command, character for character
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert len(ci) == 1 and ci[0].strip() in README, ci
+    assert ".venv/bin/unime-ray demo" in README  # the first command (tests/test_notebook.py runs it)
+
+
+def test_readme_dates_only_its_benchmark_line():
+    dated = [line for line in README.splitlines() if re.search(r"\b20\d\d-\d\d-\d\d\b", line)]
+    assert len(dated) == 1 and dated[0].startswith("**Benchmarks**"), dated
+
+
+def test_readme_links_resolve_and_commands_are_listed():
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README.md links to missing {target}"
+    for page in sorted(DOCS.glob("*.md")):
+        assert f"](docs/{page.name}" in README or page.name == "index.md", f"README.md does not link {page}"
+    for name in COMMANDS:
+        assert re.search(rf"`(unime-ray )?{re.escape(name)}[ `]", README), f"README's table lacks `{name}`"
