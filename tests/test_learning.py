@@ -7,7 +7,7 @@ demo's 24: with 96 queries one P@1 reading has a standard error near 5 points, a
 CPU kernels, other Ray Data block order) once read 22.9 where this one read 33.3 after 160 steps.
 Measured in-process over two seeds after 320 steps: held-out P@1 12.5/13.9 -> 50.4/46.6 (chance 12.5).
 (The reranker, which must learn image-text matching inside one forward pass, does not learn it from
-random weights at this scale; see README.)"""
+random weights at this scale; see docs/experiment-log.md.)"""
 
 import json
 from pathlib import Path
