@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from unime_ray.config import Config, ModelConfig
+from unime_ray.docsgen import openapi_schema
 from unime_ray.models.embedder import Embedder
 from unime_ray.models.reranker import Reranker, apply_listwise, fuse
 from unime_ray.serve.app import DEPLOYMENT_DEFAULTS, app_builder, build_app
@@ -397,8 +398,10 @@ def test_bad_inputs_get_their_4xx_and_the_server_keeps_serving(app, direct):
 
 
 def test_openapi_schema_shows_the_limits(app):
-    _, url = app
+    cfg, url = app
     schema = requests.get(url + "/openapi.json", timeout=30).json()
+    # docs/api/openapi.json is built offline by the same code: it must be what a live app serves
+    assert schema == openapi_schema(cfg.serve, api_key=True, reranker=True)
     assert {"/v1/search", "/v1/embed", "/healthz"} <= set(schema["paths"])
     search_in = schema["components"]["schemas"]["SearchIn"]
     assert search_in["properties"]["top_k"]["maximum"] == 20 and search_in["additionalProperties"] is False
