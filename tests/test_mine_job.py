@@ -1,12 +1,15 @@
 """The mining job end to end on the synthetic world: both judge backends, re-sampling without the judge,
 kill-and-resume of a real running job, and `ray job submit` against a local head on 127.0.0.1."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -76,11 +79,44 @@ def test_mine_with_vllm_judge_matches_transformers(local_ray, tmp_path):
     common = ("data.datasets=[ShapesVQA]", "mining.top_n=4")
     ref, vl = tmp_path / "hf", tmp_path / "vllm"
     run_mining(_cfg(ref, *common))
-    run_mining(_cfg(vl, *common, "judge.backend=vllm"))
+    with _listeners() as seen:
+        run_mining(_cfg(vl, *common, "judge.backend=vllm"))
+    # vLLM's engine (its message queue included) listened on loopback only.
+    assert any("VLLM" in title or "JudgeActor" in title for _, title in seen), seen
+    assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1"}, seen
     a, b = _scores(ref), _scores(vl)
     assert a.select(["query_id", "cand_id"]).equals(b.select(["query_id", "cand_id"]))
     diff = max(abs(x - y) for x, y in zip(a["score"].to_pylist(), b["score"].to_pylist()))
     assert diff < 0.01
+
+
+@contextlib.contextmanager
+def _listeners() -> Iterator[set[tuple[str, str]]]:
+    """(address, process title) of every TCP listener opened by a vLLM or judge process while the block
+    runs, sampled every 0.2 s."""
+    import psutil
+
+    seen: set[tuple[str, str]] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for c in psutil.net_connections(kind="tcp"):
+                if c.status != psutil.CONN_LISTEN or c.pid is None:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    title = " ".join(psutil.Process(c.pid).cmdline())[:80]
+                    if "VLLM" in title or "JudgeActor" in title:
+                        seen.add((c.laddr.ip.removeprefix("::ffff:"), title))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
 
 
 def _run_job(out: Path, *extra: str, **popen) -> subprocess.Popen:

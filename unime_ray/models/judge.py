@@ -13,6 +13,7 @@ A pair is `(query_text, query_image, cand_text, cand_image)`, images as paths re
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,9 @@ class VLLMJudge(_PromptBuilder):
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
+        # The engine lives in this actor, on one node: its processes talk over loopback. Unset, vLLM takes
+        # the machine's outward address for its internal message queue, which then listens beyond it.
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
         super().__init__(cfg.model, image_root, tokenizer)
         impl = {} if cfg.vllm_model_impl == "auto" else {"model_impl": cfg.vllm_model_impl}
