@@ -220,17 +220,29 @@ def _attach_bucket(shards: list[Path], fragments: list[Path], out_dir: Path, sco
         raise ValueError(
             f"{scores_path}: duplicate (query_id, cand_id) rows, e.g. {dup.select(keys).to_pylist()[:3]}"
         )
-    for shard in shards:
-        req = pq.read_table(shard, columns=[n for n in JUDGE_SCORES.names if n != "score"])
-        joined = req.join(user, keys, join_type="inner")
-        if joined.num_rows != req.num_rows:
-            lacking = req.join(user.select(keys), keys, join_type="left anti").select(keys)
-            raise ValueError(
-                f"{scores_path}: {lacking.num_rows} requests of {shard.name} lack a score, e.g. "
-                f"{[tuple(r.values()) for r in lacking.slice(0, 3).to_pylist()]}"
-            )
-        order = pc.sort_indices(joined, [("query_id", "ascending"), ("rank", "ascending")])
-        write_parquet(joined.take(order).select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / shard.name)
+    # One join for the whole bucket (a hash table of the user's rows is built once, not once per shard),
+    # then split back into shards by the `_shard` column.
+    columns = [n for n in JUDGE_SCORES.names if n != "score"]
+    req = pa.concat_tables(
+        pq.read_table(shard, columns=columns).append_column(
+            "_shard", pa.repeat(pa.scalar(i, pa.int32()), pq.read_metadata(shard).num_rows)
+        )
+        for i, shard in enumerate(shards)
+    )
+    joined = req.join(user, keys, join_type="inner")
+    if joined.num_rows != req.num_rows:
+        lacking = req.join(user.select(keys), keys, join_type="left anti")
+        first = shards[lacking["_shard"][0].as_py()].name
+        in_first = lacking.filter(pc.equal(lacking["_shard"], lacking["_shard"][0])).select(keys)
+        raise ValueError(
+            f"{scores_path}: {in_first.num_rows} requests of {first} lack a score, e.g. "
+            f"{[tuple(r.values()) for r in in_first.slice(0, 3).to_pylist()]} ({lacking.num_rows} in all)"
+        )
+    joined = joined.sort_by([("_shard", "ascending"), ("query_id", "ascending"), ("rank", "ascending")])
+    bounds = np.searchsorted(joined["_shard"].to_numpy(), np.arange(len(shards) + 1))
+    for i, shard in enumerate(shards):
+        part = joined.slice(bounds[i], bounds[i + 1] - bounds[i])
+        write_parquet(part.select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / shard.name)
 
 
 def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) -> dict:
