@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MERGE_ROWS = 8192  # rows per chunk of a streaming merge
+PART_ROWS = 1024  # row group size of the part files a merge reads: a merge holds one group per part
 
 
 @contextlib.contextmanager
@@ -35,9 +36,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> Path:
+def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> Path:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
     return Path(path)
 
 
@@ -51,7 +52,7 @@ class _Stream:
     """Rows of a sorted part file taken from its front, n at a time."""
 
     def __init__(self, path: Path) -> None:
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS)
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=PART_ROWS)
         self.buffer = pa.table({})
 
     def take(self, n: int) -> pa.Table:
@@ -68,7 +69,8 @@ class _Stream:
 
 def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> int:
     """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
-    the keys of all parts and one chunk of MERGE_ROWS rows are in memory at once. Returns rows written."""
+    the keys of all parts, one chunk of MERGE_ROWS rows and one row group per part are in memory at
+    once, so write the parts with `row_group_size=PART_ROWS`. Returns rows written."""
     if not parts:
         write_parquet(schema.empty_table(), out)
         return 0

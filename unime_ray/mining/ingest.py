@@ -26,7 +26,7 @@ from unime_ray.config import DataConfig
 from unime_ray.data.mmeb import ReadState, data_files, read_file
 from unime_ray.data.schemas import POOL, QUARANTINE, QUERIES, candidate_id
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import atomic_path, merge_sorted, write_parquet
+from unime_ray.io import PART_ROWS, atomic_path, merge_sorted, write_parquet
 
 
 def _ingest_file(
@@ -55,7 +55,7 @@ def _ingest_file(
     first = candidates.append_column("_row", pa.array(range(candidates.num_rows), pa.int64()))
     first = first.group_by("id", use_threads=False).aggregate([("_row", "min")])["_row_min"]
     write_parquet(queries, parts / f"{dataset}.queries.parquet")
-    write_parquet(candidates.take(first).sort_by("id"), parts / f"{dataset}.pool.parquet")
+    write_parquet(candidates.take(first).sort_by("id"), parts / f"{dataset}.pool.parquet", PART_ROWS)
     write_parquet(read.quarantine, parts / f"{dataset}.quarantine.parquet")
     return read.counts()
 

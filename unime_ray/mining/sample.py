@@ -67,7 +67,7 @@ from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import MERGE_ROWS, atomic_path, merge_sorted, write_json, write_parquet
+from unime_ray.io import MERGE_ROWS, PART_ROWS, atomic_path, merge_sorted, write_json, write_parquet
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
 
@@ -410,7 +410,7 @@ def _sample_files(
         collector.pack()
 
     result = collector.arrays()
-    write_parquet(_hard_negatives_table(result, queries, pool, pos_pool_row), out)
+    write_parquet(_hard_negatives_table(result, queries, pool, pos_pool_row), out, PART_ROWS)
     write_parquet(
         pa.concat_tables([QUARANTINE.empty_table(), *problems]), out.with_suffix(".quarantine.parquet")
     )
