@@ -105,3 +105,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mined_run(local_ray, world, tiny_qwen, tmp_path_factory):
+    """A finished mining run of the synthetic world with every outcome the inspector shows (kept, dropped,
+    fallback), in seconds: `tests/mined.py`. Shared by the inspector and web tests."""
+    from mined import make_mining_run
+
+    return make_mining_run(tmp_path_factory.mktemp("mined"), world, tiny_qwen)

@@ -1,0 +1,579 @@
+"""The mining inspector: what the judge did to a seeded sample of queries, as one static HTML page.
+
+    unime-ray inspect runs/tiny --config jobs/configs/tiny.yaml      # -> runs/tiny/inspect.html
+    unime-ray inspect RUN_DIR --image-root DIR [--queries 5] [--top 20] [--seed 0] [--query ID ...]
+
+Before paying for training on mined hard negatives, look at them: for each sampled query the page shows
+the query (text and image) and its positive with the positive's judge score, then its top-N retrieved
+candidates in retrieval order, each with its cosine, its judge score, whether the false-negative filter
+dropped it (s > s_pos - beta, the rule of `unime_ray.mining.sample`), and whether, and at which cyclic
+position, it became a hard negative. A query where no candidate survived shows its fallback picks. Per
+dataset: histograms of positive, candidate and selected-negative scores and of survivors per query,
+and the fallback rate.
+
+The page is self-contained: inline CSS, inline SVG histograms, images as small base64 thumbnails
+(Pillow), no script, nothing fetched from a network, so it can be mailed or attached to an issue. The
+Serve app shows the same page under /inspect when `serve.inspect_run` names a run.
+
+What it reads (the mining run's own outputs, `unime_ray.mining.pipeline`): `sample/hard_negatives.parquet`
+and `sample/report.json` (beta), `judge/results/*.parquet` (scores), `retrieve/*.parquet` (retrieval
+order and cosines), `ingest/{queries,pool}.parquet` (texts and image paths). Only the sampled queries'
+rows are materialised; the histograms stream the score files a batch at a time, so a run of 662k
+queries x 51 judge calls is inspected in bounded memory.
+
+Which queries: per dataset, `queries` drawn at random with a generator seeded by (seed, dataset name),
+so the same run and seed always show the same queries. Fallbacks are rare (< 1% in the paper) and are
+what a user most needs to see, so when the draw holds none and the dataset has some, its last slot
+goes to a random fallback query (marked on the page). `--query ID` adds queries by id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+SCORE_BINS = 20  # judge scores live in [0, 1]: 0.05-wide bins
+THUMB_PX = 96
+READ_ROWS = 1 << 16  # rows per batch when streaming the score files
+
+
+@dataclass
+class Candidate:
+    """One retrieved candidate of a query, as the mining run saw it."""
+
+    id: str
+    rank: int  # retrieval rank, 0 = most similar
+    sim: float  # cosine of query and candidate embeddings
+    score: float | None  # judge score; None: the judge has no score for this pair
+    text: str
+    image: str
+    dropped: bool  # the false-negative filter removed it: score > pos_score - beta
+    positions: list[int]  # its positions in the stored hard-negative list (cyclic order; repeats = padding)
+    beyond_top: bool = False  # shown only because it was picked: its rank is past the top-N shown
+
+
+@dataclass
+class QueryView:
+    id: str
+    dataset: str
+    text: str
+    image: str
+    pos_id: str
+    pos_text: str
+    pos_image: str
+    pos_score: float
+    threshold: float  # pos_score - beta: a candidate scoring above it is a likely false negative
+    num_survivors: int
+    fallback: bool
+    neg_ids: list[str]
+    neg_scores: list[float]
+    candidates: list[Candidate]
+    why: str  # "random", "fallback example" or "asked for"
+
+
+@dataclass
+class DatasetView:
+    name: str
+    queries: int  # queries with hard negatives
+    fallbacks: int
+    pos_hist: np.ndarray  # counts over SCORE_BINS bins of [0, 1] (out-of-range values in the end bins)
+    cand_hist: np.ndarray
+    neg_hist: np.ndarray  # selected negatives as stored: with padding repeats and fallback 1.0s
+    out_of_range: int  # judge scores outside [0, 1] (scores brought from elsewhere may be)
+    survivors: np.ndarray  # survivors[k] = queries with k candidates left by the filter
+    shown: list[QueryView] = field(default_factory=list)
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.queries if self.queries else 0.0
+
+
+@dataclass
+class Report:
+    run: str
+    beta: float
+    interval: int
+    num_negatives: int
+    top: int
+    seed: int
+    datasets: list[DatasetView]
+
+
+def mining_dir(run_dir: str | Path) -> Path:
+    """The `mining/` folder of a run (`run.output_dir`); the mining folder itself is accepted too."""
+    run_dir = Path(run_dir)
+    mining = run_dir / "mining" if (run_dir / "mining").is_dir() else run_dir
+    needed = [
+        mining / "sample" / "hard_negatives.parquet",
+        mining / "sample" / "report.json",
+        mining / "ingest" / "queries.parquet",
+        mining / "ingest" / "pool.parquet",
+    ]
+    missing = [str(p) for p in needed if not p.is_file()]
+    for sub in ("judge/results", "retrieve"):
+        if not sorted((mining / sub).glob("*.parquet")):
+            missing.append(str(mining / sub / "*.parquet"))
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: not a finished mining run ({', '.join(missing)} missing); run "
+            "`unime-ray mine` to its sample stage first"
+        )
+    return mining
+
+
+def _stable_seed(seed: int, name: str) -> np.random.Generator:
+    # hashlib, not hash(): Python salts str hashes per process, and the sample must not change.
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
+def choose_queries(
+    hard_negatives: pa.Table, per_dataset: int, seed: int, extra: list[str] | tuple[str, ...] = ()
+) -> dict[str, list[tuple[str, str]]]:
+    """{dataset: [(query id, why shown), ...]} from a table with `id, dataset, fallback` columns (see the
+    module docstring for the rule)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    wanted = set(extra)
+    for name in sorted(pc.unique(hard_negatives["dataset"]).to_pylist()):
+        rows = hard_negatives.filter(pc.equal(hard_negatives["dataset"], name)).sort_by("id")
+        ids = rows["id"].to_pylist()
+        fallback = rows["fallback"].to_numpy(zero_copy_only=False)
+        rng = _stable_seed(seed, name)
+        picks = [int(i) for i in rng.choice(len(ids), size=min(per_dataset, len(ids)), replace=False)]
+        chosen = [(ids[i], "random") for i in sorted(picks)]
+        falls = np.flatnonzero(fallback)
+        if chosen and len(falls) and not fallback[picks].any():
+            chosen[-1] = (ids[int(rng.choice(falls))], "fallback example")
+        seen = {qid for qid, _ in chosen}
+        chosen += [(qid, "asked for") for qid in ids if qid in wanted and qid not in seen]
+        out[name] = chosen
+    return out
+
+
+def _histogram(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Counts of `values` over SCORE_BINS bins of [0, 1], out-of-range values clipped into the end bins;
+    and how many were out of range (NaN is neither: the sample stage quarantines it)."""
+    values = values[~np.isnan(values)]
+    outside = int(((values < 0) | (values > 1)).sum())
+    bins = np.clip((np.clip(values, 0, 1) * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
+    return np.bincount(bins, minlength=SCORE_BINS), outside
+
+
+def _score_histograms(files: list[Path]) -> dict[str, dict[str, np.ndarray | int]]:
+    """Per dataset: histograms of positive and candidate judge scores, streamed a batch at a time."""
+    out: dict[str, dict[str, np.ndarray | int]] = {}
+    for path in files:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=READ_ROWS, columns=["dataset", "is_positive", "score"]):
+            datasets = batch.column("dataset")
+            positive = batch.column("is_positive").to_numpy(zero_copy_only=False)
+            scores = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+            for name in pc.unique(datasets).to_pylist():
+                mine = pc.equal(datasets, name).to_numpy(zero_copy_only=False)
+                acc = out.setdefault(
+                    name,
+                    {"pos": np.zeros(SCORE_BINS, np.int64), "cand": np.zeros(SCORE_BINS, np.int64), "out": 0},
+                )
+                for key, rows in (("pos", mine & positive), ("cand", mine & ~positive)):
+                    counts, outside = _histogram(scores[rows])
+                    acc[key] += counts
+                    acc["out"] += outside
+    return out
+
+
+def _rows(
+    paths: list[Path] | Path, column: str, ids: list[str], columns: list[str] | None = None
+) -> pa.Table:
+    """Rows whose `column` is in `ids`, from one or several Parquet files (filter pushed into the read)."""
+    paths = [paths] if isinstance(paths, Path) else paths
+    tables = [pq.read_table(p, columns=columns, filters=[(column, "in", ids)]) for p in paths]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def collect(
+    run_dir: str | Path,
+    *,
+    queries: int = 5,
+    top: int = 20,
+    seed: int = 0,
+    extra: list[str] | tuple[str, ...] = (),
+) -> Report:
+    """What the report shows, read from a finished mining run (see the module docstring)."""
+    mining = mining_dir(run_dir)
+    settings = json.loads((mining / "sample" / "report.json").read_text())
+    beta = float(settings["beta"])
+    hn_path = mining / "sample" / "hard_negatives.parquet"
+    summary = pq.read_table(hn_path, columns=["id", "dataset", "num_survivors", "fallback", "neg_scores"])
+    chosen = choose_queries(summary, queries, seed, extra)
+    ids = sorted({qid for picks in chosen.values() for qid, _ in picks})
+
+    hn = {r["id"]: r for r in _rows(hn_path, "id", ids).to_pylist()}
+    qrows = {r["id"]: r for r in _rows(mining / "ingest" / "queries.parquet", "id", ids).to_pylist()}
+    retrieved = _rows(
+        sorted((mining / "retrieve").glob("*.parquet")),
+        "query_id",
+        ids,
+        ["query_id", "cand_id", "rank", "sim"],
+    ).to_pylist()
+    judged = _rows(
+        sorted((mining / "judge" / "results").glob("*.parquet")),
+        "query_id",
+        ids,
+        ["query_id", "cand_id", "is_positive", "score"],
+    ).to_pylist()
+    scores = {(r["query_id"], r["cand_id"]): r["score"] for r in judged if not r["is_positive"]}
+    by_query: dict[str, list[dict]] = {}
+    for r in retrieved:
+        by_query.setdefault(r["query_id"], []).append(r)
+    needed = sorted({r["cand_id"] for r in retrieved})
+    pool = {r["id"]: r for r in _rows(mining / "ingest" / "pool.parquet", "id", needed).to_pylist()}
+
+    hists = _score_histograms(sorted((mining / "judge" / "results").glob("*.parquet")))
+    datasets = []
+    for name, picks in chosen.items():
+        mine = summary.filter(pc.equal(summary["dataset"], name))
+        negs = pc.list_flatten(mine["neg_scores"]).to_numpy(zero_copy_only=False).astype(np.float64)
+        h = hists.get(
+            name, {"pos": np.zeros(SCORE_BINS, np.int64), "cand": np.zeros(SCORE_BINS, np.int64), "out": 0}
+        )
+        view = DatasetView(
+            name=name,
+            queries=mine.num_rows,
+            fallbacks=int(pc.sum(mine["fallback"]).as_py() or 0),
+            pos_hist=h["pos"],
+            cand_hist=h["cand"],
+            neg_hist=_histogram(negs)[0],
+            out_of_range=int(h["out"]),
+            survivors=np.bincount(mine["num_survivors"].to_numpy(zero_copy_only=False)),
+        )
+        for qid, why in picks:
+            view.shown.append(
+                _query_view(hn[qid], qrows.get(qid, {}), by_query.get(qid, []), scores, pool, beta, top, why)
+            )
+        datasets.append(view)
+    return Report(
+        run=str(Path(run_dir)),
+        beta=beta,
+        interval=int(settings.get("interval", 0)),
+        num_negatives=int(settings.get("num_negatives", 0)),
+        top=top,
+        seed=seed,
+        datasets=datasets,
+    )
+
+
+def _query_view(
+    hn: dict, query: dict, retrieved: list[dict], scores: dict, pool: dict, beta: float, top: int, why: str
+) -> QueryView:
+    # The filter exactly as the sample stage applies it: float64 on the stored float32 values, strict.
+    pos_score = float(np.float32(hn["pos_score"]))
+    threshold = pos_score - beta
+    positions: dict[str, list[int]] = {}
+    for pos, cid in enumerate(hn["neg_ids"]):
+        positions.setdefault(cid, []).append(pos)
+    candidates = []
+    for r in sorted(retrieved, key=lambda r: r["rank"]):
+        if r["rank"] >= top and r["cand_id"] not in positions:
+            continue
+        score = scores.get((hn["id"], r["cand_id"]))
+        record = pool.get(r["cand_id"], {})
+        candidates.append(
+            Candidate(
+                id=r["cand_id"],
+                rank=int(r["rank"]),
+                sim=float(r["sim"]),
+                score=None if score is None else float(np.float32(score)),
+                text=record.get("text") or "",
+                image=record.get("image") or "",
+                dropped=score is not None and float(np.float32(score)) > threshold,
+                positions=positions.get(r["cand_id"], []),
+                beyond_top=r["rank"] >= top,
+            )
+        )
+    return QueryView(
+        id=hn["id"],
+        dataset=hn["dataset"],
+        text=query.get("text", hn["qry_text"]) or "",
+        image=query.get("image", hn["qry_image"]) or "",
+        pos_id=hn["pos_id"],
+        pos_text=hn["pos_text"] or "",
+        pos_image=hn["pos_image"] or "",
+        pos_score=pos_score,
+        threshold=threshold,
+        num_survivors=int(hn["num_survivors"]),
+        fallback=bool(hn["fallback"]),
+        neg_ids=list(hn["neg_ids"]),
+        neg_scores=[float(s) for s in hn["neg_scores"]],
+        candidates=candidates,
+        why=why,
+    )
+
+
+# ---- rendering ----------------------------------------------------------------------------------------
+
+
+class Thumbnails:
+    """Images under `root` as small base64 data URIs, each file encoded once per report. A path that
+    resolves outside `root` is refused (a data file must not make the report embed any file it names)."""
+
+    def __init__(self, root: str | Path | None, size: int = THUMB_PX):
+        self.root = Path(root).resolve() if root else None
+        self.size = size
+        self.cache: dict[str, str | None] = {}
+
+    def __call__(self, rel: str) -> str | None:
+        if not rel or self.root is None:
+            return None
+        if rel not in self.cache:
+            self.cache[rel] = self._encode(rel)
+        return self.cache[rel]
+
+    def _encode(self, rel: str) -> str | None:
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            return None
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((self.size, self.size))
+                out = io.BytesIO()
+                image.save(out, format="JPEG", quality=85)
+        except Exception:  # unreadable image: the page says so instead of failing
+            return None
+        return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _short(text: str, limit: int = 240) -> str:
+    """Escaped text, cut at `limit` characters with the whole text in a tooltip."""
+    if len(text) <= limit:
+        return f"<span>{_e(text)}</span>"
+    return f'<span title="{_e(text)}">{_e(text[:limit])}…</span>'
+
+
+def _image(thumbs: Thumbnails, rel: str) -> str:
+    if not rel:
+        return ""  # a text-only side: an empty cell reads better than a placeholder on every row
+    uri = thumbs(rel)
+    if uri is None:
+        return f'<div class="noimg" title="{_e(rel)}">image not found</div>'
+    return f'<img class="thumb" src="{uri}" alt="{_e(rel)}" title="{_e(rel)}">'
+
+
+def svg_histogram(counts: np.ndarray, labels: tuple[str, str], title: str, color: str) -> str:
+    """Bars of `counts` as inline SVG; `labels` are the x axis ends; each bar's count is its tooltip."""
+    width, height, pad = 320, 130, 18
+    n = max(len(counts), 1)
+    top = max(int(np.max(counts)) if len(counts) else 0, 1)
+    bar = (width - 2 * pad) / n
+    bars = []
+    for i, c in enumerate(counts):
+        h = (height - 2 * pad) * int(c) / top
+        bars.append(
+            f'<rect x="{pad + i * bar:.1f}" y="{height - pad - h:.1f}" width="{max(bar - 1, 1):.1f}" '
+            f'height="{h:.1f}" fill="{color}"><title>{int(c)}</title></rect>'
+        )
+    return (
+        f'<figure class="hist"><figcaption>{_e(title)}</figcaption>'
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
+        f'<text x="{pad}" y="{height - 4}" font-size="10">{_e(labels[0])}</text>'
+        f'<text x="{width - pad}" y="{height - 4}" font-size="10" text-anchor="end">{_e(labels[1])}</text>'
+        f'<text x="{pad}" y="12" font-size="10">max {top}</text>' + "".join(bars) + "</svg></figure>"
+    )
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+h1{font-size:1.5em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;
+vertical-align:middle}th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
+.hists{display:flex;flex-wrap:wrap;gap:1em}.hist{margin:0}.hist figcaption{font-size:12px;color:#555}
+.query{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1.2em 0}
+.pair{display:flex;gap:2em;flex-wrap:wrap}.side{display:flex;gap:.6em;align-items:flex-start;max-width:46%}
+.thumb{width:72px;height:72px;object-fit:contain;border:1px solid #ccc;background:#fff}
+table .thumb{width:48px;height:48px}
+.noimg{width:48px;height:48px;font-size:10px;color:#999;border:1px dashed #ccc;display:flex;
+align-items:center;justify-content:center;text-align:center}
+.meta{color:#555;margin:.5em 0}.tag{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px}
+tr.dropped{background:#fdecec}tr.dropped .tag{background:#e57373;color:#fff}
+tr.negative{background:#eaf6ea}tr.negative .tag{background:#43a047;color:#fff}
+tr.kept .tag{background:#ddd}tr.fallback .tag{background:#fb8c00;color:#fff}
+.banner{background:#fff3e0;border-left:4px solid #fb8c00;padding:.3em .6em}
+.id{font-family:monospace;font-size:12px;color:#666}
+"""
+
+
+def _candidate_row(c: Candidate, q: QueryView, thumbs: Thumbnails) -> str:
+    if c.positions and q.fallback:
+        kind, tag = "fallback", "fallback pick at " + ", ".join(f"#{p}" for p in c.positions)
+    elif c.positions:
+        kind, tag = "negative", "hard negative at " + ", ".join(f"#{p}" for p in c.positions)
+    elif c.dropped:
+        kind, tag = "dropped", "dropped: false negative"
+    elif c.score is None:
+        kind, tag = "kept", "not judged"
+    else:
+        kind, tag = "kept", "kept, not picked"
+    score = "–" if c.score is None else f"{c.score:.4f}"
+    rank = f"{c.rank}" + (" (beyond top)" if c.beyond_top else "")
+    return (
+        f'<tr class="cand {kind}" data-cand-id="{_e(c.id)}" data-rank="{c.rank}" '
+        f'data-dropped="{int(c.dropped)}" data-positions="{" ".join(map(str, c.positions))}">'
+        f'<td class="num">{rank}</td><td>{_image(thumbs, c.image)}</td>'
+        f'<td>{_short(c.text)}<div class="id">{_e(c.id)}</div></td>'
+        f'<td class="num">{c.sim:.4f}</td><td class="num">{score}</td>'
+        f'<td><span class="tag">{_e(tag)}</span></td></tr>'
+    )
+
+
+def _query_section(q: QueryView, thumbs: Thumbnails) -> str:
+    shown_why = {
+        "random": "",
+        "fallback example": " (shown as a fallback example)",
+        "asked for": " (asked for)",
+    }
+    head = (
+        f'<section class="query" id="q-{_e(q.id)}" data-query-id="{_e(q.id)}" '
+        f'data-fallback="{int(q.fallback)}" data-pos-score="{q.pos_score!r}" '
+        f'data-threshold="{q.threshold!r}">'
+        f'<div class="id">query {_e(q.id)}{_e(shown_why.get(q.why, ""))}</div>'
+        '<div class="pair">'
+        f'<div class="side">{_image(thumbs, q.image)}<div><b>Query</b><br>{_short(q.text, 600)}</div></div>'
+        f'<div class="side">{_image(thumbs, q.pos_image)}<div><b>Positive</b> '
+        f'<span class="id">{_e(q.pos_id)}</span><br>{_short(q.pos_text, 600)}<br>'
+        f'judge score s<sub>pos</sub> = <b class="pos-score">{q.pos_score:.4f}</b></div></div></div>'
+        f'<div class="meta">false-negative threshold s<sub>pos</sub> − β = {q.threshold:.4f}; '
+        f"{q.num_survivors} candidates survived the filter; {len(q.neg_ids)} hard negatives stored</div>"
+    )
+    if q.fallback:
+        head += (
+            '<div class="banner fallback-note">No candidate survived the filter: the hard negatives are '
+            f"{len(q.neg_ids)} random candidates with score 1.0 (fallback)</div>"
+        )
+    listed = {c.id for c in q.candidates}
+    missing = [cid for cid in dict.fromkeys(q.neg_ids) if cid not in listed]
+    rows = "".join(_candidate_row(c, q, thumbs) for c in q.candidates)
+    table = (
+        '<table class="cands"><thead><tr><th>rank</th><th></th><th>candidate</th><th>cosine</th>'
+        f"<th>judge score</th><th>outcome</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+    note = ""
+    if missing:  # only when the retrieve files lack a stored negative (e.g. a run assembled by hand)
+        note = f'<div class="meta">hard negatives not in the retrieved list: {_e(", ".join(missing))}</div>'
+    return head + table + note + "</section>"
+
+
+def _dataset_section(d: DatasetView, report: Report, thumbs: Thumbnails) -> str:
+    edges = ("0", "1")
+    hists = [
+        svg_histogram(d.pos_hist, edges, f"positive scores (n={int(d.pos_hist.sum())})", "#43a047"),
+        svg_histogram(d.cand_hist, edges, f"candidate scores (n={int(d.cand_hist.sum())})", "#757575"),
+        svg_histogram(
+            d.neg_hist,
+            edges,
+            f"selected negative scores (n={int(d.neg_hist.sum())}, with repeats)",
+            "#e53935",
+        ),
+        svg_histogram(
+            d.survivors, ("0", str(max(len(d.survivors) - 1, 0))), "survivors per query (queries)", "#1e88e5"
+        ),
+    ]
+    out_note = f"; {d.out_of_range} scores outside [0, 1], counted in the end bins" if d.out_of_range else ""
+    return (
+        f'<section class="dataset" id="ds-{_e(d.name)}" data-dataset="{_e(d.name)}">'
+        f"<h2>{_e(d.name)}</h2>"
+        f'<div class="meta">{d.queries} queries; fallback rate <b class="fallback-rate">'
+        f"{100 * d.fallback_rate:.2f}%</b> ({d.fallbacks}){out_note}; showing {len(d.shown)} "
+        f"queries with their top {report.top} candidates</div>"
+        f'<div class="hists">{"".join(hists)}</div>'
+        + "".join(_query_section(q, thumbs) for q in d.shown)
+        + "</section>"
+    )
+
+
+def render(report: Report, image_root: str | Path | None) -> str:
+    """The report as one self-contained HTML document (no script, no external resource)."""
+    thumbs = Thumbnails(image_root)
+    rows = "".join(
+        f'<tr><td><a href="#ds-{_e(d.name)}">{_e(d.name)}</a></td><td class="num">{d.queries}</td>'
+        f'<td class="num">{d.fallbacks}</td><td class="num">{100 * d.fallback_rate:.2f}%</td>'
+        f'<td class="num">{len(d.shown)}</td></tr>'
+        for d in report.datasets
+    )
+    body = "".join(_dataset_section(d, report, thumbs) for d in report.datasets)
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Mining inspector: {_e(report.run)}</title><style>{CSS}</style></head><body>"
+        f'<h1>Mining inspector</h1><div class="meta">run <code>{_e(report.run)}</code>; '
+        f"β = {report.beta:g} (a candidate scoring above s<sub>pos</sub> − β is dropped as a false "
+        f"negative); cyclic sampling every {report.interval}; {report.num_negatives} negatives kept; "
+        f"queries drawn with seed {report.seed}</div>"
+        '<table class="summary"><thead><tr><th>dataset</th><th>queries</th><th>fallbacks</th>'
+        f"<th>fallback rate</th><th>shown</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"{body}</body></html>"
+    )
+
+
+def build_report(
+    run_dir: str | Path,
+    image_root: str | Path | None,
+    *,
+    queries: int = 5,
+    top: int = 20,
+    seed: int = 0,
+    extra: list[str] | tuple[str, ...] = (),
+) -> str:
+    """`collect` then `render`: the HTML page of a mining run."""
+    return render(collect(run_dir, queries=queries, top=top, seed=seed, extra=extra), image_root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from unime_ray.config import add_config_args, config_from_args
+    from unime_ray.io import atomic_path
+
+    p = argparse.ArgumentParser(
+        prog="unime-ray inspect",
+        description="Write a self-contained HTML page showing what the judge did to a sample of queries "
+        "(see unime_ray/inspector.py).",
+    )
+    p.add_argument("run_dir", help="the mining run (run.output_dir, or its mining/ folder)")
+    p.add_argument("--image-root", help="folder the run's image paths are relative to (else data.image_root)")
+    p.add_argument("--out", help="the HTML file to write (default RUN_DIR/inspect.html)")
+    p.add_argument("--queries", type=int, default=5, help="queries shown per dataset (default 5)")
+    p.add_argument("--top", type=int, default=20, help="retrieved candidates shown per query (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query draw (default 0)")
+    p.add_argument(
+        "--query", action="append", default=[], metavar="ID", help="also show this query (repeatable)"
+    )
+    add_config_args(p)
+    args = p.parse_args(argv)
+    image_root = args.image_root or config_from_args(args).data.image_root
+    if not image_root:
+        p.error("give --image-root DIR, or --config FILE with data.image_root")
+    page = build_report(
+        args.run_dir, image_root, queries=args.queries, top=args.top, seed=args.seed, extra=args.query
+    )
+    out = Path(args.out or Path(args.run_dir) / "inspect.html")
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    print(f"wrote {out} ({len(page) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
