@@ -207,6 +207,13 @@ class TrainConfig:
 @dataclass
 class RayConfig:
     address: str = field(default="", metadata={"help": "Ray cluster address; empty = start a local Ray"})
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "show Ray's own logs (workers, Ray Data plans, Serve, Train) on the console; off, they "
+            "stay in Ray's session log files and only our stage lines and progress bars show (--verbose)"
+        },
+    )
 
 
 @dataclass
@@ -339,6 +346,13 @@ class ServeConfig:
         metadata={
             "help": "longest wait of a batch for more requests after its first; the wait follows the "
             "duration of the last forward pass, up to this"
+        },
+    )
+    inspect_run: str = field(
+        default="",
+        metadata={
+            "help": "a finished mining run (its run.output_dir) whose inspector page is served at /inspect; "
+            "its images are read under data.image_root; empty = no /inspect"
         },
     )
     ingress: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -501,10 +515,14 @@ def add_config_args(parser, default: str | None = None) -> None:
         metavar="KEY=VALUE",
         help="override a config value by dotted key, e.g. --set mining.beta=0.02 (repeatable)",
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs on the console (= --set ray.verbose=true)"
+    )
 
 
 def config_from_args(args) -> Config:
-    return load_config(args.config, args.overrides)
+    verbose = ["ray.verbose=true"] if getattr(args, "verbose", False) else []
+    return load_config(args.config, [*args.overrides, *verbose])
 
 
 def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:

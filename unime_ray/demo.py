@@ -19,6 +19,7 @@ import argparse
 import base64
 import copy
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -72,7 +73,6 @@ def evaluate(cfg: Config, embedder: str, reranker: str) -> dict:
     run_eval(before)
     results = run_eval(after)
     deltas = compare(out / "untrained", out / "trained", out / "compare")
-    print(f"untrained -> trained, every number: {deltas['out']}/compare.md")
     return {"table3": results["table3"], "compare": deltas["out"]}
 
 
@@ -112,23 +112,64 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
     return {"index": index, "query_image": str(image), "answer": answer}
 
 
+def _table(rows: list[tuple[str, float, str, str]]) -> str:
+    """The demo's closing summary: stage, seconds, key numbers, where its outputs are."""
+    lines = ["| stage | seconds | key numbers | outputs |", "|---|---:|---|---|"]
+    lines += [f"| {stage} | {seconds:.0f} | {numbers} | {where} |" for stage, seconds, numbers, where in rows]
+    return "\n".join(lines)
+
+
 def run_demo(cfg: Config) -> dict:
     out = Path(cfg.run.output_dir)
     prepare_synthetic(cfg)
-    init_ray(cfg.ray.address)
-    report: dict = {"mining": mine(cfg)}
-    print(f"mined hard negatives: {report['mining']} -> {out / 'mining/sample/hard_negatives.parquet'}")
-    report["train_embed"] = train(cfg, "embed")
-    report["train_rerank"] = train(cfg, "rerank")
+    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+    report: dict = {}
+    rows: list[tuple[str, float, str, str]] = []
+
+    def stage(name: str, work, numbers, where) -> None:
+        print(f"[demo] {name}: started", flush=True)
+        start = time.perf_counter()
+        report[name] = work()
+        seconds = time.perf_counter() - start
+        rows.append((name, seconds, numbers(report[name]), str(where(report[name]))))
+        print(f"[demo] {name}: done in {seconds:.1f} s: {rows[-1][2]}", flush=True)
+
+    stage(
+        "mining",
+        lambda: mine(cfg),
+        lambda m: (
+            f"{m['queries']} queries, {m['judged_pairs']} judged pairs, {m['fallback_queries']} fallback"
+        ),
+        lambda _: out / "mining/sample/hard_negatives.parquet",
+    )
     for kind in ("train_embed", "train_rerank"):
-        print(f"{kind}: {report[kind]['metrics']}, curves {report[kind]['curves']}")
+        stage(
+            kind,
+            lambda kind=kind: train(cfg, kind[len("train_") :]),
+            lambda t: ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t["metrics"].items()
+            ),
+            lambda t: t["weights"],
+        )
     weights = report["train_embed"]["weights"], report["train_rerank"]["weights"]
-    report["eval"] = evaluate(cfg, *weights)
-    report["serve"] = serve_one_query(cfg, *weights)
-    hits = report["serve"]["answer"]["results"]
-    print(f"served one query over HTTP: top-{len(hits)} " + ", ".join(repr(h["text"]) for h in hits))
+    stage(
+        "eval",
+        lambda: evaluate(cfg, *weights),
+        lambda e: ", ".join(
+            f"{mode} {t.get('MMEB_Other', t.get('Overall', ''))}" for mode, t in e["table3"].items()
+        ),
+        lambda e: e["compare"],
+    )
+    stage(
+        "serve",
+        lambda: serve_one_query(cfg, *weights),
+        lambda s: "top-{} over HTTP: {}".format(
+            len(s["answer"]["results"]), ", ".join(repr(h["text"]) for h in s["answer"]["results"])
+        ),
+        lambda s: s["index"]["index"],
+    )
     write_json(report, out / "demo_report.json")
-    print(f"wrote {out / 'demo_report.json'}")
+    print(_table(rows) + f"\n\nreport: {out / 'demo_report.json'}", flush=True)
     return report
 
 

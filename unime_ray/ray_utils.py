@@ -2,25 +2,56 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import ray
 
+# Ray's own loggers in this process: their INFO lines (Ray Data's execution plans, Serve's deployment
+# steps, Train's controller) stay in Ray's session log files; warnings and errors still show.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune")
+# Warnings Ray repeats on every start or poll that tell a user nothing to act on.
+KNOWN_NOISE = (
+    "Token authentication is enabled for this Ray cluster",  # every ray.init of a local Ray
+    "Failed to query Ray Train Controller actor state",  # every poll without a dashboard (ray#65447)
+)
 
-def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+
+class _KnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in KNOWN_NOISE)
+
+
+def init_ray(address: str = "", num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join `address` (or $RAY_ADDRESS, which `ray job submit` sets); with neither, start a local Ray
     bound to 127.0.0.1 (no dashboard). Two listeners upstream hard-codes to every interface remain, both
     on random ports and tested to be the only ones: each Serve replica's internal gRPC server (Ray 2.60)
-    and torch.distributed's TCPStore on the rank-0 train worker."""
+    and torch.distributed's TCPStore on the rank-0 train worker.
+
+    Not `verbose`: the workers' logs are not copied to this console (they stay in Ray's session log
+    folder, named once here) and Ray's own INFO lines are hidden, so a job's console shows our stage
+    lines and the progress bars of Ray Data and Ray Train; errors still reach the driver as exceptions."""
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if not verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        for handler in logging.getLogger("ray").handlers:
+            handler.addFilter(_KnownNoise())
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    # Ray turns "127.0.0.1" into the machine's routable address unless multi-node is off; a local
-    # Ray is one node, so switch it off here (env for the raylet and workers, constant for this process).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    # address="local": always a fresh local instance, never a stale `ray start` head found in /tmp/ray.
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address=address, **{"log_to_driver": True, **quiet})
+    else:
+        # Ray turns "127.0.0.1" into the machine's routable address unless multi-node is off; a local
+        # Ray is one node, so switch it off here (env for the raylet and workers, constant for this process).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        # address="local": always a fresh local instance, never a stale `ray start` head found in /tmp/ray.
+        ray.init(
+            address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **quiet
+        )
+    if not verbose:
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        print(f"[ray] Ray's own logs: {logs} (--verbose shows them here)", flush=True)

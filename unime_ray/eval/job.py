@@ -114,7 +114,7 @@ def run_eval(cfg: Config) -> dict:
     cache = Path(e.cache_dir or Path(cfg.run.output_dir) / "cache")
     prepare_synthetic(cfg)
     collections, meta, read = load_collections(cfg, out)
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     pool = {"num_actors": e.num_actors, "gpus_per_actor": e.gpus_per_actor}
     vectors, embedded = embed_collections(collections, cfg.embedder, cache, shard_rows=e.shard_rows, **pool)
     ranked = {(c.key, t.name): rank(t, vectors[c.key], e.top_k) for c in collections for t in c.tasks}
@@ -145,8 +145,7 @@ def run_eval(cfg: Config) -> dict:
     plots = [
         p for p in (mmeb_bars(results, out / "mmeb.png"), recall_curves(results, out / "recall.png")) if p
     ]
-    print(markdown(results))
-    print(f"wrote {out}/results.json, results.md, " + ", ".join(p.name for p in plots))
+    print(f"[eval] wrote {out}/results.json, results.md, " + ", ".join(p.name for p in plots), flush=True)
     return results
 
 
@@ -179,4 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.eval.rerank = list(MODES)
     if args.out:
         cfg.eval.output_dir = args.out
-    return run_eval(cfg)
+    results = run_eval(cfg)
+    print(markdown(results))
+    return results

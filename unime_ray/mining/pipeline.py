@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_synthetic(cfg)
     try:
         check_job(cfg, "mine")
-        init_ray(cfg.ray.address)
+        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
         report = run_mining(cfg, stages=(args.until,))
     except PreflightError as e:
         raise SystemExit(f"[mine] stopped: {e}") from None

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
         check_job(cfg, f"train_{kind}")
     except PreflightError as e:
         raise SystemExit(f"[train-{kind}] stopped: {e}") from None
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     summary = train(cfg, kind)
     print(json.dumps(summary, indent=2, default=str))
     return summary
