@@ -3,6 +3,8 @@ hand-worked 2-d cases, ivf recall, and run_retrieve's per-dataset files, resume 
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pyarrow as pa
@@ -405,3 +407,37 @@ def test_run_retrieve_input_errors(local_ray, tmp_path, change, match):
     write_embeddings(emb, tmp_path / "emb")
     with pytest.raises(ValueError, match=match):
         run_retrieve(tmp_path / "emb", queries, tmp_path / "out", MiningConfig(top_n=5, delta=0.95))
+
+
+def test_collapsed_embeddings_search_in_bounded_memory(monkeypatch):
+    """Every vector the same (a collapsed embedder): every candidate is within delta of every query, so k
+    doubles up to the whole pool. The search then takes fewer queries at a time, so the score and row
+    matrices stay near SEARCH_CELLS cells instead of queries x pool (here 200 x 10000 x 12 bytes = 24 MB
+    at once, twice while merging: 217 MB peak measured); numpy reports its allocations to tracemalloc."""
+    import tracemalloc
+
+    import unime_ray.mining.retrieve as retrieve
+
+    monkeypatch.setattr(retrieve, "SEARCH_CELLS", 1 << 16)  # <1 MB of scores and rows per search
+    nq, nc = 200, 10000
+    queries, pool = np.ones((nq, 8), np.float32) / np.sqrt(8), np.ones((nc, 8), np.float32) / np.sqrt(8)
+    pool_ids = [f"c{i:05d}" for i in range(nc)]
+    tracemalloc.start()
+    try:
+        table = retrieve_candidates(
+            [f"q{i}" for i in range(nq)],
+            queries,
+            pool_ids[:nq],
+            pool_ids,
+            pool,
+            top_n=5,
+            delta=0.98,
+            dataset="D",
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    stats = json.loads(table.schema.metadata[STATS_KEY])
+    assert table.num_rows == 0 and stats["short_queries"] == nq
+    assert stats["excluded_by_delta"] == nq * (nc - 1)  # every candidate but the own positive
+    assert peak < 50e6, f"peak {peak / 1e6:.0f} MB"  # 217 MB without the bound (measured)
