@@ -14,6 +14,20 @@
 #   with and without torchvision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The browser tests (tests/test_web.py) drive Debian's chromium headless through chromedriver. Installed
+# with apt where this runs as root (CI does); elsewhere, or when apt fails, the install goes on and those
+# tests skip, saying why. Only the two packages, without recommends: the step stays short.
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver >/dev/null) ||
+    echo "note: apt could not install chromium; the browser tests will skip (under CI=true, fail)"
+else
+  echo "note: no chromium or chromedriver (installing them needs root and apt); the browser tests will skip"
+fi
+
 VENV=${VENV:-.venv}
 WITH_VLLM=${WITH_VLLM:-1}
 PY=${PYTHON:-python3}

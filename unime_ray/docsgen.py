@@ -96,6 +96,13 @@ def api_markdown(schema: dict) -> str:
     for path, methods in schema["paths"].items():
         for method, op in methods.items():
             out += ["", f"### {method.upper()} {path}", "", op.get("description", op.get("summary", "")), ""]
+            for param in op.get("parameters", []):
+                limits = ", ".join(_limits(param["schema"]))
+                out.append(
+                    f"- {param['in']} parameter `{param['name']}`: {_type(param['schema'])}"
+                    f"{', required' if param.get('required') else ''}{', ' + limits if limits else ''}"
+                    f"{': ' + param['description'] if param.get('description') else ''}"
+                )
             body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
             if body:
                 out.append(f"- request body: {_type(body)}")

@@ -13,7 +13,12 @@ Deployments, composed with handles (the Ingress holds the other three):
             with another embedder
   Reranker  listwise over the embedding top-`serve.rerank_top` (10, as in the paper), or pointwise
             (Yes-probability fused with the cosine); deployed when `reranker.model.path` is set
-Endpoints: POST /v1/search, POST /v1/embed, GET /healthz, and FastAPI's /openapi.json and /docs.
+Endpoints: POST /v1/search, POST /v1/embed, GET /v1/image (a result's image, by record id), GET /healthz,
+and FastAPI's /openapi.json and /docs. Pages for people: GET / is a search page (`serve/pages/search.html`:
+a text box, an image upload, top-k thumbnails, the rerank switch) over /v1/search and /v1/image; GET
+/inspect shows the mining inspector's page of `serve.inspect_run` (`unime_ray.inspector`), fetched
+from /inspect/report. The pages are static and hold no data: with an API key set, everything they
+fetch needs the key, which the user types into the page.
 
 A query is `{text?, image?, instruction?}`; the text embedded is `instruction + " " + text` (MMEB puts
 the task instruction in front of the query), with the image, if any, in front as the backbone's image
@@ -42,11 +47,13 @@ import os
 import signal
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Security
-from fastapi.responses import JSONResponse
+from fastapi import Query as QueryParam
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +76,8 @@ from unime_ray.config import (
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
 RerankMode = Literal["none", "listwise", "pointwise"]
+IMAGE_SIDE = 256  # /v1/image answers a PNG thumbnail at most this many pixels a side
+PAGES = Path(__file__).with_name("pages")
 Query = tuple[str, bytes | None]  # (text to embed, image bytes) as it travels between deployments
 API_KEY_HEADER = "X-API-Key"
 # Per deployment: CPUs per replica and max_ongoing_requests when the config leaves them null. The
@@ -204,6 +213,12 @@ class IndexDeployment:
             hit["score"] = float(score)
         return hits
 
+    async def image(self, record_id: str) -> bytes | None:
+        """Record `record_id`'s image as a PNG thumbnail; None for an unknown id, a record without an
+        image, or an image file that is gone or unreadable."""
+        path = self.index.image_file(record_id)
+        return None if path is None else await asyncio.to_thread(_thumbnail_png, path)
+
     async def info(self) -> dict[str, Any]:
         meta = self.index.meta
         return {
@@ -212,6 +227,19 @@ class IndexDeployment:
             "type": meta["type"],
             "updated": meta["updated"],
         }
+
+
+def _thumbnail_png(path: Path) -> bytes | None:
+    # Re-encoded rather than sent as stored: the answer is always a small PNG, whatever the file holds.
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
+    except Exception:  # a corrupt or vanished file is "no image" to the client, not a server error
+        return None
 
 
 @serve.deployment(name="Reranker")
@@ -251,6 +279,7 @@ class Ingress:
         settings: dict[str, Any],
         key_digest: str,
         model: dict[str, Any],
+        inspect: dict[str, str] | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -258,6 +287,11 @@ class Ingress:
         self.cfg = config_from_dict(ServeConfig, settings)
         self.key_digest = key_digest
         self.model = model
+        # The inspector page is built on its first request, not here: a replica starts as fast with a
+        # mining run as without, and a server nobody inspects never reads the run.
+        self.inspect = inspect
+        self.inspect_page: str | None = None
+        self.inspect_lock = asyncio.Lock()
         tokenizers = [AutoTokenizer.from_pretrained(model["path"], local_files_only=True)]
         if model["reranker_path"]:
             tokenizers.append(AutoTokenizer.from_pretrained(model["reranker_path"], local_files_only=True))
@@ -329,6 +363,27 @@ class Ingress:
             model=self.model["weights"], dim=self.model["dim"], embeddings=[v.tolist() for v in vectors]
         )
 
+    async def image(self, record_id: str) -> bytes:
+        png = await self.index.image.remote(record_id)
+        if png is None:
+            raise HTTPException(404, f"no image for id {record_id!r} (unknown id, or a record without one)")
+        return png
+
+    async def inspect_report(self) -> str:
+        if self.inspect is None:
+            raise HTTPException(404, "this server was started without a mining run (serve.inspect_run)")
+        from unime_ray.inspector import build_report
+
+        async with self.inspect_lock:  # concurrent first requests build it once
+            if self.inspect_page is None:
+                try:
+                    self.inspect_page = await asyncio.to_thread(
+                        build_report, self.inspect["run"], self.inspect["image_root"]
+                    )
+                except (OSError, ValueError) as error:  # the run changed or vanished since the start
+                    raise HTTPException(503, f"the mining run could not be read: {error}") from None
+        return self.inspect_page
+
     async def health(self) -> dict[str, Any]:
         index, embedder = await asyncio.gather(self.index.info.remote(), self.embedder.stats.remote())
         return {"status": "ok", "index": index, "embedder": embedder, "reranker": self.reranker is not None}
@@ -376,6 +431,7 @@ def make_api(service: Ingress) -> FastAPI:
             raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
     guard = [Depends(require_key)] if service.key_digest else []
+    pages = {name: (PAGES / name).read_text(encoding="utf-8") for name in ("search.html", "inspect.html")}
     errors = {code: {"description": text} for code, text in _ERRORS.items()}
 
     @api.post("/v1/search", dependencies=guard, responses=errors)
@@ -387,6 +443,35 @@ def make_api(service: Ingress) -> FastAPI:
     async def embed(req: EmbedIn) -> EmbedOut:
         """Embedding vectors (unit length) of up to serve.max_embed_inputs queries."""
         return await service.embed(req)
+
+    @api.get(
+        "/v1/image",
+        dependencies=guard,
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the image as PNG"},
+            401: errors[401],
+            404: {"description": "unknown id, or a record without an image"},
+        },
+    )
+    async def image(
+        record_id: str = QueryParam(alias="id", max_length=1000, description="a search result's `id`"),
+    ) -> Response:
+        """The image of search result `id` (a record id of the index), as a PNG at most 256 pixels a side.
+        The file is looked up in the index's own records; no path is taken from the request."""
+        return Response(await service.image(record_id), media_type="image/png")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page() -> HTMLResponse:
+        return HTMLResponse(pages["search.html"])
+
+    @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
+    async def inspect_page() -> HTMLResponse:
+        return HTMLResponse(pages["inspect.html"])
+
+    @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
+    async def inspect_report() -> HTMLResponse:
+        return HTMLResponse(await service.inspect_report())
 
     @api.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -464,8 +549,17 @@ def build_app(cfg: Config) -> Application:
     if s.rerank == "auto":
         settings["rerank"] = "listwise" if reranker is not None else "none"
     public = {**model, "reranker_path": cfg.reranker.model.path}
+    inspect = None
+    if s.inspect_run:
+        from unime_ray.inspector import mining_dir
+
+        mining_dir(s.inspect_run)  # a wrong path fails here, before anything is deployed
+        inspect = {
+            "run": str(Path(s.inspect_run).resolve()),
+            "image_root": str(Path(cfg.data.image_root).resolve()),
+        }
     return deployment(Ingress, "Ingress", s.ingress).bind(
-        embedder, index, reranker, settings, key_digest, public
+        embedder, index, reranker, settings, key_digest, public, inspect
     )
 
 

@@ -211,6 +211,24 @@ class CorpusIndex:
         """`{id, source, text, image}` of each row (row numbers from `search`, without the -1 padding)."""
         return self.table.take(pa.array(rows, pa.int64())).to_pylist()
 
+    def record(self, record_id: str) -> dict[str, str] | None:
+        """The record with this id, None when the index has none. A linear scan of the id column (a few
+        ms per million records) rather than an id -> row map, which would hold ~100 bytes per record in
+        every replica for a lookup that only the search page's thumbnails make."""
+        row = pc.index(self.table["id"], record_id).as_py()
+        return None if row < 0 else self.table.slice(row, 1).to_pylist()[0]
+
+    def image_file(self, record_id: str) -> Path | None:
+        """The image file of record `record_id`: its stored path under the index's image root, or None
+        (unknown id, no image, no such file, or a stored path that resolves outside the root). The path
+        comes only from the index's own records, never from the caller."""
+        record = self.record(record_id)
+        if record is None or not record["image"]:
+            return None
+        root = Path(self.meta["image_root"]).resolve()
+        path = (root / record["image"]).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+
 
 # ---- writing ------------------------------------------------------------------------------------------
 
