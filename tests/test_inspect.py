@@ -148,20 +148,14 @@ def test_query_draw_is_seeded_per_dataset(mined_run):
 
 def test_cli_writes_the_page(mined_run, world, tmp_path, capsys):
     out = tmp_path / "inspect.html"
-    cli(
-        [
-            "inspect",
-            str(mined_run),
-            "--image-root",
-            str(world / "images"),
-            "--out",
-            str(out),
-            "--queries",
-            "2",
-        ]
-    )
+    args = ["inspect", str(mined_run), "--image-root", str(world / "images"), "--out", str(out)]
+    cli([*args, "--queries", "2"])
     assert "wrote" in capsys.readouterr().out
     assert out.read_text() == build_report(mined_run, world / "images", queries=2)
+    # only the queries asked for, and a note for an id the run does not have
+    cli([*args, "--queries", "0", "--query", "ShapesT2I/40", "--query", "ShapesT2I/nope"])
+    assert "'ShapesT2I/nope' has no hard negatives" in capsys.readouterr().out
+    assert [q["data-query-id"] for q in Page(out.read_text()).queries] == ["ShapesT2I/40"]
     with pytest.raises(FileNotFoundError, match="not a finished mining run.*hard_negatives.parquet"):
         mining_dir(tmp_path)
 

@@ -198,7 +198,9 @@ def _rows(
 ) -> pa.Table:
     """Rows whose `column` is in `ids`, from one or several Parquet files (filter pushed into the read)."""
     paths = [paths] if isinstance(paths, Path) else paths
-    tables = [pq.read_table(p, columns=columns, filters=[(column, "in", ids)]) for p in paths]
+    # A typed value set: an empty list given as a filter tuple is of type null, which Arrow refuses.
+    wanted = pc.field(column).isin(pa.array(ids, pa.string()))
+    tables = [pq.read_table(p, columns=columns, filters=wanted) for p in paths]
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
@@ -563,12 +565,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_args(p)
     args = p.parse_args(argv)
+    if args.queries < 0 or args.top < 1:
+        p.error("--queries must be >= 0 and --top >= 1")
     image_root = args.image_root or config_from_args(args).data.image_root
     if not image_root:
         p.error("give --image-root DIR, or --config FILE with data.image_root")
-    page = build_report(
-        args.run_dir, image_root, queries=args.queries, top=args.top, seed=args.seed, extra=args.query
-    )
+    report = collect(args.run_dir, queries=args.queries, top=args.top, seed=args.seed, extra=args.query)
+    shown = {q.id for d in report.datasets for q in d.shown}
+    for qid in args.query:
+        if qid not in shown:
+            print(f"note: query {qid!r} has no hard negatives in this run; not shown")
+    page = render(report, image_root)
     out = Path(args.out or Path(args.run_dir) / "inspect.html")
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
