@@ -137,3 +137,37 @@ def test_precomputed_scores_validated_by_id(local_ray, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query_id": "q0", "score": 1.0}]), user)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['cand_id'\]"):
         attach_precomputed(reqs, tmp_path / "out4", str(user))
+
+
+def test_prompt_variant_and_candidate_cap(tiny_qwen):
+    """`judge.prompt` swaps the instruction only; `judge.max_candidate_tokens` cuts the candidate's text
+    (MMEB's image tag removed first), never the query's; both enter the judge stage's fingerprint, and
+    at their defaults leave it as it was before they existed."""
+    from unime_ray.config import Config
+    from unime_ray.mining.pipeline import fingerprints, stage_settings
+    from unime_ray.models.judge import _PromptBuilder
+    from unime_ray.models.prompts import JUDGE_PROMPTS
+
+    tok = load_processor(tiny_qwen).tokenizer
+    model = _cfg(tiny_qwen).model
+    long_text = "a red circle on the left and a blue square on the right"
+    pair = ("what is at the top of the image", "", f"<|image_1|>\n{long_text}", "")
+    paper, _ = _PromptBuilder(model, "", tok).build(pair)
+    short, _ = _PromptBuilder(model, "", tok, prompt="short").build(pair)
+    assert JUDGE_PROMPTS["short"] in short and JUDGE_INSTRUCTION not in short
+    assert short.replace(JUDGE_PROMPTS["short"], JUDGE_INSTRUCTION) == paper
+    capped, _ = _PromptBuilder(model, "", tok, max_candidate_tokens=3).build(pair)
+    kept = capped.split("\nCandidate: ")[1].split("<|im_end|>")[0]
+    assert tok.encode(kept, add_special_tokens=False) == tok.encode(long_text, add_special_tokens=False)[:3]
+    assert capped.split("\nCandidate: ")[0] == paper.split("\nCandidate: ")[0]  # the query is untouched
+    uncapped, _ = _PromptBuilder(model, "", tok, max_candidate_tokens=100).build(pair)
+    assert uncapped == paper
+
+    base = Config()
+    assert set(stage_settings(base)["judge"]) == {"model", "backend", "scores_path", "shard"}
+    for key, value in (("prompt", "short"), ("max_candidate_tokens", 16)):
+        other = Config()
+        setattr(other.judge, key, value)
+        assert stage_settings(other)["judge"][key] == value
+        assert fingerprints(other)["judge"] != fingerprints(base)["judge"]
+        assert fingerprints(other)["retrieve"] == fingerprints(base)["retrieve"]

@@ -10,6 +10,10 @@ COMMANDS = {
     "demo": ("unime_ray.demo", "run the whole path on the synthetic world with tiny models (CPU)"),
     "mine": ("unime_ray.mining.pipeline", "mine hard negatives: embed, retrieve, judge, sample (resumable)"),
     "inspect": ("unime_ray.inspector", "an HTML page of what the judge did to a sample of mined queries"),
+    "judge-agree": (
+        "unime_ray.mining.agree",
+        "two judge settings on a sample of mined queries: agreement, tokens, projected GPU-hours",
+    ),
     "train-embed": ("unime_ray.train.run", "train the embedder (Ray Train, DeepSpeed ZeRO-2, LoRA)"),
     "train-rerank": ("unime_ray.train.run:main_rerank", "train the reranker (pairwise + listwise)"),
     "export": ("unime_ray.train.export", "merge a LoRA adapter into a standalone model folder"),

@@ -104,6 +104,20 @@ class JudgeConfig:
             "prefix is reused in whole blocks, so smaller blocks reuse more of short prefixes"
         },
     )
+    prompt: Literal["paper", "short"] = field(
+        default="paper",
+        metadata={
+            "help": "the judge's instruction: paper = the official wording; short = a one-line question "
+            "(ours); both put the query before the candidate. Compare them with `unime-ray judge-agree`"
+        },
+    )
+    max_candidate_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "cap on a candidate's text, in the judge tokenizer's tokens (the end is cut; its image "
+            "is kept); 0 = no cap. The candidate is the part of a call the prefix cache cannot share"
+        },
+    )
     scores_path: str = field(default="", metadata={"help": "precomputed judge scores (backend=precomputed)"})
 
 
@@ -568,7 +582,9 @@ _SECTIONS = {
     "run": "where a run writes its outputs, and its seed",
     "data": "the MMEB-style training and evaluation files",
     "embedder": "the embedding model used by mining, evaluation, the index and the service",
-    "judge": "the MLLM judge that scores (query, candidate) pairs while mining",
+    "judge": "the MLLM judge that scores (query, candidate) pairs while mining; `judge.model.image_size` "
+    "is the judge's own image size, separate from `embedder.image_size` (a cost lever: 672 px is 576 "
+    "image tokens per image in Qwen2-VL, 448 px 256)",
     "mining": "retrieval of potential hard negatives and the paper's sampling rules",
     "train": "the embedder's training job (Ray Train, DeepSpeed ZeRO-2, LoRA)",
     "reranker": "the reranker's training job (same fields as `train`) and the reranker model that "

@@ -129,6 +129,20 @@ JUDGE_SCORES = pa.schema(
     ]
 )
 
+# What the model backends (vllm, transformers) add to each JUDGE_SCORES row: the call's prompt tokens, how
+# many of them vLLM served from its prefix cache (0 in transformers), the image tokens among each, and the
+# call's share of the wall time of the batch it was judged in (model loading excluded). Computed tokens =
+# prompt - cached. Null when the call failed; absent in precomputed scores.
+JUDGE_COSTS = pa.schema(
+    [
+        ("prompt_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),
+        ("image_tokens", pa.int32()),
+        ("cached_image_tokens", pa.int32()),
+        ("seconds", pa.float32()),
+    ]
+)
+
 # The mining output, one row per query: like the official release (query, positive, its score, the
 # negatives with their scores) plus ids and provenance. `fallback` marks queries where no candidate
 # survived the false-negative filter and 10 random pool candidates were taken with score 1.0.

@@ -6,6 +6,10 @@ resume (see `shards.py`). Backends: `vllm`, `transformers` (both through a Ray D
 `precomputed`: scores from a user's own file (`query_id`, `cand_id`, `score`, Parquet or JSONL),
 validated against the requests by id, for users who judged elsewhere.
 
+The model backends also write each call's token counts (JUDGE_COSTS: prompt tokens, those served from
+vLLM's prefix cache, image tokens among each, the call's share of its batch's time) into its row; the
+stage's report sums them (`token_report`): the measured input of the cost model in docs/mining.md.
+
 A batch that fails is retried row by row; a row that still fails gets score NaN and is counted, so one
 bad row never kills a 9-hour run (the sample stage quarantines what it cannot use).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +31,13 @@ import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import JudgeConfig, MiningConfig, config_from_dict
-from unime_ray.data.schemas import JUDGE_REQUESTS, JUDGE_SCORES
+from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_REQUESTS, JUDGE_SCORES
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import write_parquet
 
 log = logging.getLogger(__name__)
+TOKEN_COLUMNS = [n for n in JUDGE_COSTS.names if n.endswith("_tokens")]  # as models.judge.score_tokens
 
 
 class JudgeActor:
@@ -42,28 +48,39 @@ class JudgeActor:
 
         self.judge = make_judge(config_from_dict(JudgeConfig, judge), image_root)
 
-    def _score(self, batch: pa.Table) -> np.ndarray:
+    def _score(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores, per-row token counts (TOKEN_COLUMNS; -1 where the row failed) and per-row seconds."""
         pairs = list(
             zip(
                 *(batch[c].to_pylist() for c in ("qry_text", "qry_image", "cand_text", "cand_image")),
                 strict=True,
             )
         )
+        start = time.perf_counter()
         try:
-            return self.judge.score(pairs)
+            scores, tokens = self.judge.score_tokens(pairs)
+            return scores, tokens, np.full(len(pairs), (time.perf_counter() - start) / max(len(pairs), 1))
         except Exception:
             log.exception("judge batch failed; retrying its %d rows one by one", len(pairs))
         scores = np.full(len(pairs), np.nan, dtype=np.float32)
+        tokens = np.full((len(pairs), len(TOKEN_COLUMNS)), -1, dtype=np.int64)
+        seconds = np.full(len(pairs), np.nan)
         for i, pair in enumerate(pairs):
+            start = time.perf_counter()
             try:
-                scores[i] = self.judge.score([pair])[0]
+                one, counts = self.judge.score_tokens([pair])
+                scores[i], tokens[i], seconds[i] = one[0], counts[0], time.perf_counter() - start
             except Exception:
                 log.exception("judge row failed: query %s cand %s", batch["query_id"][i], batch["cand_id"][i])
-        return scores
+        return scores, tokens, seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keep = [n for n in JUDGE_SCORES.names if n != "score"] + [PATH_COL]
-        return batch.select(keep).append_column("score", pa.array(self._score(batch), pa.float32()))
+        scores, tokens, seconds = self._score(batch)
+        out = batch.select(keep).append_column("score", pa.array(scores, pa.float32()))
+        for j, name in enumerate(TOKEN_COLUMNS):
+            out = out.append_column(name, pa.array(tokens[:, j], pa.int32(), mask=tokens[:, j] < 0))
+        return out.append_column("seconds", pa.array(seconds, pa.float32(), mask=np.isnan(seconds)))
 
 
 def _lookup(table: pa.Table, ids: pa.ChunkedArray | pa.Array, what: str) -> pa.Array:
@@ -302,7 +319,39 @@ def run_judge(
             num_cpus=0 if cfg.gpus_per_actor else 1,
         )
 
-    report = run_shards(requests, out_dir, transform, JUDGE_SCORES, ["query_id", "cand_id"], "judge")
+    schema = pa.schema([*JUDGE_SCORES, *JUDGE_COSTS])
+    report = run_shards(requests, out_dir, transform, schema, ["query_id", "cand_id"], "judge")
     scores = [pq.read_table(out_dir / p.name, columns=["score"])["score"] for p in requests]
     report["nan_scores"] = sum(int(pc.sum(pc.is_nan(col)).as_py() or 0) for col in scores)
+    report["tokens"] = token_report([out_dir / p.name for p in requests])
     return report
+
+
+def token_report(results: list[Path]) -> dict:
+    """The JUDGE_COSTS columns of score files summed (files without them, e.g. precomputed, are left
+    out), with what they say: computed = prompt - cached tokens, the prefix cache's share of the prompt
+    tokens, and per-call means; `seconds` is the judge's busy time (model loading excluded)."""
+    names = TOKEN_COLUMNS
+    sums, calls, seconds = dict.fromkeys(names, 0), 0, 0.0
+    for path in results:
+        if not set(JUDGE_COSTS.names) <= set(pq.read_schema(path).names):
+            continue
+        table = pq.read_table(path, columns=JUDGE_COSTS.names)
+        calls += table.num_rows - table["prompt_tokens"].null_count
+        for name in names:
+            sums[name] += int(pc.sum(table[name]).as_py() or 0)
+        seconds += float(pc.sum(table["seconds"]).as_py() or 0.0)
+    prompt, cached = sums["prompt_tokens"], sums["cached_tokens"]
+    per_call = (lambda n: n / calls) if calls else (lambda n: None)
+    return {
+        "calls": calls,
+        **sums,
+        "computed_tokens": prompt - cached,
+        "computed_image_tokens": sums["image_tokens"] - sums["cached_image_tokens"],
+        "cache_hit_rate": cached / prompt if prompt else None,
+        "prompt_tokens_per_call": per_call(prompt),
+        "computed_tokens_per_call": per_call(prompt - cached),
+        "image_tokens_per_call": per_call(sums["image_tokens"]),
+        "seconds": seconds,
+        "calls_per_s": calls / seconds if seconds else None,
+    }

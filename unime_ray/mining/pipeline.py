@@ -43,6 +43,10 @@ def _model_key(m) -> dict:
     return {k: v for k, v in asdict(m).items() if k != "batch_size"}
 
 
+# Judge settings that change the prompt, hence the scores, with their defaults.
+_JUDGE_PROMPT = {"prompt": "paper", "max_candidate_tokens": 0}
+
+
 def stage_settings(cfg: Config) -> dict[str, dict]:
     """What each stage's output depends on (besides the stage before it)."""
     m = cfg.mining
@@ -55,6 +59,12 @@ def stage_settings(cfg: Config) -> dict[str, dict]:
             "backend": cfg.judge.backend,
             "scores_path": cfg.judge.scores_path,
             "shard": m.judge_shard_queries,
+            # Settings added later enter only when not at their default, so runs made before keep theirs.
+            **{
+                k: getattr(cfg.judge, k)
+                for k, default in _JUDGE_PROMPT.items()
+                if getattr(cfg.judge, k) != default
+            },
         },
         "sample": {
             "beta": m.beta,
@@ -150,6 +160,10 @@ def summary(stage: str, result: dict) -> str:
             "sample": ("queries_out", "queries_quarantined", "fallback", "nodes"),
         }[stage]
         counts = {k: result[k] for k in keys if k in result}
+        tokens = result.get("tokens") or {}
+        if tokens.get("calls"):
+            counts["prompt_tokens_per_call"] = f"{tokens['prompt_tokens_per_call']:.1f}"
+            counts["from_prefix_cache"] = f"{100 * tokens['cache_hit_rate']:.1f}%"
         if stage == "ingest":
             counts["quarantined"] = result["read"]["rows_in"] - result["read"]["rows_out"]
     return ", ".join(f"{k} {v}" for k, v in counts.items())

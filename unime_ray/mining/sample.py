@@ -93,6 +93,11 @@ def query_rng(seed: int, query_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
+def survives(pos_score: float, scores: np.ndarray, beta: float) -> np.ndarray:
+    """Rule 1, the false-negative filter: True for each candidate kept (s <= s_pos - beta, in float64)."""
+    return np.asarray(scores, dtype=np.float64) <= np.float64(pos_score) - beta
+
+
 def sample_negatives(
     pos_score: float,
     scores: np.ndarray,
@@ -119,7 +124,7 @@ def sample_negatives(
             f"interval, min_negatives, num_negatives must be >= 1: {interval, min_negatives, num_negatives}"
         )
 
-    survivors = np.flatnonzero(scores <= pos_score - beta)
+    survivors = np.flatnonzero(survives(pos_score, scores, beta))
     fallback = len(survivors) == 0
     if fallback:
         picks = [int(i) for i in rng.choice(len(scores), size=min(len(scores), min_negatives), replace=False)]

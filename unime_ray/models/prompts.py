@@ -23,11 +23,22 @@ def _side(text: str, has_image: bool) -> list[dict]:
     return parts + ([{"type": "text", "text": text}] if text else [])
 
 
-def judge_content(q_text: str, q_has_image: bool, c_text: str, c_has_image: bool) -> list[dict]:
+# `judge.prompt`: the instruction each variant puts before the query. Both keep the query-first layout
+# and the Yes/No answer; "short" is ours, for measuring how much the wording moves the scores.
+JUDGE_PROMPTS = {
+    "paper": JUDGE_INSTRUCTION,
+    "short": "Does the candidate meet the requirements of the query? Answer 'Yes' or 'No'.",
+}
+
+
+def judge_content(
+    q_text: str, q_has_image: bool, c_text: str, c_has_image: bool, prompt: str = "paper"
+) -> list[dict]:
     """Instruction, then the query, then the candidate: everything before the candidate is shared by the
-    ~51 prompts of one query, which is what vLLM's prefix cache reuses."""
+    ~51 prompts of one query, which is what vLLM's prefix cache reuses. `prompt` names the instruction
+    (`JUDGE_PROMPTS`)."""
     return (
-        [{"type": "text", "text": f"{JUDGE_INSTRUCTION}\nQuery: "}]
+        [{"type": "text", "text": f"{JUDGE_PROMPTS[prompt]}\nQuery: "}]
         + _side(q_text, q_has_image)
         + [{"type": "text", "text": "\nCandidate: "}]
         + _side(c_text, c_has_image)
