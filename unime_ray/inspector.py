@@ -422,8 +422,9 @@ tr.kept .tag{background:#ddd}tr.fallback .tag{background:#fb8c00;color:#fff}
 
 
 def _candidate_row(c: Candidate, q: QueryView, thumbs: Thumbnails) -> str:
-    if c.positions and q.fallback:
-        kind, tag = "fallback", "fallback pick at " + ", ".join(f"#{p}" for p in c.positions)
+    if c.positions and q.fallback:  # dropped like every candidate of the query, then drawn at random
+        where = ", ".join(f"#{p}" for p in c.positions)
+        kind, tag = "fallback", ("dropped, then " if c.dropped else "") + "fallback pick at " + where
     elif c.positions:
         kind, tag = "negative", "hard negative at " + ", ".join(f"#{p}" for p in c.positions)
     elif c.dropped:
