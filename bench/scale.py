@@ -230,37 +230,31 @@ def job(run: Path, data: Path, dim: int, seed: int, progress: Path) -> None:
         measured("ray_start", lambda: init_ray() and None)
         for stage in STAGES:
             if stage == "embed":
-                if old:
-                    # Old code: write embed/results/*.parquet and the marker its run_mining accepts.
-                    out = mining / "embed"
-                    args = ["--shards", "--out", str(out / "results")]
+                args = [
+                    "embeddings",
+                    "--ingest",
+                    str(mining / "ingest"),
+                    "--dim",
+                    str(dim),
+                    "--seed",
+                    str(seed),
+                ]
+                if old:  # the old code's embed output: embed/results/*.parquet, plus its marker below
+                    args += ["--shards", "--out", str(mining / "embed" / "results")]
                 else:
-                    out, args = None, ["--out", str(inputs / "embeddings.parquet")]
-                made = measured(
-                    "prep_embeddings",
-                    lambda a=args: _helper(
-                        [
-                            "embeddings",
-                            "--ingest",
-                            str(mining / "ingest"),
-                            "--dim",
-                            str(dim),
-                            "--seed",
-                            str(seed),
-                            *a,
-                        ],
-                        log,
-                    ),
-                )
+                    args += ["--out", str(inputs / "embeddings.parquet")]
+                made = measured("prep_embeddings", lambda a=args: _helper(a, log))
                 if old:
+                    # The marker the old run_mining accepts as "embed done": its own fingerprint.
+                    embed_print = fingerprints(cfg)["embed"]
                     report = {
                         "rows": made["rows"],
                         "seconds": made["seconds"],
                         "written_by": "bench/scale.py",
                     }
-                    (out / "_FINGERPRINT").write_text(fingerprints(cfg)["embed"])
-                    marker = {"fingerprint": fingerprints(cfg)["embed"], "report": report}
-                    (out / "_SUCCESS.json").write_text(json.dumps(marker))
+                    (mining / "embed" / "_FINGERPRINT").write_text(embed_print)
+                    marker = {"fingerprint": embed_print, "report": report}
+                    (mining / "embed" / "_SUCCESS.json").write_text(json.dumps(marker))
             if stage == "judge":
                 measured(
                     "prep_scores",
@@ -378,6 +372,18 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_progress(run: Path, phase: str) -> dict:
+    """How far a killed stage got: Parquet files and bytes in each folder of its output."""
+    folder = run / "inputs" if phase.startswith("prep") else run / "mining" / phase
+    if not folder.is_dir():
+        return {}
+    files = {}
+    for path in folder.rglob("*.parquet"):
+        key = str(path.parent.relative_to(folder))
+        files[key] = files.get(key, 0) + 1
+    return {"parquet_files": files, "bytes": _dir_bytes(folder)}
+
+
 def save(record: dict, path: Path) -> None:
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = [r for r in runs if (r["label"], r["n"]) != (record["label"], record["n"])] + [record]
@@ -462,6 +468,8 @@ def harness(args: argparse.Namespace) -> dict:
                 "driver_rss_gb": round(now["driver"] / 1024, 2),
                 "largest_worker_rss_gb": round(now["worker"] / 1024, 2),
                 "stage_peak_driver_rss_gb": round(p["driver"] / 1024, 2),
+                "stage_peak_total_rss_gb": round(p["total"] / 1024, 2),
+                "progress": stage_progress(run, phase),
             }
             if why == "rss":
                 record["status"] = f"killed: RSS {died['rss_gb']} GB > {args.max_rss_gb} GB in stage {phase}"
