@@ -38,7 +38,8 @@ object store, left out: it is capped by Ray and counted by every process that ma
 `--timeout-min` when the job has run that long; the result then records the stage, the time and the RSS.
 
 Results go to `bench/results/scale.json`, one entry per (label, n), replaced on a rerun; the console
-gets one line per stage and a markdown table at the end. Everything runs on 127.0.0.1 (`init_ray`).
+gets one line per stage and a markdown table at the end. The exit code is 0 only for a run that
+finished (a killed or failed run is still recorded). Everything runs on 127.0.0.1 (`init_ray`).
 """
 
 from __future__ import annotations
@@ -521,6 +522,10 @@ def main() -> None:
     save(record, args.results)
     print("\n" + table(record) + "\n", flush=True)
     print(f"[scale] {record['status']}; pipeline {record['total_seconds']} s; results in {args.results}")
+    if record["status"] != "finished":
+        # Recorded either way; the exit code tells scripts and CI the run did not complete.
+        print(f"[scale] the job's log: {record['run_dir']}/job.log", flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
