@@ -256,3 +256,30 @@ def test_scale_harness_small_end_to_end(tmp_path):
             assert row["fallback"] and set(row["neg_ids"]) <= {c for c, _ in top}
         else:
             assert not row["fallback"] and row["neg_ids"] == want
+
+
+def test_a_replaced_input_file_changes_the_fingerprint_its_path_alone_would_not(tmp_path):
+    import os
+
+    from unime_ray.mining.pipeline import fingerprints
+
+    scores, emb = tmp_path / "scores.parquet", tmp_path / "emb.parquet"
+    scores.write_bytes(b"x" * 10)
+    emb.write_bytes(b"y" * 10)
+    sets = [f"judge.scores_path={scores}", "judge.backend=precomputed", f"embedder.embeddings_path={emb}"]
+    cfg = lambda *more: load_config(ROOT / "jobs/configs/tiny.yaml", [*sets, *more])  # noqa: E731
+    first = fingerprints(cfg())
+    assert fingerprints(cfg()) == first
+    # a check's threshold is not an output setting: ingest and everything after stay done
+    assert fingerprints(cfg("data.max_quarantined_fraction=0.9")) == first
+    scores.write_bytes(b"x" * 11)  # the same path, other scores: judge and sample are redone
+    again = fingerprints(cfg())
+    assert [again[s] == first[s] for s in ("ingest", "embed", "retrieve", "judge", "sample")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    os.utime(emb, ns=(1, 1))  # the same size, touched: embed and everything after are redone
+    assert [fingerprints(cfg())[s] == again[s] for s in ("ingest", "embed")] == [True, False]

@@ -47,17 +47,33 @@ def _model_key(m) -> dict:
 _JUDGE_PROMPT = {"prompt": "paper", "max_candidate_tokens": 0}
 
 
+def _file_stamp(key: str, path: str) -> dict:
+    """Size and modification time of a file a stage reads, so a file replaced in place redoes the stage
+    (its path alone would not change)."""
+    if not path or not Path(path).is_file():
+        return {}
+    stat = Path(path).stat()
+    return {key: [stat.st_size, stat.st_mtime_ns]}
+
+
 def stage_settings(cfg: Config) -> dict[str, dict]:
     """What each stage's output depends on (besides the stage before it)."""
     m = cfg.mining
     return {
-        "ingest": {k: v for k, v in asdict(cfg.data).items() if k != "eval_dir"},
-        "embed": {"model": _model_key(cfg.embedder), "shard": m.embed_shard_rows},
+        "ingest": {
+            k: v for k, v in asdict(cfg.data).items() if k not in ("eval_dir", "max_quarantined_fraction")
+        },
+        "embed": {
+            "model": _model_key(cfg.embedder),
+            "shard": m.embed_shard_rows,
+            **_file_stamp("embeddings_file", cfg.embedder.embeddings_path),
+        },
         "retrieve": {k: v for k, v in asdict(m).items() if k in ("top_n", "delta", "index", "ivf_nprobe")},
         "judge": {
             "model": _model_key(cfg.judge.model),
             "backend": cfg.judge.backend,
             "scores_path": cfg.judge.scores_path,
+            **_file_stamp("scores_file", cfg.judge.scores_path),
             "shard": m.judge_shard_queries,
             # Settings added later enter only when not at their default, so runs made before keep theirs.
             **{
