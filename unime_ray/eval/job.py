@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.eval.rerank = list(MODES)
     if args.out:
         cfg.eval.output_dir = args.out
+    print("[eval] started", flush=True)
+    start = time.perf_counter()
     results = run_eval(cfg)
     print(markdown(results))
+    table = "; ".join(
+        f"{mode} " + ", ".join(f"{col} {v:.1f}" for col, v in row.items() if v is not None)
+        for mode, row in results["table3"].items()
+    )
+    print(f"[eval] done in {time.perf_counter() - start:.1f} s: {table}", flush=True)
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
@@ -64,8 +65,16 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     except PreflightError as e:
         raise SystemExit(f"[train-{kind}] stopped: {e}") from None
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+    print(f"[train-{kind}] started", flush=True)
+    start = time.perf_counter()
     summary = train(cfg, kind)
-    print(json.dumps(summary, indent=2, default=str))
+    metrics = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items()
+    )
+    print(
+        f"[train-{kind}] done in {time.perf_counter() - start:.1f} s: {metrics}; weights {summary['weights']}"
+    )
+    print(json.dumps(summary, default=str), flush=True)
     return summary
 
 
