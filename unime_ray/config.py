@@ -324,6 +324,45 @@ class DeploymentConfig:
         metadata={"help": "CPUs per replica; null = the deployment's default (embedder, reranker 1)"},
     )
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica"})
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={
+            "help": "requests each caller (the HTTP proxy for the ingress, the Ingress for the others) "
+            "queues while every replica holds max_ongoing_requests; beyond that Serve answers 503 with "
+            "Retry-After at once; -1 = no limit; null = the deployment's default (ingress 128, embedder "
+            "64, reranker 16, index no limit)"
+        },
+    )
+    retry_after_s: float = field(
+        default=1.0, metadata={"help": "Retry-After (seconds, rounded up) of the 503 of a full queue"}
+    )
+    upscale_delay_s: float | None = field(
+        default=None,
+        metadata={"help": "autoscaling: above target for this long before scaling up; null = Serve's 30"},
+    )
+    downscale_delay_s: float | None = field(
+        default=None,
+        metadata={"help": "autoscaling: below target for this long before scaling down; null = Serve's 600"},
+    )
+    look_back_period_s: float | None = field(
+        default=None,
+        metadata={"help": "autoscaling: window the load is averaged over; null = Serve's 30"},
+    )
+    metrics_interval_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "autoscaling: how often callers and replicas report load to Serve's controller; null = "
+            "Serve's 10 (Serve 2.60 marks this field deprecated, to become an environment variable, but "
+            "still reads it)"
+        },
+    )
+    health_check_period_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "how often Serve's controller checks each replica (Serve's default: 10), so how soon a "
+            "dead one is found and replaced"
+        },
+    )
 
 
 @dataclass
@@ -360,6 +399,13 @@ class ServeConfig:
         metadata={
             "help": "longest wait of a batch for more requests after its first; the wait follows the "
             "duration of the last forward pass, up to this"
+        },
+    )
+    body_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "longest time a request body may take to arrive after its headers; a slower client "
+            "gets 408 and its request slot back"
         },
     )
     inspect_run: str = field(

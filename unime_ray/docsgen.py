@@ -52,7 +52,9 @@ def openapi_schema(cfg: ServeConfig | None = None, api_key: bool = False, rerank
     cfg = ServeConfig() if cfg is None else cfg
     if cfg.rerank == "auto":
         cfg = dataclasses.replace(cfg, rerank="listwise" if reranker else "none")
-    service = types.SimpleNamespace(cfg=cfg, key_digest="required" if api_key else "")
+    service = types.SimpleNamespace(
+        cfg=cfg, key_digest="required" if api_key else "", counts={"in_flight": 0}
+    )
     return make_api(service).openapi()
 
 

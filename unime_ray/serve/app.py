@@ -34,6 +34,11 @@ whole batch it shares with other requests):
   422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
        URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
        tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
+  408  a POST body not complete serve.body_timeout_s after its headers (a slow or stalled client)
+  503  overload: a model's queue (serve.<deployment>.max_queued_requests) is full; Serve's own answer,
+       plain text with Retry-After, given at once instead of queueing work the server cannot keep up with
+Faults: a call to the Embedder or Index (each idempotent) that a dying replica had taken is sent once
+more (`Ingress.call`); Serve re-routes the rest and replaces the replica (docs/serving.md).
 """
 
 import argparse
@@ -58,6 +63,7 @@ from fastapi.security import APIKeyHeader
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
@@ -80,10 +86,17 @@ IMAGE_SIDE = 256  # /v1/image answers a PNG thumbnail at most this many pixels a
 PAGES = Path(__file__).with_name("pages")
 Query = tuple[str, bytes | None]  # (text to embed, image bytes) as it travels between deployments
 API_KEY_HEADER = "X-API-Key"
-# Per deployment: CPUs per replica and max_ongoing_requests when the config leaves them null. The
-# Ingress and Index mostly wait or do sub-millisecond work; the models want a core each. The Ingress
-# must admit many requests at once, or the Embedder never sees enough of them to form a batch.
-DEPLOYMENT_DEFAULTS = {"Ingress": (0.0, 256), "Embedder": (1.0, 64), "Index": (0.0, 64), "Reranker": (1.0, 8)}
+# Per deployment: CPUs per replica, max_ongoing_requests and max_queued_requests when the config leaves
+# them null. The Ingress and Index mostly wait or do sub-millisecond work; the models want a core each.
+# The Ingress must admit many requests at once, or the Embedder never sees enough of them to form a
+# batch. The models' queues are bounded: past them a request gets a quick 503 (Serve's backpressure)
+# instead of waiting behind work the server cannot finish in time; -1 = unbounded.
+DEPLOYMENT_DEFAULTS = {
+    "Ingress": (0.0, 256, 128),
+    "Embedder": (1.0, 64, 64),
+    "Index": (0.0, 64, -1),
+    "Reranker": (1.0, 8, 16),
+}
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -173,13 +186,21 @@ class EmbedderDeployment:
 
         self.embedder = Embedder(config_from_dict(ModelConfig, model))
         # Batching off = batches of one, through the same code path, so on/off compare like for like.
-        self.embed.set_max_batch_size(max_batch_size if batching else 1)
+        self.embed_batch.set_max_batch_size(max_batch_size if batching else 1)
         self.max_wait = batch_wait_s if batching else 0.0
-        self.embed.set_batch_wait_timeout_s(0.0)
-        self.counts = {"batches": 0, "inputs": 0}
+        self.embed_batch.set_batch_wait_timeout_s(0.0)
+        self.counts = {"batches": 0, "inputs": 0, "ongoing": 0}
+
+    async def embed(self, query: Query) -> np.ndarray:
+        """The embedding of one query; concurrent calls share forward passes (`embed_batch`)."""
+        self.counts["ongoing"] += 1
+        try:
+            return await self.embed_batch(query)
+        finally:
+            self.counts["ongoing"] -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def embed(self, queries: list[Query]) -> list[np.ndarray]:
+    async def embed_batch(self, queries: list[Query]) -> list[np.ndarray]:
         self.counts["batches"] += 1
         self.counts["inputs"] += len(queries)
         records = [{"text": text, "image": decode_image(image) if image else ""} for text, image in queries]
@@ -190,12 +211,13 @@ class EmbedderDeployment:
         # request. A fixed short wait under load closes many near-empty batches that then queue up, a
         # long one delays a lone request. Waiting about as long as a forward pass takes adapts to both:
         # milliseconds for a light model or a quiet server, up to `batch_wait_s` under load.
-        self.embed.set_batch_wait_timeout_s(min(self.max_wait, time.perf_counter() - start))
+        self.embed_batch.set_batch_wait_timeout_s(min(self.max_wait, time.perf_counter() - start))
         return list(vectors)
 
-    async def stats(self) -> dict[str, int]:
-        """Batches run and inputs embedded since the replica started (inputs / batches = mean batch)."""
-        return dict(self.counts)
+    async def stats(self) -> dict[str, Any]:
+        """Batches run and inputs embedded since the replica started (inputs / batches = mean batch),
+        embed calls in the replica now, and which replica answered (Serve's replica id)."""
+        return {**self.counts, "replica": serve.get_replica_context().replica_id.unique_id}
 
 
 @serve.deployment(name="Index")
@@ -299,9 +321,31 @@ class Ingress:
         # Text that spells a special token (an image pad, a chat turn marker) would be read as that
         # token: a text-only query claiming an image fails the forward pass of its whole batch.
         self.special = sorted({t.content for tok in tokenizers for t in tok.added_tokens_decoder.values()})
+        # HTTP requests in this replica now (BodyLimit counts them), calls retried after a replica death
+        self.counts = {"in_flight": 0, "retried_embed": 0, "retried_search": 0}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self)
+
+    async def call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        """`handle.<method>.remote(*args)`, for methods whose calls are idempotent (embed, search, info,
+        stats), sent once more if the replica that took it died before answering.
+
+        Serve re-routes by itself a call whose replica dies before accepting it, and from then on routes
+        around the dead replica (and starts another); a call the replica had already accepted fails
+        with the actor's death. Sent again, it goes to a live replica, or waits in the handle's queue
+        until Serve has replaced the dead one."""
+        try:
+            return await getattr(handle, method).remote(*args)
+        except RayActorError:  # ActorDiedError; ActorUnavailableError: unreachable, maybe alive
+            key = f"retried_{method}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return await getattr(handle, method).remote(*args)
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's counts: HTTP requests in flight, calls retried after a replica death (by
+        method), and tasks on its event loop (requests, Serve's own)."""
+        return {**self.counts, "tasks": len(asyncio.all_tasks())}
 
     def query(self, q: BaseModel) -> Query:
         """A validated query as it goes to the models: (instruction + text, image bytes or None)."""
@@ -342,9 +386,10 @@ class Ingress:
                 400, f"rerank={req.rerank!r}: this server has no reranker (reranker.model.path)"
             )
         query = self.query(req.query)
-        vector = await self.embedder.embed.remote(query)
+        vector = await self.call(self.embedder, "embed", query)
         reranking = req.rerank != "none"
-        hits = await self.index.search.remote(vector, max(req.top_k, self.cfg.rerank_top if reranking else 0))
+        k = max(req.top_k, self.cfg.rerank_top if reranking else 0)
+        hits = await self.call(self.index, "search", vector, k)
         rerank = RerankOut(mode=req.rerank)
         if reranking and hits:
             head = hits[: self.cfg.rerank_top]
@@ -358,7 +403,7 @@ class Ingress:
 
     async def embed(self, req: Any) -> EmbedOut:
         queries = [self.query(q) for q in req.inputs]
-        vectors = await asyncio.gather(*(self.embedder.embed.remote(q) for q in queries))
+        vectors = await asyncio.gather(*(self.call(self.embedder, "embed", q) for q in queries))
         return EmbedOut(
             model=self.model["weights"], dim=self.model["dim"], embeddings=[v.tolist() for v in vectors]
         )
@@ -385,20 +430,28 @@ class Ingress:
         return self.inspect_page
 
     async def health(self) -> dict[str, Any]:
-        index, embedder = await asyncio.gather(self.index.info.remote(), self.embedder.stats.remote())
+        index, embedder = await asyncio.gather(
+            self.call(self.index, "info"), self.call(self.embedder, "stats")
+        )
         return {"status": "ok", "index": index, "embedder": embedder, "reranker": self.reranker is not None}
 
 
 class BodyLimit:
     """ASGI middleware: a POST must declare its size (Content-Length), at most `limit` bytes, so an
-    oversized body is refused before it is read. Plain ASGI rather than `@app.middleware`, which costs
-    a task and a copy per request."""
+    oversized body is refused before it is read; its body must then arrive within `timeout` seconds, or
+    the request ends with a 408, so a client that trickles its body (or stops sending it) holds a request
+    slot of the Ingress that long at most. Counts the HTTP requests in the replica in
+    `counts["in_flight"]`. Plain ASGI rather than `@app.middleware`, which costs a task and a copy per
+    request."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout: float, counts: dict[str, int]):
+        self.app, self.limit, self.timeout, self.counts = app, limit, timeout, counts
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST":
             length = dict(scope["headers"]).get(b"content-length", b"")
             refusal = None
             if not length.isdigit():
@@ -409,7 +462,32 @@ class BodyLimit:
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+            receive = self.body_in_time(receive)
+        self.counts["in_flight"] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counts["in_flight"] -= 1
+
+    def body_in_time(self, receive: Any) -> Any:
+        """`receive`, raising HTTPException 408 (FastAPI answers it) when the body is not complete
+        `timeout` seconds from now."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        complete = False
+
+        async def receive_in_time() -> dict:
+            nonlocal complete
+            if complete:  # after the body: a wait for the disconnect, not bounded here
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return receive_in_time
 
 
 def make_api(service: Ingress) -> FastAPI:
@@ -422,7 +500,9 @@ def make_api(service: Ingress) -> FastAPI:
         description="UniME-V2 retrieval: embed, search a FAISS index, rerank. Errors are 4xx with `detail`.",
     )
 
-    api.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    api.add_middleware(
+        BodyLimit, limit=cfg.max_request_bytes, timeout=cfg.body_timeout_s, counts=service.counts
+    )
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
@@ -485,33 +565,47 @@ def make_api(service: Ingress) -> FastAPI:
 _ERRORS = {
     400: "rerank asked of a server without a reranker",
     401: "missing or wrong API key",
+    408: "request body not received within serve.body_timeout_s",
     411: "no Content-Length",
     413: "body or image too large",
     415: "image bytes that are not an image",
     422: "invalid request (see detail)",
+    503: "overloaded: a model's queue is full (serve.<deployment>.max_queued_requests); plain text from "
+    "Serve, with a Retry-After header",
 }
 
 
 def _deploy_options(name: str, d: DeploymentConfig) -> dict[str, Any]:
-    cpus, ongoing = DEPLOYMENT_DEFAULTS[name]
+    cpus, ongoing, queued = DEPLOYMENT_DEFAULTS[name]
     if d.max_replicas < d.min_replicas:
         raise ValueError(f"serve: {name} max_replicas {d.max_replicas} < min_replicas {d.min_replicas}")
-    replicas: dict[str, Any] = (
-        {"num_replicas": d.min_replicas}
-        if d.max_replicas == d.min_replicas
-        else {
+    replicas: dict[str, Any] = {"num_replicas": d.min_replicas}
+    if d.max_replicas > d.min_replicas:
+        # Serve's own autoscaler; the settings left null keep Serve's defaults.
+        optional = {
+            "upscale_delay_s": d.upscale_delay_s,
+            "downscale_delay_s": d.downscale_delay_s,
+            "look_back_period_s": d.look_back_period_s,
+            "metrics_interval_s": d.metrics_interval_s,
+        }
+        replicas = {
             "autoscaling_config": {
                 "min_replicas": d.min_replicas,
                 "max_replicas": d.max_replicas,
                 "target_ongoing_requests": d.target_ongoing_requests,
+                **{key: value for key, value in optional.items() if value is not None},
             }
         }
-    )
     return {
         **replicas,
+        "health_check_period_s": d.health_check_period_s,
         # One access-log line per HTTP request (the Ingress's), not one more per internal call.
         "logging_config": {"enable_access_log": name == "Ingress"},
         "max_ongoing_requests": d.max_ongoing_requests or ongoing,
+        # Past the queue, Serve answers 503 + Retry-After (raised in the Ingress as BackPressureError,
+        # which Serve's own exception handler turns into that response).
+        "max_queued_requests": queued if d.max_queued_requests is None else d.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
         "ray_actor_options": {"num_cpus": cpus if d.num_cpus is None else d.num_cpus, "num_gpus": d.num_gpus},
     }
 
