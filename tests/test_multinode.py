@@ -72,7 +72,9 @@ def _cluster(workers: int) -> Iterator[tuple]:
     try:
         nodes = [cluster.add_node(**_node_args(num_cpus=1)) for _ in range(workers)]
         cluster.wait_for_nodes()
-        init_ray(cluster.address)  # the project's own way of joining a cluster
+        # the project's own way of joining a cluster; verbose: the workers' lines ("resumed at step")
+        # reach the child's log, where the test reads them
+        init_ray(cluster.address, verbose=True)
         yield cluster, nodes
     finally:
         ray.shutdown()

@@ -31,7 +31,7 @@ from unime_ray.eval.compare import compare
 from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
-from unime_ray.ray_utils import init_ray
+from unime_ray.ray_utils import init_ray, start_serve
 from unime_ray.train import run
 
 
@@ -97,7 +97,7 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
         "rerank": "listwise",
     }
     host, port = cfg.serve.host, cfg.serve.port
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host, port, cfg.ray.verbose)
     try:
         serve.run(build_app(cfg), name="unime-demo", route_prefix="/")
         request = urllib.request.Request(

@@ -55,3 +55,14 @@ def init_ray(address: str = "", num_cpus: int | None = None, verbose: bool = Fal
     if not verbose:
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         print(f"[ray] Ray's own logs: {logs} (--verbose shows them here)", flush=True)
+
+
+def start_serve(host: str, port: int, verbose: bool = False) -> None:
+    """Start Ray Serve's HTTP proxy on host:port. Importing Ray Serve sets its logger back to INFO in
+    this process (ray/serve/__init__.py), after `init_ray` quieted it: quiet it again, or the console
+    shows Serve's deployment steps."""
+    from ray import serve
+
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": host, "port": port})
