@@ -26,6 +26,8 @@ from unime_ray.mining.agree import (
     main,
     project,
     sample_query_ids,
+    simulate,
+    simulate_prefix_cache,
     spearman,
     spread,
     two_way,
@@ -96,6 +98,7 @@ def test_compare_hand_worked():
     every candidate: B falls back (random picks), A does not."""
     rows = _pairs("q1", 0.9, [0.95, 0.85, 0.5, 0.1], 0.25, [0.3, 0.88, 0.7, 0.05])
     rows += _pairs("q2", 0.6, [0.2, 0.4, 0.3], 0.01, [0.2, 0.4, 0.3])
+    rows += _pairs("q3", 0.6, [0.2, 0.4], 0.5, [float("nan"), 0.1])  # a failed call: left out, named
     per_query, s = compare(pa.Table.from_pylist(rows), Rules(0.1, 5, 2, 2, seed=0))
     q1, q2 = per_query
     assert (q1["dropped_a"], q1["dropped_b"]) == (["c0", "c1"], ["c0", "c1", "c2"])
@@ -116,27 +119,38 @@ def test_compare_hand_worked():
     # kappa: chance = 2/7 * 6/7 + 5/7 * 1/7 = 17/49; (3/7 - 17/49) / (1 - 17/49) = 4/32
     assert f["kappa"] == pytest.approx(0.125)
     assert s["fallback"]["b_only"] == 1 and s["queries"] == 2 and s["pairs"] == 9
+    assert s["queries_with_failed_calls"] == ["q3"]
 
 
 def test_projection_hand_worked():
-    """2 calls: 200 prompt tokens (20 image), 120 from the cache (10 image); 4 images of 5 tokens."""
+    """2 calls: 200 prompt tokens (20 image), 120 from the cache (10 image)."""
     tokens = {"calls": 2, "prompt_tokens": 200, "cached_tokens": 120, "image_tokens": 20}
     tokens |= {"cached_image_tokens": 10, "computed_tokens": 80, "computed_image_tokens": 10}
-    kw = {"llm_params_b": 1.0, "vision_params_b": 0.5, "tflops": 1.0, "mfu": 0.5}
-    p = project(tokens, images=4, calls=1000, **kw)
-    # per call 35 text + 5 image tokens computed: 2e9 * 40 + 2e9 * 0.5 * 4 patches * 5 = 1e11 FLOPs;
+    p = project(tokens, 1000, llm_params_b=1.0, vision_params_b=0.5, tflops=1.0, mfu=0.5)
+    # per call 40 tokens computed, 5 of them image: 2e9 * 40 + 2e9 * 0.5 * 4 patches * 5 = 1e11 FLOPs;
     # x 1000 calls at 0.5e12 FLOP/s = 200 s
     assert p["computed_tokens_per_call"] == 40 and p["gpu_hours"] == pytest.approx(200 / 3600)
-    assert p["cache_hit_rate"] == pytest.approx(0.6)
-    p = project(tokens, images=4, calls=1000, image_tokens=50, **kw)  # each image 5 -> 50 tokens
-    # per call: prompt 90 text + 100 image, computed 35 + 50; FLOPs 2e9 * 85 + 2e9 * 0.5 * 4 * 50 = 3.7e11
-    assert (p["prompt_tokens_per_call"], p["computed_tokens_per_call"]) == (190, 85)
-    assert p["gpu_hours"] == pytest.approx(3.7e11 * 1000 / 0.5e12 / 3600)
     # docs/mining.md's earlier figure: 10.4B computed tokens at 7.6B parameters, no vision term: ~110 h
-    text = {"calls": 1, "prompt_tokens": 10_400, "cached_tokens": 0, "image_tokens": 0}
-    text |= {"cached_image_tokens": 0, "computed_tokens": 10_400, "computed_image_tokens": 0}
-    assert project(text, 0, 1e6, vision_params_b=0)["gpu_hours"] == pytest.approx(111, abs=1)
-    assert project({"calls": 0}, 0, 1e6) is None
+    text = {"calls": 1, "computed_tokens": 10_400, "computed_image_tokens": 0}
+    assert project(text, 1e6, vision_params_b=0)["gpu_hours"] == pytest.approx(111, abs=1)
+    assert project({"calls": 0}, 1e6) is None
+
+
+def test_prefix_cache_replay_hand_worked():
+    """Blocks of 2: a block is served only with all blocks before it, never the last token."""
+    prompts = [
+        list("abcdef"),  # nothing cached yet
+        list("abcdxy"),  # shares "ab", "cd": 4
+        list("abcdef"),  # all 6 seen, but the last token is computed: 2 whole blocks of the first 5
+        list("abXdef"),  # "ab" only: "Xd" differs, and "ef" after it does not count
+        list("zbcdef"),  # the first block differs: nothing
+        list("abc"),  # "ab"
+        [*"ab", ("image", "x.png", 0), ("image", "x.png", 1), "e"],  # "ab"; the image block is new
+        [*"ab", ("image", "y.png", 0), ("image", "y.png", 1), "e"],  # another image: "ab" only
+        [*"ab", ("image", "x.png", 0), ("image", "x.png", 1), "f"],  # the same image: "ab" + its block
+    ]
+    assert simulate_prefix_cache(prompts, 2) == [0, 4, 4, 2, 0, 2, 2, 2, 4]
+    assert simulate_prefix_cache([list("abcdefgh")] * 2, 4) == [0, 4]
 
 
 def test_sample_is_reproducible_from_its_seed():
@@ -167,36 +181,58 @@ def _cfg(run: Path, world: Path, model: Path, *extra: str):
 
 
 @pytest.mark.slow
-def test_identical_settings_agree_fully_and_tokens_match_the_tokenizer(
+def test_transformers_setting_counts_tokens_as_the_tokenizer_and_agrees_fully_with_itself(
     local_ray, mined_run, world, tiny_qwen, tmp_path
 ):
+    """The tiny transformers judge on 3 queries, against the run's own scores (a folder); then its scores
+    (a folder of score files with their token counts) against themselves: perfect agreement."""
     cfg = _cfg(mined_run, world, tiny_qwen)
-    result = judge_agree(cfg, cfg.judge, 3, tmp_path, seed=5)
-    s = result["agreement"]
-    requests = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "requests").glob("*.parquet")))
-    assert s["queries"] == 3 == len(set(requests["query_id"].to_pylist())) and s["pairs"] == requests.num_rows
-    for key in ("spearman", "kendall", "hard_negatives_jaccard"):
-        assert (s[key]["n"], s[key]["p25"], s[key]["p75"]) == (3, pytest.approx(1.0), pytest.approx(1.0)), key
-    assert s["false_negative_filter"]["a_only"] == s["false_negative_filter"]["b_only"] == 0
-    assert s["fallback"]["a_only"] == s["fallback"]["b_only"] == 0 and s["identical_hard_negatives"] == 3
+    own = _cfg(
+        mined_run,
+        world,
+        tiny_qwen,
+        "judge.backend=precomputed",
+        f"judge.scores_path={mined_run}/mining/judge/results",
+    )
+    result = judge_agree(cfg, own.judge, 3, tmp_path / "model", seed=5)
+    requests = pa.concat_tables(
+        pq.read_table(p) for p in sorted((tmp_path / "model/requests").glob("*.parquet"))
+    )
+    assert result["agreement"]["queries"] == 3 == len(set(requests["query_id"].to_pylist()))
+    assert result["agreement"]["pairs"] == requests.num_rows
 
     expected = tokenizer_counts(requests.to_pylist(), load_processor(tiny_qwen).tokenizer, tokens_per_image=4)
     want = {(r["query_id"], r["cand_id"]): e for r, e in zip(requests.to_pylist(), expected, strict=True)}
     assert sum(e[1] for e in expected) > 0  # images are counted too
-    for label in ("A", "B"):
-        got = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / label).glob("*.parquet")))
-        counts = {
-            (r["query_id"], r["cand_id"]): (r["prompt_tokens"], r["image_tokens"]) for r in got.to_pylist()
-        }
-        assert counts == want
-        assert pc.sum(got["cached_tokens"]).as_py() == 0  # transformers has no prefix cache
-        tokens = result["settings"][label]["tokens"]
-        assert tokens["prompt_tokens"] == sum(e[0] for e in expected) and tokens["cache_hit_rate"] == 0
-        assert tokens["calls"] == requests.num_rows and tokens["seconds"] > 0
-        retrieved = sum(
-            pq.read_metadata(f).num_rows for f in (mined_run / "mining/retrieve").glob("*.parquet")
-        )
-        assert result["settings"][label]["projection"]["calls"] == retrieved + 96  # the run's judge calls
+    got = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "model/A").glob("*.parquet")))
+    assert {
+        (r["query_id"], r["cand_id"]): (r["prompt_tokens"], r["image_tokens"]) for r in got.to_pylist()
+    } == want
+    assert pc.sum(got["cached_tokens"]).as_py() == 0  # transformers has no prefix cache
+    tokens = result["settings"]["A"]["tokens"]
+    assert tokens["prompt_tokens"] == sum(e[0] for e in expected) and tokens["cache_hit_rate"] == 0
+    assert tokens["calls"] == requests.num_rows and tokens["seconds"] > 0
+    retrieved = sum(pq.read_metadata(f).num_rows for f in (mined_run / "mining/retrieve").glob("*.parquet"))
+    projection = result["settings"]["A"]["projection"]
+    assert projection["calls"] == retrieved + 96  # the run's judge calls
+    # replayed at the measured size, the prompts are the ones measured
+    assert projection["prompt_tokens_per_call"] == pytest.approx(tokens["prompt_tokens_per_call"])
+    bigger = simulate(requests, cfg.judge, 576, 16)  # 672 px images, vLLM's GPU blocks
+    assert bigger["image_tokens"] == sum(e[1] for e in expected) // 4 * 576
+    assert bigger["prompt_tokens"] - bigger["image_tokens"] == sum(e[0] - e[1] for e in expected)
+    assert result["settings"]["B"]["tokens"]["calls"] == 0 and result["settings"]["B"]["projection"] is None
+
+    judged = _cfg(
+        mined_run, world, tiny_qwen, "judge.backend=precomputed", f"judge.scores_path={tmp_path}/model/A"
+    )
+    same = judge_agree(judged, judged.judge, 3, tmp_path / "same", seed=5)  # the same seed: the same queries
+    s = same["agreement"]
+    for key in ("spearman", "kendall", "hard_negatives_jaccard"):
+        assert (s[key]["n"], s[key]["p25"], s[key]["p75"]) == (3, pytest.approx(1.0), pytest.approx(1.0)), key
+    assert s["false_negative_filter"]["a_only"] == s["false_negative_filter"]["b_only"] == 0
+    assert s["fallback"]["a_only"] == s["fallback"]["b_only"] == 0 and s["identical_hard_negatives"] == 3
+    timing = {"wall_seconds": 0}
+    assert same["settings"]["B"]["tokens"] | timing == tokens | timing  # carried along
 
 
 @pytest.mark.slow

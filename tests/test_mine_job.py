@@ -16,10 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, kill_when
+from judge_tokens import tokenizer_counts
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
+from unime_ray.mining.agree import simulate
 from unime_ray.mining.pipeline import run_mining
+from unime_ray.models.backbone import load_processor
 
 ROOT = Path(__file__).parents[1]
 PY = sys.executable
@@ -88,6 +91,24 @@ def test_mine_with_vllm_judge_matches_transformers(local_ray, tmp_path):
     assert a.select(["query_id", "cand_id"]).equals(b.select(["query_id", "cand_id"]))
     diff = max(abs(x - y) for x, y in zip(a["score"].to_pylist(), b["score"].to_pylist()))
     assert diff < 0.01
+
+    # Token accounting: each call's prompt and image tokens as the tokenizer counts them, in both
+    # backends; vLLM served part of each prompt from its prefix cache (query-first prompts, a query's
+    # calls together), at least 60% of all prompt tokens, as the replay of its cache predicts.
+    requests = pa.concat_tables(pq.read_table(p) for p in (vl / "mining/judge/requests").glob("*.parquet"))
+    requests = requests.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    tokenizer = load_processor(vl / "models/qwen2-vl").tokenizer
+    expected = tokenizer_counts(requests.to_pylist(), tokenizer, tokens_per_image=4)  # 56 px: 2 x 2
+    for scores in (a, b):
+        assert list(zip(scores["prompt_tokens"].to_pylist(), scores["image_tokens"].to_pylist())) == expected
+    cached, prompt = b["cached_tokens"].to_numpy(), b["prompt_tokens"].to_numpy()
+    assert (cached % 32 == 0).all() and (cached < prompt).all()  # whole KV blocks, never the last token
+    assert (b["cached_image_tokens"].to_numpy() <= b["image_tokens"].to_numpy()).all()
+    tokens = json.loads((vl / "mining/judge/_SUCCESS.json").read_text())["report"]["tokens"]
+    assert tokens["prompt_tokens"] == sum(e[0] for e in expected) and tokens["cached_tokens"] == cached.sum()
+    assert tokens["cache_hit_rate"] >= 0.6, tokens
+    replay = simulate(requests, _cfg(vl, *common, "judge.backend=vllm").judge, 4, 32)
+    assert replay["cached_tokens"] == tokens["cached_tokens"], (replay, tokens)
 
 
 @contextlib.contextmanager

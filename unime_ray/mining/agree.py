@@ -28,11 +28,14 @@ or the precomputed-score join). Written to `--out` (default `<run.output_dir>/ju
   counts and seed): their Jaccard overlap per query (distinct ids); the fallback decision of each query;
 - per setting, from the token counts the backends record (`token_report`): prompt, computed and image
   tokens per call, the share served from vLLM's prefix cache, the judge's busy seconds;
-- per setting, the projected GPU-hours of the full run (`project`): the measured computed tokens per call
-  x the run's judge calls (or `--calls`), at the prefill throughput docs/mining.md documents (989 TFLOP/s
-  dense bf16 per H100 at 40% MFU, 2 FLOPs per parameter per token, the vision encoder's FLOPs on each
-  computed image token); `--project-image-size` rescales the measured image tokens to a real image size
-  first (the synthetic world's images are tiny).
+- per setting, the projected GPU-hours of the full run (the run's judge calls, or `--calls`): each call's
+  prompt is rebuilt with the setting's tokenizer, prompt variant and cap, its images expanded to their
+  token count at `--project-image-size` (Qwen2-VL's (px/28)^2; default: the measured size), and the
+  prefix cache replayed over the calls in the judge stage's order (`simulate_prefix_cache`, KV blocks of
+  `--project-block-size`); the computed tokens per call then cost 2 FLOPs per parameter per token (plus
+  the vision encoder's on each computed image token) at the prefill throughput docs/mining.md documents
+  (989 TFLOP/s dense bf16 per H100 at 40% MFU). Where vLLM measured the cache (a set `judge.block_size`),
+  the same replay at the measured size is reported next to it, as a check of the replay.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import argparse
 import math
 import shutil
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,8 +221,12 @@ def compare(table: pa.Table, rules: Rules) -> tuple[list[dict], dict]:
     cols = {c: table[c].to_numpy(zero_copy_only=False) for c in ("is_positive", "rank", "score_a", "score_b")}
     cand_ids = table["cand_id"].to_pylist()
     starts = np.flatnonzero(np.r_[len(qids) > 0, qids[1:] != qids[:-1]]) if len(qids) else np.zeros(0, int)
-    per_query, drops_a, drops_b = [], [], []
+    per_query, drops_a, drops_b, unscored = [], [], [], []
     for start, end in zip(starts, np.r_[starts[1:], len(qids)], strict=True):
+        scores = np.r_[cols["score_a"][start:end], cols["score_b"][start:end]].astype(np.float64)
+        if not np.isfinite(scores).all():  # a judge call that failed (NaN): the mining job drops the row
+            unscored.append(str(qids[start]))
+            continue
         row = compare_query(
             str(qids[start]),
             cand_ids[start:end],
@@ -235,7 +243,8 @@ def compare(table: pa.Table, rules: Rules) -> tuple[list[dict], dict]:
     cat = (lambda parts: np.concatenate(parts)) if per_query else (lambda parts: np.zeros(0, bool))
     summary = {
         "queries": len(per_query),
-        "pairs": table.num_rows,
+        "pairs": sum(r["pairs"] for r in per_query),
+        "queries_with_failed_calls": unscored,
         "spearman": spread([r["spearman"] for r in per_query]),
         "kendall": spread([r["kendall"] for r in per_query]),
         "false_negative_filter": two_way(cat(drops_a), cat(drops_b)),
@@ -257,39 +266,96 @@ def image_tokens_at(px: int) -> int:
     return round(px / 28) ** 2
 
 
+def simulate_prefix_cache(prompts: Iterable[Sequence], block: int) -> list[int]:
+    """For each prompt in order, the tokens a prefix cache like vLLM's serves it: whole `block`-token
+    blocks, each matched together with everything before it (a hash chain) against the blocks of every
+    earlier prompt, stopping at the first miss and leaving at least the last token to compute. Every
+    full block of a prompt is cached once it has been computed (no eviction)."""
+    seen: set[int] = set()
+    out = []
+    for seq in prompts:
+        chain, cached, hit = 0, 0, True
+        limit = (len(seq) - 1) // block  # blocks that may come from the cache
+        for b in range(len(seq) // block):
+            chain = hash((chain, tuple(seq[b * block : (b + 1) * block])))
+            if hit and b < limit and chain in seen:
+                cached += block
+            else:
+                hit = False
+            seen.add(chain)
+        out.append(cached)
+    return out
+
+
+def prompt_tokens(requests: pa.Table, judge: JudgeConfig, image_tokens: int) -> Iterator[list]:
+    """Each request's judge prompt as an engine sees it, in the order the judge stage sends them: the
+    token ids of the rendered prompt (the setting's model tokenizer, prompt variant and candidate cap),
+    each image's placeholder expanded to `image_tokens` tokens that stand for that image (as vLLM keys
+    a block holding image tokens by the image's hash)."""
+    from transformers import AutoTokenizer
+
+    from unime_ray.models.judge import _PromptBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(judge.model.path, local_files_only=True)
+    builder = _PromptBuilder(judge.model, "", tokenizer, judge.prompt, judge.max_candidate_tokens)
+    columns = ("qry_text", "qry_image", "cand_text", "cand_image")
+    for pair in zip(*(requests[c].to_pylist() for c in columns), strict=True):
+        images = iter([im for im in (pair[1], pair[3]) if im])
+        seq: list = []
+        for token in tokenizer(builder.text(pair), add_special_tokens=False).input_ids:
+            if token == builder.image_token:
+                image = next(images)
+                seq += [("image", image, k) for k in range(image_tokens)]
+            else:
+                seq.append(token)
+        yield seq
+
+
+def simulate(requests: pa.Table, judge: JudgeConfig, image_tokens: int, block: int) -> dict:
+    """The judge stage's token counts (as `token_report`) for `requests` with each image `image_tokens`
+    tokens long, served by a prefix cache of `block`-token blocks (`simulate_prefix_cache`); also split
+    by the candidate's kind (`by_candidate`: with an image, text only), the part of a call no cache shares."""
+    from unime_ray.mining.judge import summarize_tokens
+
+    prompts = list(prompt_tokens(requests, judge, image_tokens))
+    names = ("prompt_tokens", "cached_tokens", "image_tokens", "cached_image_tokens")
+    counts = np.zeros((len(prompts), len(names)), dtype=np.int64)
+    for i, (seq, cached) in enumerate(zip(prompts, simulate_prefix_cache(prompts, block), strict=True)):
+        is_image = [isinstance(t, tuple) for t in seq]
+        counts[i] = (len(seq), cached, sum(is_image), sum(is_image[:cached]))
+
+    def summary(rows: np.ndarray) -> dict:
+        return summarize_tokens(dict(zip(names, (int(x) for x in rows.sum(axis=0)), strict=True)), len(rows))
+
+    image = pc.not_equal(requests["cand_image"], "").to_numpy(zero_copy_only=False)
+    return {
+        **summary(counts),
+        "by_candidate": {"image": summary(counts[image]), "text": summary(counts[~image])},
+    }
+
+
 def project(
     tokens: dict,
-    images: int,
     calls: float,
     *,
     llm_params_b: float = 7.6,
     vision_params_b: float = 0.675,
-    image_tokens: int | None = None,
     tflops: float = H100_TFLOPS,
     mfu: float = PREFILL_MFU,
 ) -> dict | None:
-    """GPU-hours of `calls` judge calls at the measured tokens per call (`token_report` of `images`
-    images' calls), at `tflops` x `mfu` per GPU: 2 FLOPs per language-model parameter per computed token,
-    plus 2 per vision-encoder parameter per patch of each computed image token. With `image_tokens`,
-    each image's measured tokens are first scaled to that many (cached and computed alike)."""
+    """GPU-hours of `calls` judge calls at the computed tokens per call of `tokens` (`token_report` or
+    `simulate`), at `tflops` x `mfu` per GPU: 2 FLOPs per language-model parameter per computed token,
+    plus 2 per vision-encoder parameter per patch of each computed image token (Qwen2-VL: 4 patches)."""
     n = tokens.get("calls") or 0
     if not n:
         return None
-    per_image = tokens["image_tokens"] / images if images else 0.0
-    scale = image_tokens / per_image if image_tokens and per_image else 1.0
-    text_prompt = (tokens["prompt_tokens"] - tokens["image_tokens"]) / n
-    text_computed = (tokens["computed_tokens"] - tokens["computed_image_tokens"]) / n
-    image_prompt = tokens["image_tokens"] / n * scale
-    image_computed = tokens["computed_image_tokens"] / n * scale
-    prompt, computed = text_prompt + image_prompt, text_computed + image_computed
-    flops = 2e9 * llm_params_b * computed + 2e9 * vision_params_b * PATCHES_PER_IMAGE_TOKEN * image_computed
+    computed = tokens["computed_tokens"] / n
+    image = tokens["computed_image_tokens"] / n
+    flops = 2e9 * llm_params_b * computed + 2e9 * vision_params_b * PATCHES_PER_IMAGE_TOKEN * image
     return {
         "calls": calls,
-        "image_tokens_per_image": per_image * scale,
-        "prompt_tokens_per_call": prompt,
         "computed_tokens_per_call": computed,
-        "computed_image_tokens_per_call": image_computed,
-        "cache_hit_rate": 1 - computed / prompt if prompt else None,
+        "computed_image_tokens_per_call": image,
         "tokens_computed": calls * computed,
         "flops": calls * flops,
         "gpu_hours": calls * flops / (tflops * 1e12 * mfu) / 3600,
@@ -472,13 +538,24 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {label} | {_fmt(a['tokens'].get(key), digits)} | {_fmt(b['tokens'].get(key), digits)} |"
         )
+    checks = [x.get("simulated_as_measured") for x in (a, b)]
+    if any(checks):
+        cells = [_fmt(c["cache_hit_rate"]) if c else "—" for c in checks]
+        lines.append(f"| simulated prefix cache at the measured size (check) | {cells[0]} | {cells[1]} |")
     pa_, pb = a.get("projection"), b.get("projection")
     if pa_ or pb:
-        calls = (pa_ or pb)["calls"]
+        first = pa_ or pb
+        lines.append(
+            f"| **projection** to {first['calls']:,.0f} calls, KV blocks of {first['block_size']} tokens, "
+            f"{first['assumptions']['llm_params_b']:g}B + {first['assumptions']['vision_params_b']:g}B "
+            "vision parameters | | |"
+        )
         for label, key, digits in [
-            ("projected: image tokens per image", "image_tokens_per_image", 0),
-            ("projected: computed tokens per call", "computed_tokens_per_call", 1),
-            (f"projected H100-hours for {calls:,.0f} calls", "gpu_hours", 1),
+            ("image tokens per image", "image_tokens_per_image", 0),
+            ("prompt tokens per call", "prompt_tokens_per_call", 1),
+            ("share from the prefix cache", "cache_hit_rate", 3),
+            ("computed tokens per call", "computed_tokens_per_call", 1),
+            ("H100-hours", "gpu_hours", 1),
         ]:
             va, vb = (p.get(key) if p else None for p in (pa_, pb))
             lines.append(f"| {label} | {_fmt(va, digits)} | {_fmt(vb, digits)} |")
@@ -507,6 +584,10 @@ def markdown(result: dict) -> str:
         "",
         f"Identical hard-negative sets: {s['identical_hard_negatives']} of {s['queries']} queries.",
     ]
+    if s["queries_with_failed_calls"]:
+        lines.append(
+            f"Left out: {len(s['queries_with_failed_calls'])} queries with a failed judge call (NaN)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -558,6 +639,7 @@ def judge_agree(
     image_sizes: tuple[int | None, int | None] = (None, None),
     llm_params_b: float = 7.6,
     vision_params_b: float = 0.675,
+    project_block: int = 16,
 ) -> dict:
     """Judge a seeded sample of `n` of the run's queries with `cfg_a.judge` and with `judge_b` and compare
     them (module docstring); write agree.json, agree.md, scatter.png into `out` and return the result."""
@@ -572,25 +654,45 @@ def judge_agree(
     per_shard = max(1, min(cfg_a.mining.judge_shard_queries, -(-n // (2 * actors))))
     requests, sample = write_sample(mining, n, seed, out / "requests", per_shard)
     print(f"[judge-agree] {sample['queries']} queries, {sample['calls']} judge calls per setting", flush=True)
+    table = pa.concat_tables(pq.read_table(p) for p in requests)
     settings, scores = {}, {}
     for label, judge, px in (("A", cfg_a.judge, image_sizes[0]), ("B", judge_b, image_sizes[1])):
         print(f"[judge-agree] setting {label}: {describe(judge)}", flush=True)
         scores[label], tokens = run_setting(judge, requests, out / label, cfg_a.data.image_root, cfg_a.mining)
-        projection = project(
-            tokens,
-            sample["images"],
-            calls or sample["run_calls"],
-            llm_params_b=llm_params_b,
-            vision_params_b=vision_params_b,
-            image_tokens=image_tokens_at(px) if px else None,
-        )
-        settings[label] = {
-            "describe": describe(judge),
-            "judge": asdict(judge),
-            "tokens": tokens,
-            "projection": projection,
-            "projected_image_size": px,
-        }
+        entry = {"describe": describe(judge), "judge": asdict(judge), "tokens": tokens}
+        measured = tokens["image_tokens"] / sample["images"] if tokens["calls"] and sample["images"] else 0
+        if judge.backend == "vllm" and judge.block_size and measured == int(measured):
+            # the simulated cache where the engine measured it: how far the projection can be trusted
+            entry["simulated_as_measured"] = simulate(table, judge, int(measured), judge.block_size)
+        entry["projection"] = None
+        if tokens["calls"] and (Path(judge.model.path) / "config.json").is_file():
+            size = image_tokens_at(px) if px else round(measured)
+            sim = simulate(table, judge, size, project_block)
+            entry["projection"] = {
+                **project(
+                    sim,
+                    calls or sample["run_calls"],
+                    llm_params_b=llm_params_b,
+                    vision_params_b=vision_params_b,
+                ),
+                "image_size": px,
+                "image_tokens_per_image": size,
+                "block_size": project_block,
+                "prompt_tokens_per_call": sim["prompt_tokens_per_call"],
+                "cache_hit_rate": sim["cache_hit_rate"],
+                "by_candidate": {
+                    kind: {
+                        "calls": part["calls"],
+                        "prompt_tokens_per_call": part["prompt_tokens_per_call"],
+                        "computed_tokens_per_call": part["computed_tokens_per_call"],
+                        "computed_image_tokens_per_call": part["computed_image_tokens"] / part["calls"]
+                        if part["calls"]
+                        else None,
+                    }
+                    for kind, part in sim["by_candidate"].items()
+                },
+            }
+        settings[label] = entry
     keys = ["query_id", "cand_id"]
     both = (
         scores["A"]
@@ -682,6 +784,12 @@ def main(argv: list[str] | None = None) -> None:
         help="project each setting (A [B]) at images of PX x PX (Qwen2-VL tokens: (PX/28)^2)",
     )
     p.add_argument(
+        "--project-block-size",
+        type=int,
+        default=16,
+        help="KV block size of the projected run's prefix cache (default 16: vLLM's on GPUs)",
+    )
+    p.add_argument(
         "--llm-params-b", type=float, default=7.6, help="language model size for the projection (billions)"
     )
     p.add_argument(
@@ -708,6 +816,7 @@ def main(argv: list[str] | None = None) -> None:
         image_sizes=sizes,
         llm_params_b=args.llm_params_b,
         vision_params_b=args.vision_params_b,
+        project_block=args.project_block_size,
     )
     print(markdown(result))
     print(f"[judge-agree] wrote {out / 'agree.json'}, {out / 'agree.md'}, {out / 'scatter.png'}")

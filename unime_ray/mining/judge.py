@@ -341,17 +341,25 @@ def token_report(results: list[Path]) -> dict:
         for name in names:
             sums[name] += int(pc.sum(table[name]).as_py() or 0)
         seconds += float(pc.sum(table["seconds"]).as_py() or 0.0)
+    return {
+        **summarize_tokens(sums, calls),
+        "seconds": seconds,
+        "calls_per_s": calls / seconds if seconds else None,
+    }
+
+
+def summarize_tokens(sums: dict, calls: int) -> dict:
+    """Token sums (TOKEN_COLUMNS) of `calls` judge calls with what they say: computed = prompt - cached,
+    the prefix cache's share of the prompt tokens, per-call means."""
     prompt, cached = sums["prompt_tokens"], sums["cached_tokens"]
     per_call = (lambda n: n / calls) if calls else (lambda n: None)
     return {
         "calls": calls,
-        **sums,
+        **{name: sums[name] for name in TOKEN_COLUMNS},
         "computed_tokens": prompt - cached,
         "computed_image_tokens": sums["image_tokens"] - sums["cached_image_tokens"],
         "cache_hit_rate": cached / prompt if prompt else None,
         "prompt_tokens_per_call": per_call(prompt),
         "computed_tokens_per_call": per_call(prompt - cached),
         "image_tokens_per_call": per_call(sums["image_tokens"]),
-        "seconds": seconds,
-        "calls_per_s": calls / seconds if seconds else None,
     }

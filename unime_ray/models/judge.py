@@ -69,13 +69,17 @@ class _PromptBuilder:
             return text
         return self.tokenizer.decode(ids[: self.max_candidate_tokens])
 
-    def build(self, pair: Pair) -> tuple[str, list]:
+    def text(self, pair: Pair) -> str:
+        """The rendered prompt of a pair (one image placeholder per image, as the processor receives it)."""
         q_text, q_image, c_text, c_image = pair
-        images = [
-            load_image(im, self.image_root, self.model_cfg.image_size) for im in (q_image, c_image) if im
-        ]
         content = judge_content(q_text, bool(q_image), self.cap(c_text), bool(c_image), self.prompt)
-        return render(self.tokenizer, content), images
+        return render(self.tokenizer, content)
+
+    def build(self, pair: Pair) -> tuple[str, list]:
+        images = [
+            load_image(im, self.image_root, self.model_cfg.image_size) for im in (pair[1], pair[3]) if im
+        ]
+        return self.text(pair), images
 
     def count(self, ids: Sequence[int], cached: int) -> tuple[int, int, int, int]:
         """TOKEN_COLUMNS of one call from its prompt token ids, of which the first `cached` came from the
