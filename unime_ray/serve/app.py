@@ -671,7 +671,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unime_ray.ray_utils import init_ray
+    from unime_ray.ray_utils import init_ray, start_serve
 
     p = argparse.ArgumentParser(
         prog="unime-ray serve",
@@ -680,8 +680,8 @@ def main(argv: list[str] | None = None) -> None:
     add_config_args(p, default="jobs/configs/tiny.yaml")
     cfg = config_from_args(p.parse_args(argv))
     app = build_app(cfg)  # a missing or mismatched index fails here, in a second
-    init_ray(cfg.ray.address)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+    start_serve(cfg.serve.host, cfg.serve.port, cfg.ray.verbose)
     serve.run(app, name="unime", route_prefix="/")
     print(f"serving http://{cfg.serve.host}:{cfg.serve.port} (OpenAPI: /docs); Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C

@@ -439,6 +439,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     prepare_synthetic(cfg)
-    init_ray(cfg.ray.address)
+    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     report = build_index(cfg, args.corpus, rebuild=args.rebuild)
     print(json.dumps(report, indent=2))
