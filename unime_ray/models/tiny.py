@@ -139,10 +139,29 @@ def _spread_answers(model, spread: bool):
     return model
 
 
+def _text_config(size: str, vocab: int, ids: dict[str, int], **extra: object) -> dict:
+    """The random Qwen2 language model of `size` (SIZES) both architectures wrap, as a config dict;
+    `extra` adds what one of them needs (Qwen2-VL's M-RoPE, LLaVA-OV's model type)."""
+    hidden, layers, heads, kv, inter = SIZES[size][:5]
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        **extra,
+    )
+
+
 def _qwen2_vl(out: Path, size: str, spread: bool) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    hidden, layers, heads, kv, inter, v_dim, v_depth = SIZES[size]
+    hidden, _, heads, _, _, v_dim, v_depth = SIZES[size]
     specials = QWEN_SPECIALS
     tok = _hf_tokenizer(train_tokenizer(specials), specials, QWEN2_VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
@@ -150,18 +169,11 @@ def _qwen2_vl(out: Path, size: str, spread: bool) -> None:
     half = head_dim // 2
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # sums to head_dim/2
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=4096,
+        text_config=_text_config(
+            size,
+            len(tok),
+            ids,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
             depth=v_depth,
@@ -242,24 +254,10 @@ def save_llava_ov_processing(out: Path, chat_template: str) -> None:
 def _llava_ov(out: Path, size: str, spread: bool) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    hidden, layers, heads, kv, inter = SIZES[size][:5]
     specials = QWEN_SPECIALS + LLAVA_SPECIALS
     tok = _hf_tokenizer(train_tokenizer(specials), specials, LLAVA_OV_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    text_config = dict(
-        model_type="qwen2",
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=4096,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
+    text_config = _text_config(size, len(tok), ids, model_type="qwen2", tie_word_embeddings=False)
     config = llava_ov_config(text_config, ids, size)
     model = _spread_answers(LlavaOnevisionForConditionalGeneration(config), spread)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
