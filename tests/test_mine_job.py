@@ -140,6 +140,16 @@ def _listeners() -> Iterator[set[tuple[str, str]]]:
         thread.join()
 
 
+# Small judge shards (2 queries x 21 calls), so that a kill lands between finished and unfinished ones;
+# two of the four datasets, half the judge work of the whole world.
+KILLED = (
+    "data.datasets=[ShapesCLS, ShapesT2I]",
+    "mining.top_n=20",
+    "mining.judge_shard_queries=2",
+    "judge.model.batch_size=4",
+)
+
+
 def _run_job(out: Path, *extra: str, **popen) -> subprocess.Popen:
     cmd = [PY, str(ROOT / "jobs/mine.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml")]
     cmd += [a for o in _overrides(out, *extra) for a in ("--set", o)]
@@ -148,14 +158,44 @@ def _run_job(out: Path, *extra: str, **popen) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
-def test_killed_job_resumes_with_every_pair_judged_exactly_once(tmp_path):
-    extra = ("mining.top_n=20", "mining.judge_shard_queries=2", "judge.model.batch_size=4")
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    _cfg(clean, *extra), _cfg(killed, *extra)  # build world and models up front in both
-    assert _run_job(clean, *extra).wait(timeout=600) == 0
+@pytest.fixture(scope="module")
+def judge_actor_killed(local_ray, tmp_path_factory) -> tuple[Path, list]:
+    """A mining run whose judge actor's process is SIGKILLed mid-stage (in this process, on the session's
+    Ray). Two of the four datasets (96 queries, 48 judge shards): enough shards to kill between them."""
+    out = tmp_path_factory.mktemp("actor-killed") / "run"
+    cfg = _cfg(out, *KILLED)
+    results = out / "mining/judge/results"
+    with kill_when(lambda: len(list(results.glob("*.parquet"))) >= 3, "JudgeActor") as killed:
+        run_mining(cfg)
+    return out, killed
 
-    job = _run_job(killed, *extra, start_new_session=True)
+
+@pytest.mark.slow
+def test_killed_judge_worker_is_replaced_and_every_pair_judged_once(judge_actor_killed):
+    """Ray Data restarts the killed actor and retries its work; the stage still ends with every
+    requested pair exactly once."""
+    out, killed = judge_actor_killed
+    assert killed, "the judge actor was never killed"
+    requests = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((out / "mining/judge/requests").glob("*.parquet"))]
+    )
+    scores = _scores(out)
+    assert scores.num_rows == requests.num_rows
+    assert scores.group_by(["query_id", "cand_id"]).aggregate([]).num_rows == scores.num_rows
+    assert set(zip(scores["query_id"].to_pylist(), scores["cand_id"].to_pylist())) == set(
+        zip(requests["query_id"].to_pylist(), requests["cand_id"].to_pylist())
+    )
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_with_every_pair_judged_exactly_once(judge_actor_killed, tmp_path):
+    """The whole job (driver and all it started) SIGKILLed mid-judge, then run again: it resumes, and
+    ends with the scores and hard negatives of a run of the same settings that went to the end in one
+    job (the fixture's: its killed actor's work was retried within the job)."""
+    clean, killed = judge_actor_killed[0], tmp_path / "killed"
+    _cfg(killed, *KILLED)  # build world and models up front
+
+    job = _run_job(killed, *KILLED, start_new_session=True)
     results = killed / "mining/judge/results"
     deadline = time.time() + 300
     while len(list(results.glob("*.parquet"))) < 5:  # mid-judge: some shards done, most not
@@ -167,7 +207,7 @@ def test_killed_job_resumes_with_every_pair_judged_exactly_once(tmp_path):
     total = len((killed / "mining/judge/requests/_COMPLETE").read_text().split())
     assert 5 <= done_before < total
 
-    resumed = _run_job(killed, *extra)
+    resumed = _run_job(killed, *KILLED)
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
     assert "[mine] embed: done earlier, skipped" in log
@@ -266,24 +306,3 @@ def test_ray_job_submit_against_a_local_head(local_ray, tmp_path):
             current.unlink()
     hn = _hard_negatives(out)
     assert len(hn) == 48 and all(len(r["neg_ids"]) == 10 for r in hn)
-
-
-@pytest.mark.slow
-def test_killed_judge_worker_is_replaced_and_every_pair_judged_once(local_ray, tmp_path):
-    """SIGKILL the judge actor's process mid-stage: Ray Data restarts it and retries its work; the
-    stage still ends with every requested pair exactly once."""
-    out = tmp_path / "run"
-    cfg = _cfg(out, "mining.top_n=20", "mining.judge_shard_queries=2", "judge.model.batch_size=4")
-    results = out / "mining/judge/results"
-    with kill_when(lambda: len(list(results.glob("*.parquet"))) >= 3, "JudgeActor") as killed:
-        run_mining(cfg)
-    assert killed, "the judge actor was never killed"
-    requests = pa.concat_tables(
-        [pq.read_table(p) for p in sorted((out / "mining/judge/requests").glob("*.parquet"))]
-    )
-    scores = _scores(out)
-    assert scores.num_rows == requests.num_rows
-    assert scores.group_by(["query_id", "cand_id"]).aggregate([]).num_rows == scores.num_rows
-    assert set(zip(scores["query_id"].to_pylist(), scores["cand_id"].to_pylist())) == set(
-        zip(requests["query_id"].to_pylist(), requests["cand_id"].to_pylist())
-    )

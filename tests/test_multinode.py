@@ -30,9 +30,16 @@ from conftest import free_port, registered_step
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "jobs/configs/tiny.yaml"
-# All four synthetic datasets, as in test_mine_job's kill test: 96 judge shards of 2 queries x 21 calls,
-# enough judge work (tens of seconds here) for the pool to grow to two actors before it ends.
-MINE = ["mining.top_n=20", "mining.num_actors=2", "mining.judge_shard_queries=2", "judge.model.batch_size=2"]
+# All four synthetic datasets (retrieve and sample spread their four groups over the nodes): 96 judge
+# shards of 2 queries x (1 + TOP_N) calls, enough judge work (a minute here) for the pool to grow to two
+# actors before it ends.
+TOP_N = 10
+MINE = [
+    f"mining.top_n={TOP_N}",
+    "mining.num_actors=2",
+    "mining.judge_shard_queries=2",
+    "judge.model.batch_size=2",
+]
 # Two workers of one CPU each on one-CPU nodes: they cannot share a node.
 TRAIN_STEPS, CHECKPOINT_EVERY = 6, 2
 TRAIN = [
@@ -294,11 +301,11 @@ def test_mining_spreads_judge_actors_and_survives_losing_a_worker_node(tmp_path)
     assert len(list(results.glob("*.parquet"))) == total
 
     # Every (query, candidate) pair exactly once, none missing: each query with its positive and its
-    # retrieved top-20, as the ingest and retrieve stages wrote them.
+    # retrieved top-N, as the ingest and retrieve stages wrote them.
     queries = pq.read_table(out / "mining/ingest/queries.parquet")
     retrieved = _table(sorted((out / "mining/retrieve").glob("*.parquet")))
     pool = pq.read_table(out / "mining/ingest/pool.parquet")["dataset"].value_counts().to_pylist()
-    top_n = {p["values"]: min(20, p["counts"] - 1) for p in pool}  # the query's own positive is excluded
+    top_n = {p["values"]: min(TOP_N, p["counts"] - 1) for p in pool}  # the query's own positive is excluded
     per_query = retrieved.group_by("query_id").aggregate([("cand_id", "count_distinct")]).to_pylist()
     dataset = dict(zip(queries["id"].to_pylist(), queries["dataset"].to_pylist(), strict=True))
     assert len(per_query) == queries.num_rows

@@ -187,23 +187,29 @@ def _metrics(out: Path, kind: str = "embed") -> list[dict]:
     return [json.loads(line) for line in (out / f"train_{kind}/metrics.jsonl").read_text().splitlines()]
 
 
+COMMON = ["train.steps=6", "train.global_batch_size=16", "train.checkpoint_every=6", "train.lora.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def one_worker(mined, tmp_path_factory) -> tuple:
+    """One worker, the whole batch of 16 at once, 6 steps: the zero-2 test's reference, the export's
+    adapter (a Ray Train + DeepSpeed start costs ~45 s here, so the two tests share the run)."""
+    out = tmp_path_factory.mktemp("w1")
+    cfg = _cfg(mined, *COMMON, "train.micro_batch_size=16", out=out)
+    return cfg, out, run_training(cfg, "embed")
+
+
 @pytest.mark.slow
-def test_two_workers_zero2_agree_with_one_worker(mined, tmp_path):
-    common = [
-        "train.steps=6",
-        "train.global_batch_size=16",
-        "train.checkpoint_every=6",
-        "train.lora.dropout=0.0",
-    ]
-    one = run_training(_cfg(mined, *common, "train.micro_batch_size=16", out=tmp_path / "w1"), "embed")
+def test_two_workers_zero2_agree_with_one_worker(mined, one_worker, tmp_path):
+    _, w1, one = one_worker
     two = run_training(
-        _cfg(mined, *common, "train.micro_batch_size=8", "train.num_workers=2", out=tmp_path / "w2"), "embed"
+        _cfg(mined, *COMMON, "train.micro_batch_size=8", "train.num_workers=2", out=tmp_path / "w2"), "embed"
     )
     finals = _finals(tmp_path / "w2")
     assert len(finals) == 2 and finals[0]["step"] == finals[1]["step"] == 6
     assert finals[0]["trainable_param_sum"] == finals[1]["trainable_param_sum"]  # ranks identical
     assert all(200 < f["peak_mem_mb"] < 24 * 1024 for f in finals)  # a torch + model process, in MB
-    l1 = np.mean([m["loss"] for m in _metrics(tmp_path / "w1")])
+    l1 = np.mean([m["loss"] for m in _metrics(w1)])
     l2 = np.mean([m["loss"] for m in _metrics(tmp_path / "w2")])
     assert abs(l1 - l2) < 0.25 * l1, (l1, l2)  # same global batch: same loss up to data order
     assert Path(one["weights"], "adapter_config.json").is_file() and Path(two["weights"]).is_dir()
@@ -256,16 +262,21 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     steps = [m["step"] for m in _metrics(tmp_path)]
     assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 9))
     # A rerun of the same run with more steps continues from step 8, not from 0.
-    run_training(_cfg(mined, "train.steps=10", "train.checkpoint_every=2", out=tmp_path), "embed")
+    longer = _cfg(mined, "train.steps=10", "train.checkpoint_every=2", out=tmp_path)
+    rerun = run_training(longer, "embed")
     assert [m["step"] for m in _metrics(tmp_path)][-2:] == [9, 10]
     assert _finals(tmp_path)[0]["resumed_from"] == 8
+    # The same settings once more: found finished, the same summary, and no worker started at all.
+    final = tmp_path / "train_embed/final_rank0.json"
+    written = final.stat().st_mtime_ns
+    assert run_training(longer, "embed") == rerun and final.stat().st_mtime_ns == written
     assert Path(summary["weights"], "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
-def test_export_merges_adapter_into_a_standalone_model(mined, tmp_path):
-    cfg = _cfg(mined, "train.steps=3", "train.checkpoint_every=3", out=tmp_path)
-    adapter = run_training(cfg, "embed")["weights"]
+def test_export_merges_adapter_into_a_standalone_model(one_worker, tmp_path):
+    cfg, _, trained = one_worker
+    adapter = trained["weights"]
     merged = export(adapter, tmp_path / "merged")
     records = [{"text": "a red circle on the left", "image": ""}, {"text": "x", "image": "train/00003.png"}]
     with_adapter = Embedder(dataclasses.replace(cfg.train.model, adapter=adapter), cfg.data.image_root)

@@ -82,14 +82,18 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
     from ray import serve
 
     from unime_ray.serve.app import build_app
-    from unime_ray.serve.index import build_index
+    from unime_ray.serve.index import IndexMismatchError, build_index
 
     cfg = copy.deepcopy(cfg)
     cfg.embedder.path, cfg.embedder.adapter = resolve_checkpoint(embedder)
     cfg.reranker.model.path, cfg.reranker.model.adapter = resolve_checkpoint(reranker)
     cfg.index.items = "texts"  # image -> caption search; "both" would index the images too
     world = Path(cfg.data.image_root).parent
-    index = build_index(cfg, world / "retrieval" / "captions.jsonl", rebuild=True)
+    corpus = world / "retrieval" / "captions.jsonl"
+    try:  # an index of these captions by this embedder: kept, only records it lacks are embedded
+        index = build_index(cfg, corpus)
+    except IndexMismatchError:  # built by another embedder (an earlier run's weights): replaced
+        index = build_index(cfg, corpus, rebuild=True)
     image = sorted(Path(cfg.data.image_root).glob("eval/*.png"))[0]
     body = {
         "query": {"image": base64.b64encode(image.read_bytes()).decode(), "instruction": "Find a caption"},
