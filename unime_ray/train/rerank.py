@@ -90,34 +90,54 @@ class RerankTask:
         for row in rows:
             for content, paths, answer in examples(row, self.cfg.list_size, self.seed, epoch):
                 prompts.append(render(self.processor.tokenizer, content))
-                answers.append(answer + END)
+                answers.append(answer)
                 images += [load_image(p, self.image_root, self.cfg.model.image_size) for p in paths]
-        full = self.processor(
-            text=[p + a for p, a in zip(prompts, answers, strict=True)],
-            images=images or None,
-            return_tensors="pt",
-            padding=True,
-        )
-        prompt_only = self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
-        # Left padding: each row's answer is its last (full length - prompt length) tokens.
-        answer_len = full["attention_mask"].sum(1) - prompt_only["attention_mask"].sum(1)
-        width = full["input_ids"].shape[1]
-        labels = torch.where(
-            torch.arange(width).unsqueeze(0) >= (width - answer_len).unsqueeze(1), full["input_ids"], -100
-        )
-        return dict(full), labels
+        return answer_batch(self.processor, prompts, answers, images)
 
     def loss(self, rows: list[dict], epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, labels = self.batch(rows, epoch)
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        labels = labels.to(device)
-        logits = self.model(**inputs).logits[:, :-1].float()
-        target = labels[:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        mask = target != -100
-        per_example = (per_token * mask).sum(1) / mask.sum(1)
+        per_example, correct = answer_losses(self.model, inputs, labels)
         loss = per_example.view(len(rows), 3).sum(1).mean()  # L_pair (yes + no) + L_list, per query
-        with torch.no_grad():
-            correct = ((logits.argmax(-1) == target) | ~mask).all(1).view(len(rows), 3).float()
+        correct = correct.view(len(rows), 3).float()
         return loss, {"yes_no_acc": correct[:, :2].mean().item(), "list_acc": correct[:, 2].mean().item()}
+
+
+def answer_batch(
+    processor, prompts: list[str], answers: list[str], images: list
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rendered `prompts` each followed by its answer and the end-of-turn token, tokenised with left
+    padding (`images`: every prompt's images in order), and labels: the answer tokens, -100 on every
+    prompt and padding token. Shared with the LLaVA stage-1 alignment of bench/smol_reranker.py."""
+    full = processor(
+        text=[p + a + END for p, a in zip(prompts, answers, strict=True)],
+        images=images or None,
+        return_tensors="pt",
+        padding=True,
+    )
+    prompt_only = processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+    # Left padding: each row's answer is its last (full length - prompt length) tokens.
+    answer_len = full["attention_mask"].sum(1) - prompt_only["attention_mask"].sum(1)
+    width = full["input_ids"].shape[1]
+    labels = torch.where(
+        torch.arange(width).unsqueeze(0) >= (width - answer_len).unsqueeze(1), full["input_ids"], -100
+    )
+    return dict(full), labels
+
+
+def answer_losses(
+    model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the mean cross-entropy of its answer tokens (`answer_batch` labels), and whether
+    every answer token is the model's argmax. Left padding puts every answer at the end, so only the
+    last positions' logits are computed (`logits_to_keep`): the full vocabulary at every prompt position
+    would cost ~20% of a 135M model's forward and gigabytes of logits, for nothing."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    keep = int((labels != -100).sum(1).max()) + 1  # the longest answer, and the position before it
+    target = labels[:, -(keep - 1) :].to(device)
+    logits = model(**inputs, logits_to_keep=keep).logits[:, :-1].float()
+    per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    mask = target != -100
+    with torch.no_grad():
+        correct = ((logits.argmax(-1) == target) | ~mask).all(1)
+    return (per_token * mask).sum(1) / mask.sum(1), correct
