@@ -2,6 +2,7 @@
 kill-and-resume of a real running job, and `ray job submit` against a local head on 127.0.0.1."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from judge_tokens import tokenizer_counts
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.mining.agree import simulate
+from unime_ray.mining.judge import TOKEN_COLUMNS, JudgeActor
 from unime_ray.mining.pipeline import run_mining
 from unime_ray.models.backbone import load_processor
 
@@ -79,35 +81,39 @@ def test_mine_end_to_end_then_resample_without_judge(local_ray, tmp_path):
 
 @pytest.mark.slow
 def test_mine_with_vllm_judge_matches_transformers(local_ray, tmp_path):
-    common = ("data.datasets=[ShapesVQA]", "mining.top_n=4")
-    ref, vl = tmp_path / "hf", tmp_path / "vllm"
-    run_mining(_cfg(ref, *common))
+    vl = tmp_path / "vllm"
+    cfg = _cfg(vl, "data.datasets=[ShapesVQA]", "mining.top_n=4", "judge.backend=vllm")
     with _listeners() as seen:
-        run_mining(_cfg(vl, *common, "judge.backend=vllm"))
+        run_mining(cfg)
     # vLLM's engine (its message queue included) listened on loopback only.
     assert any("VLLM" in title or "JudgeActor" in title for _, title in seen), seen
     assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1"}, seen
-    a, b = _scores(ref), _scores(vl)
-    assert a.select(["query_id", "cand_id"]).equals(b.select(["query_id", "cand_id"]))
-    diff = max(abs(x - y) for x, y in zip(a["score"].to_pylist(), b["score"].to_pylist()))
+    b = _scores(vl)
+    requests = pa.concat_tables(pq.read_table(p) for p in (vl / "mining/judge/requests").glob("*.parquet"))
+    requests = requests.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert requests.select(["query_id", "cand_id"]).equals(b.select(["query_id", "cand_id"]))
+    # The reference: the same requests through the transformers judge, as the stage's actor scores a
+    # batch (in this process; a second mining run would only add its start-up).
+    hf = dataclasses.replace(cfg.judge, backend="transformers")
+    ref, ref_tokens, _ = JudgeActor(dataclasses.asdict(hf), cfg.data.image_root)._score(requests)
+    diff = max(abs(x - y) for x, y in zip(ref, b["score"].to_pylist()))
     assert diff < 0.01
 
     # Token accounting: each call's prompt and image tokens as the tokenizer counts them, in both
     # backends; vLLM served part of each prompt from its prefix cache (query-first prompts, a query's
     # calls together), at least 60% of all prompt tokens, as the replay of its cache predicts.
-    requests = pa.concat_tables(pq.read_table(p) for p in (vl / "mining/judge/requests").glob("*.parquet"))
-    requests = requests.sort_by([("query_id", "ascending"), ("rank", "ascending")])
     tokenizer = load_processor(vl / "models/qwen2-vl").tokenizer
     expected = tokenizer_counts(requests.to_pylist(), tokenizer, tokens_per_image=4)  # 56 px: 2 x 2
-    for scores in (a, b):
-        assert list(zip(scores["prompt_tokens"].to_pylist(), scores["image_tokens"].to_pylist())) == expected
+    assert list(zip(b["prompt_tokens"].to_pylist(), b["image_tokens"].to_pylist())) == expected
+    columns = [TOKEN_COLUMNS.index(c) for c in ("prompt_tokens", "image_tokens")]
+    assert [tuple(t) for t in ref_tokens[:, columns].tolist()] == expected
     cached, prompt = b["cached_tokens"].to_numpy(), b["prompt_tokens"].to_numpy()
     assert (cached % 32 == 0).all() and (cached < prompt).all()  # whole KV blocks, never the last token
     assert (b["cached_image_tokens"].to_numpy() <= b["image_tokens"].to_numpy()).all()
     tokens = json.loads((vl / "mining/judge/_SUCCESS.json").read_text())["report"]["tokens"]
     assert tokens["prompt_tokens"] == sum(e[0] for e in expected) and tokens["cached_tokens"] == cached.sum()
     assert tokens["cache_hit_rate"] >= 0.6, tokens
-    replay = simulate(requests, _cfg(vl, *common, "judge.backend=vllm").judge, 4, 32)
+    replay = simulate(requests, cfg.judge, 4, 32)
     assert replay["cached_tokens"] == tokens["cached_tokens"], (replay, tokens)
 
 

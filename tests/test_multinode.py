@@ -5,10 +5,11 @@ nodes, and losing a worker node mid-judge loses no finished shard, every pair st
 once; a training run whose two workers sit on two nodes loses one node and resumes from its last
 registered checkpoint.
 
-The pytest process may hold the session's local Ray and a driver joins one cluster only, so each
-scenario runs in a child interpreter (this file as a script: `python tests/test_multinode.py mine|train
-OUT`) that starts the cluster, runs the job, removes a node and writes `OUT/multinode.json`; the tests
-assert on that report and on the job's own output files."""
+The pytest process may hold the session's local Ray and a driver joins one cluster only, so the
+scenarios run in a child interpreter (this file as a script: `python tests/test_multinode.py OUT`) that
+starts the cluster, mines (removing a node), lets a fresh node join, trains on the hard negatives it
+just mined (removing a node again) and writes `OUT/multinode.json`; the tests assert on that report and
+on the jobs' own output files. One cluster for both: its start-up is paid once."""
 
 from __future__ import annotations
 
@@ -180,10 +181,11 @@ def _run_removing_a_node(
     return {**info, **outcome["result"]}
 
 
-def _mine_child(out: Path) -> dict:
+def _child(out: Path) -> dict:
     from unime_ray.assets import prepare_synthetic, synthetic_overrides
     from unime_ray.config import load_config
     from unime_ray.mining.pipeline import run_mining
+    from unime_ray.train.loop import run_training
 
     cfg = load_config(TINY, [*synthetic_overrides(out), *MINE])
     prepare_synthetic(cfg)
@@ -208,52 +210,52 @@ def _mine_child(out: Path) -> dict:
                     raise
         return {"runs": runs}
 
-    # Three one-CPU nodes: a judge actor takes a CPU, so a pool of two is on two nodes by construction.
+    run_dir = out / "ray_train/train_embed"
+
+    def checkpointed() -> dict | None:
+        step = registered_step(run_dir)
+        return {"checkpoint_step": step} if step >= CHECKPOINT_EVERY else None
+
+    def train(info: dict) -> dict:
+        # the hard negatives just mined (the tiny random judge's: what is learnt does not matter here)
+        summary = run_training(load_config(TINY, [*synthetic_overrides(out), *TRAIN]), "embed")
+        return {"checkpoint": summary["checkpoint"], "final_step": summary["metrics"]["step"]}
+
+    # Three one-CPU nodes: a judge actor takes a CPU, so a pool of two is on two nodes by construction,
+    # and so are two training workers.
     with _cluster(workers=2) as (cluster, workers):
-        return _run_removing_a_node(cluster, workers, mine, "JudgeActor", judging, replace=False)
-
-
-def _train_child(out: Path) -> dict:
-    from unime_ray.assets import mine_with_oracle, prepare_synthetic, synthetic_overrides
-    from unime_ray.config import load_config
-    from unime_ray.train.loop import run_training
-
-    prepare_synthetic(load_config(TINY, synthetic_overrides(out)))
-    with _cluster(workers=2) as (cluster, workers):
-        # Hard negatives to train on, mined on the same cluster with the oracle judge (test_train.py).
-        base = mine_with_oracle(TINY, out, ["data.datasets=[ShapesI2T]"])
-
-        run_dir = out / "ray_train/train_embed"
-
-        def checkpointed() -> dict | None:
-            step = registered_step(run_dir)
-            return {"checkpoint_step": step} if step >= CHECKPOINT_EVERY else None
-
-        def train(info: dict) -> dict:
-            summary = run_training(load_config(TINY, base + TRAIN), "embed")
-            return {"checkpoint": summary["checkpoint"], "final_step": summary["metrics"]["step"]}
-
-        return _run_removing_a_node(cluster, workers, train, "RayTrainWorker", checkpointed, replace=True)
+        mined = _run_removing_a_node(cluster, workers, mine, "JudgeActor", judging, replace=False)
+        left = [n for n in workers if n.node_id != mined["removal"]["node"]]
+        left.append(cluster.add_node(**_node_args(num_cpus=1)))  # as an autoscaler would
+        cluster.wait_for_nodes()
+        trained = _run_removing_a_node(cluster, left, train, "RayTrainWorker", checkpointed, replace=True)
+    return {"mine": mined, "train": trained}
 
 
 # ---------------------------------------------------------------- the test side
 
 
-def _run_child(kind: str, out: Path, timeout: float) -> dict:
+CHILD_TIMEOUT = 900  # both scenarios; ~5 minutes on a quiet 2-core machine
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory) -> tuple[Path, dict]:
+    """The child's run (see the module docstring): its output folder and its report."""
     # Loopback for the raylets and workers too (see _cluster); no progress bars in the log.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
-    out.mkdir(parents=True)
+    out = tmp_path_factory.mktemp("multinode") / "run"
+    out.mkdir()
     try:
         with (out / "child.log").open("w") as log:
-            cmd = [sys.executable, __file__, kind, str(out)]
+            cmd = [sys.executable, __file__, str(out)]
             proc = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=CHILD_TIMEOUT
             )
     except subprocess.TimeoutExpired:  # killed; Ray's reaper then takes its cluster down
-        pytest.fail(f"{kind}: still running after {timeout} s\n" + (out / "child.log").read_text()[-6000:])
+        pytest.fail(f"still running after {CHILD_TIMEOUT} s\n" + (out / "child.log").read_text()[-6000:])
     assert proc.returncode == 0, (out / "child.log").read_text()[-6000:]
-    return json.loads((out / "multinode.json").read_text())
+    return out, json.loads((out / "multinode.json").read_text())
 
 
 def _table(files: list[Path]) -> pa.Table:
@@ -280,10 +282,9 @@ def _check_spread_and_removal(report: dict, wildcard_ok: str = "") -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_mining_spreads_judge_actors_and_survives_losing_a_worker_node(tmp_path):
-    out = tmp_path / "mine"
-    report = _run_child("mine", out, timeout=570)
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
+def test_mining_spreads_judge_actors_and_survives_losing_a_worker_node(multinode):
+    out, report = multinode[0], multinode[1]["mine"]
     removal = _check_spread_and_removal(report)
 
     # Removed mid-judge: some shards were done, not all.
@@ -327,10 +328,9 @@ def test_mining_spreads_judge_actors_and_survives_losing_a_worker_node(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(tmp_path):
-    out = tmp_path / "train"
-    report = _run_child("train", out, timeout=570)
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
+def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(multinode):
+    out, report = multinode[0], multinode[1]["train"]
     removal = _check_spread_and_removal(report, wildcard_ok="ray::RayTrainWorker")
     assert removal["added"] and removal["checkpoint_step"] >= CHECKPOINT_EVERY
 
@@ -365,6 +365,5 @@ def test_training_loses_a_worker_node_and_resumes_from_its_last_checkpoint(tmp_p
 
 
 if __name__ == "__main__":
-    kind, out_dir = sys.argv[1], Path(sys.argv[2])
-    result = {"mine": _mine_child, "train": _train_child}[kind](out_dir)
-    (out_dir / "multinode.json").write_text(json.dumps(result, indent=1))
+    out_dir = Path(sys.argv[1])
+    (out_dir / "multinode.json").write_text(json.dumps(_child(out_dir), indent=1))
