@@ -200,18 +200,22 @@ def embedder_inputs_by_replica(calls: int = 24) -> dict[str, int]:
 def test_embedder_scales_up_under_load_and_down_after(app):
     _, url = app
     wait_for(lambda: replicas("Embedder") == 1, 30, "the Embedder at its minimum of 1 replica")
+    seen: dict[str, list[int]] = {}  # replica -> its input count at each stats call that reached it
+
+    def both_embedding() -> bool:
+        """Both replicas took embed calls: each seen twice, its count grown. Serve routes each stats
+        call to the less busy replica, so one sample can miss the other one; the samples add up."""
+        for replica, inputs in embedder_inputs_by_replica(4).items():
+            seen.setdefault(replica, []).append(inputs)
+        return len(seen) == 2 and all(n[-1] > n[0] > 0 for n in seen.values())
+
     with Load(url, clients=32, limit_s=180) as load:
         up = wait_for(lambda: replicas("Embedder") == 2, 120, "2 Embedder replicas under load")
-        before = embedder_inputs_by_replica()
-        time.sleep(2)
-        after = embedder_inputs_by_replica()
+        wait_for(both_embedding, 60, "both Embedder replicas embedding under load")
         load.stop()
     down = wait_for(lambda: replicas("Embedder") == 1, 30, "back to 1 Embedder replica after the load")
-    print(f"scaled up {up:.1f} s into the load, down {down:.1f} s after it")
+    print(f"scaled up {up:.1f} s into the load, down {down:.1f} s after it; inputs seen {seen}")
     assert not load.errors, load.errors[:3]
-    # both replicas took requests under load (each embedded more inputs over those 2 s)
-    assert len(before) == len(after) == 2, (before, after)
-    assert all(after[r] > before[r] > 0 for r in after), (before, after)
 
 
 def status(deployment: str) -> str:
@@ -228,15 +232,20 @@ def replaced(deployment: str, killed_at: float) -> bool:
 
 def test_replica_loss_costs_no_client_errors(app):
     """32 clients; an Embedder replica with calls in it is killed, then (once Serve has replaced it) the
-    Index replica."""
+    Index replica. The calls seen in the replica may all have ended in the moment before the kill (a
+    tiny model's call takes milliseconds): then no call is left to retry, and the Embedder is killed
+    again once replaced, up to three times."""
     _, url = app
     wait_for(lambda: replicas("Embedder") >= 1 and replicas("Index") == 1, 30, "the app up")
     retried = ingress_stats()
-    back = {}
+    back, embedder_kills = {}, 0
     with Load(url, clients=32, limit_s=300) as load:
         time.sleep(3)
-        for deployment in ("Embedder", "Index"):
+        for deployment in ("Embedder", "Embedder", "Embedder", "Index"):
+            if deployment == "Embedder" and ingress_stats()["retried_embed"] > retried["retried_embed"]:
+                continue  # a kill caught calls in flight
             replica = busy_embedder() if deployment == "Embedder" else None
+            embedder_kills += deployment == "Embedder"
             killed_at = time.monotonic()
             kill_replica(deployment, replica)
             back[deployment] = wait_for(
@@ -248,8 +257,8 @@ def test_replica_loss_costs_no_client_errors(app):
     calls = {k: stats[k] - retried[k] for k in ("retried_embed", "retried_search")}
     print(
         f"Serve reported the Embedder replaced {back['Embedder']:.1f} s after its replica's loss, the "
-        f"Index {back['Index']:.1f} s after; calls retried by the Ingress {calls}; {len(load.records)} "
-        f"requests, {len(load.errors)} errors"
+        f"Index {back['Index']:.1f} s after; calls retried by the Ingress {calls} ({embedder_kills} "
+        f"Embedder kills); {len(load.records)} requests, {len(load.errors)} errors"
     )
     assert not load.errors, load.errors[:3]
     assert {status for *_, status, _ in load.records} == {200}
