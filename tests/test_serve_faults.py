@@ -188,7 +188,7 @@ def busy_embedder() -> str:
     raise AssertionError("no Embedder replica had embed calls in it")
 
 
-def embedder_inputs_by_replica(calls: int = 24) -> dict[str, int]:
+def embedder_inputs_by_replica(calls: int) -> dict[str, int]:
     """Inputs embedded so far by each Embedder replica that answered one of `calls` stats calls."""
     seen = {}
     for _ in range(calls):

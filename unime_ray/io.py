@@ -1,10 +1,12 @@
 """Atomic output: every file is written to a temporary name in the same folder, then renamed, so a
 killed job leaves either the old file or the new one, never half of one. Also `merge_sorted`, which
-joins the sorted part files of parallel tasks into one sorted file without holding them in memory."""
+joins the sorted part files of parallel tasks into one sorted file without holding them in memory,
+and `digest`, the short content hash that names caches and fingerprints finished stages."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +21,11 @@ import pyarrow.parquet as pq
 
 MERGE_ROWS = 8192  # rows per chunk of a streaming merge
 PART_ROWS = 1024  # row group size of the part files a merge reads: a merge holds one group per part
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of `obj` as canonical JSON (keys sorted): equal for equal settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -14,8 +14,6 @@ evaluation of a 7B model keeps every finished shard and resumes with the rest.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,14 +28,10 @@ from unime_ray.config import ModelConfig
 from unime_ray.engine.embed import embed_dataset
 from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
-from unime_ray.io import write_json, write_parquet
+from unime_ray.io import digest, write_json, write_parquet
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 EMBEDDINGS = pa.schema([("text", pa.string()), ("image", pa.string()), ("embedding", pa.list_(pa.float32()))])
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_identity(model: ModelConfig, extra: dict | None = None) -> dict:
@@ -56,7 +50,7 @@ def model_identity(model: ModelConfig, extra: dict | None = None) -> dict:
 
 
 def model_folder(root: Path, identity: dict) -> Path:
-    folder = root / _digest(identity)
+    folder = root / digest(identity)
     if not (folder / "model.json").is_file():
         write_json(identity, folder / "model.json")
     return folder
@@ -64,7 +58,7 @@ def model_folder(root: Path, identity: dict) -> Path:
 
 def _prefix(dataset: str) -> str:
     # readable and filesystem-safe, plus a hash of the exact name so no two datasets share a prefix
-    return f"{re.sub(r'[^A-Za-z0-9._]+', '_', dataset)}.{_digest(dataset)[:8]}"
+    return f"{re.sub(r'[^A-Za-z0-9._]+', '_', dataset)}.{digest(dataset)[:8]}"
 
 
 def _read_results(results: Path, prefix: str, schema: pa.Schema) -> pa.Table:
@@ -103,7 +97,7 @@ def cached_map(
                 stale.unlink()
         for start in range(0, len(missing), shard_rows):
             part = rows.take(missing[start : start + shard_rows])
-            name = f"{prefix}--{_digest([part[c].to_pylist() for c in key])}.parquet"
+            name = f"{prefix}--{digest([part[c].to_pylist() for c in key])}.parquet"
             shards.append(write_parquet(part, requests / name))
         computed += len(missing)
     if shards:

@@ -16,7 +16,6 @@ settings changed. So `--set mining.beta=0.02` re-runs only `sample`, with no jud
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 from unime_ray.config import Config
 from unime_ray.engine.shards import requests_once
-from unime_ray.io import write_json
+from unime_ray.io import digest, write_json
 from unime_ray.mining.embed import run_embed
 from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
@@ -95,8 +94,7 @@ def stage_settings(cfg: Config) -> dict[str, dict]:
 def fingerprints(cfg: Config) -> dict[str, str]:
     out, previous = {}, ""
     for stage, settings in stage_settings(cfg).items():
-        blob = json.dumps({"previous": previous, "settings": settings}, sort_keys=True)
-        out[stage] = previous = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        out[stage] = previous = digest({"previous": previous, "settings": settings})
     return out
 
 

@@ -24,7 +24,6 @@ into a loss; everything else lives here once:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import resource
@@ -40,7 +39,7 @@ import ray.train
 import torch
 
 from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
-from unime_ray.io import write_json
+from unime_ray.io import digest, write_json
 from unime_ray.models.backbone import load_model
 from unime_ray.train.export import save_model_folder
 
@@ -306,4 +305,4 @@ def _fingerprint(cfg: Config, tcfg: TrainConfig, data: str) -> str:
         "image_root": cfg.data.image_root,
         "data": [str(Path(data).resolve()), stat.st_size, stat.st_mtime_ns],
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(blob)
