@@ -1,11 +1,12 @@
-"""The Serve app under faults and load, on 127.0.0.1 with the tiny model: replica loss (an Embedder
-replica, then the Index replica, killed under 32 closed-loop clients: zero client errors), autoscaling
-(the Embedder 1 -> 2 -> 1 replicas, read from `serve.status()`), client disconnects and slow bodies
-(nothing lasting, other clients' latency unchanged) and overload (quick 503 + Retry-After, the accepted
-requests' p99 bounded). One app for the module (a redeploy would restart every replica), with
-autoscaling delays of seconds and the Ingress's limits set so that 32 clients are never shed and 128
-are. Every load is bounded in clients and seconds; latency bounds are relative to a baseline measured
-in the same test. Figures for these scenarios: `bench/serve_load.py`."""
+"""The Serve app under faults and load, on 127.0.0.1: replica loss (an Embedder replica, then the
+Index replica, killed under 32 closed-loop clients: zero client errors), autoscaling (the Embedder
+1 -> 2 -> 1 replicas, read from `serve.status()`), client disconnects and slow bodies (nothing lasting,
+other clients' latency unchanged), all on one app with the tiny model (a redeploy would restart every
+replica), with autoscaling delays of seconds and the Ingress's limits set so that 32 clients are never
+shed. Overload (a quick 503 + Retry-After, the accepted requests' p99 bounded) runs on a second app
+whose ~75M embedder, not the HTTP path, bounds the throughput. Every load is bounded in clients and
+seconds; latency bounds are relative to a baseline measured in the same test. Figures for these
+scenarios: `bench/serve_load.py`."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from conftest import free_port
 from ray import serve
 
 from unime_ray.config import Config, ModelConfig
+from unime_ray.models.tiny import make_tiny
 from unime_ray.serve.app import build_app
 from unime_ray.serve.index import build_index
 
 APP = "unime-faults"
+OVERLOAD_APP = "unime-overload"
 REPO = Path(__file__).parents[1]
 INSTRUCTION = "Find me an everyday image that matches the given caption:"
 TEXTS = ["a red circle on the left", "a blue square at the top", "two green triangles", "an orange shape"]
@@ -43,7 +46,7 @@ def app(local_ray, tiny_qwen, world, tmp_path_factory):
     minimum up to 2 replicas (this machine's 2 CPUs, one each), with a lower target (below), delays of
     seconds, not minutes, and a 1 s health check so a killed replica is replaced within seconds. The
     Ingress takes 32 requests at once and queues 32 more at the proxy: 32 closed-loop clients never
-    fill the queue (at most 31 others wait when one arrives), 128 do."""
+    fill the queue (at most 31 others wait when one arrives)."""
     cfg = Config()
     cfg.run.output_dir = str(tmp_path_factory.mktemp("serve-faults"))
     cfg.data.image_root = str(world / "images")
@@ -75,13 +78,21 @@ def body(rng: random.Random) -> dict:
 
 
 class Load:
-    """`clients` closed-loop clients of POST /v1/search on a background thread, from entering the block
-    for `limit_s` seconds (leaving the block waits for them), or until `stop()`. Records (end time,
-    latency s, status, Retry-After header) of every request; a transport error is status 0.
-    `honour_retry_after`: a client answered 503 waits as long as Retry-After says."""
+    """POST /v1/search on a background thread from entering the block for `limit_s` seconds (leaving the
+    block waits for the answers), or until `stop()`: `clients` closed-loop clients, or with `rate`,
+    requests arriving at `rate` per second (Poisson, seeded: new users who do not wait for each other).
+    Records (end time, latency s, status, Retry-After header) of every request; a transport error is
+    status 0. `honour_retry_after`: a closed-loop client answered 503 waits as long as Retry-After says."""
 
-    def __init__(self, url: str, clients: int, limit_s: float, honour_retry_after: bool = False):
-        self.url, self.clients, self.limit_s = url + "/v1/search", clients, limit_s
+    def __init__(
+        self,
+        url: str,
+        clients: int,
+        limit_s: float,
+        honour_retry_after: bool = False,
+        rate: float | None = None,
+    ):
+        self.url, self.clients, self.limit_s, self.rate = url + "/v1/search", clients, limit_s, rate
         self.honour = honour_retry_after
         self.records: list[tuple[float, float, int, str | None]] = []
         self.errors: list[str] = []
@@ -94,27 +105,41 @@ class Load:
         except Exception as error:  # the test sees it in `errors`
             self.errors.append(f"load generator: {error!r}")
 
+    async def post(self, http: httpx.AsyncClient, rng: random.Random) -> int:
+        start = time.monotonic()
+        try:
+            response = await http.post(self.url, json=body(rng))
+            status, retry = response.status_code, response.headers.get("retry-after")
+            if status not in (200, 503):
+                self.errors.append(f"{status}: {response.text[:300]}")
+        except Exception as error:
+            status, retry = 0, None
+            self.errors.append(repr(error))
+        end = time.monotonic()
+        self.records.append((end, end - start, status, retry))
+        if status == 503 and self.honour:
+            await asyncio.sleep(float(retry or 1))
+        return status
+
     async def run(self) -> None:
         deadline = time.monotonic() + self.limit_s
+        if self.rate is not None:
+            rng = random.Random(0)
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=120) as http:
+                tasks, arrival = [], time.monotonic()
+                while arrival < deadline and not self.done.is_set():
+                    await asyncio.sleep(max(0.0, arrival - time.monotonic()))
+                    tasks.append(asyncio.create_task(self.post(http, rng)))
+                    arrival += rng.expovariate(self.rate)
+                await asyncio.gather(*tasks)
+            return
         limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
         async with httpx.AsyncClient(limits=limits, timeout=120) as http:
 
             async def client(seed: int) -> None:
                 rng = random.Random(seed)
                 while not self.done.is_set() and time.monotonic() < deadline:
-                    start = time.monotonic()
-                    try:
-                        response = await http.post(self.url, json=body(rng))
-                        status, retry = response.status_code, response.headers.get("retry-after")
-                        if status not in (200, 503):
-                            self.errors.append(f"{status}: {response.text[:300]}")
-                    except Exception as error:
-                        status, retry = 0, None
-                        self.errors.append(repr(error))
-                    end = time.monotonic()
-                    self.records.append((end, end - start, status, retry))
-                    if status == 503 and self.honour:
-                        await asyncio.sleep(float(retry or 1))
+                    await self.post(http, rng)
 
             await asyncio.gather(*(client(i) for i in range(self.clients)))
 
@@ -267,31 +292,70 @@ def test_replica_loss_costs_no_client_errors(app):
     assert calls["retried_embed"] > 0
 
 
-def test_overload_sheds_with_503_and_retry_after(app):
-    """The Ingress takes 32 requests at once and queues 32 more at the proxy. 32 clients (what it takes
-    at once) are all served, none shed; 128 clients (4x) get 503s with Retry-After beyond the queue, the
-    rest are served, and nothing else (no 500, no transport error). Not asserted, because this machine
-    does not give it (issue #16, figures in bench/serve_load.py overload): that the 503s come back
-    quicker than the 32 clients' requests and that the accepted requests' p99 stays near theirs; on 2
-    cores the HTTP path itself, ahead of any queue, is the bottleneck."""
-    _, url = app
-    with Load(url, clients=32, limit_s=4) as base:
+@pytest.fixture(scope="module")
+def overload_app(app, world, tmp_path_factory):
+    """A second app on the same Serve, at /overload, whose Embedder is the random ~75M Qwen2-VL
+    ("small"): its forward pass, not Serve's HTTP path, bounds the throughput, as a model on a GPU does
+    behind a proxy with cores to spare. (With the tiny model the proxy and the Ingress are the
+    bottleneck on 2 cores, and refusing a request costs about as much as serving it.) The Ingress runs
+    16 requests at once and Serve queues 4 more at the proxy; one Embedder replica, given no CPU of
+    Ray's so that it is placed whatever the first app's autoscaler holds (Ray then runs it on 1 thread).
+    Yields the app's URL."""
+    cfg, url = app
+    wait_for(lambda: replicas("Embedder") == 1, 60, "the first app's Embedder back at 1 replica")
+    heavy = Config()
+    heavy.run.output_dir = str(tmp_path_factory.mktemp("serve-overload"))
+    heavy.data.image_root = cfg.data.image_root
+    model = tmp_path_factory.mktemp("qwen2-vl-small")
+    make_tiny(model, "qwen2-vl", size="small")
+    heavy.embedder = ModelConfig(path=str(model), image_size=56, max_length=256, batch_size=16)
+    build_index(heavy, world / "retrieval" / "captions.jsonl")
+    s = heavy.serve
+    s.embedder.num_cpus = 0.0
+    s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s = 16, 4, 1.0
+    serve.run(build_app(heavy), name=OVERLOAD_APP, route_prefix="/overload")
+    yield url + "/overload"
+    serve.delete(OVERLOAD_APP)
+
+
+def test_overload_sheds_quickly_and_bounds_the_accepted_p99(overload_app):
+    """16 closed-loop clients (what the Ingress runs at once) set the sustainable load R and its p99,
+    measured after 3 s of warm-up (a new replica's first batches are slower). A batch's 16 answers
+    come back together, and the clients' next 16 requests can reach the proxy before its router has
+    counted the finished ones out: a few of those are shed even at this load (at most 5% allowed). Then requests arrive at 3R (Poisson,
+    open loop) for 8 s: past the 16 running and 4 queued, Serve answers 503 with Retry-After at once.
+    Asserted against the same test's sustainable figures: nothing but 200 and 503; the excess shed; a
+    503 back in a fraction of a served request's time; the accepted requests' p99 within 2x the
+    sustainable p99 (20 requests in the app instead of 16 make ~1.25x if the throughput holds; the
+    shedding itself costs CPU on 2 cores), while the app keeps serving at least half of R."""
+    url = overload_app
+    warm = time.monotonic() + 3
+    with Load(url, clients=16, limit_s=11) as base:
         pass
-    with Load(url, clients=128, limit_s=5, honour_retry_after=True) as over:
+    rate = base.qps(warm, warm + 8)
+    base_ms = 1000 * base.latencies(since=warm)
+    start = time.monotonic()
+    with Load(url, clients=0, limit_s=8, rate=3 * rate) as over:
         pass
-    base_ms, ok_ms, shed_ms = (1000 * x for x in (base.latencies(), over.latencies(), over.latencies(503)))
+    seconds = time.monotonic() - start
+    ok_ms, shed_ms = 1000 * over.latencies(), 1000 * over.latencies(503)
+    shed_rate = len(shed_ms) / len(over.records)
+    base_p99, ok_p99, shed_p99 = (np.percentile(x, 99) for x in (base_ms, ok_ms, shed_ms))
+    base_shed = len(base.latencies(503, since=warm))
     print(
-        f"32 clients: {len(base_ms) / 4:.0f} QPS, p50 {np.median(base_ms):.0f} ms, p99 "
-        f"{np.percentile(base_ms, 99):.0f} ms; 128 clients: {len(shed_ms)} of {len(over.records)} shed "
-        f"(503 p50 {np.median(shed_ms) if len(shed_ms) else 0:.0f} ms), accepted p50 "
-        f"{np.median(ok_ms):.0f} ms, p99 {np.percentile(ok_ms, 99):.0f} ms"
+        f"sustainable: 16 clients, {rate:.1f} QPS, p50 {np.median(base_ms):.0f} ms, p99 {base_p99:.0f} ms, "
+        f"{base_shed} shed; 3x ({len(over.records) / 8:.0f}/s offered): {shed_rate:.0%} shed, 503 p99 "
+        f"{shed_p99:.0f} ms; accepted {len(ok_ms) / seconds:.1f} QPS, p50 {np.median(ok_ms):.0f} ms, p99 "
+        f"{ok_p99:.0f} ms"
     )
     assert not (base.errors or over.errors), (base.errors + over.errors)[:3]
-    assert len(base_ms) and not len(base.latencies(503))
-    assert len(shed_ms) and len(ok_ms)
+    assert base_shed <= 0.05 * len(base_ms)
+    assert {status for *_, status, _ in over.records} == {200, 503}
     assert {retry for *_, status, retry in over.records if status == 503} == {"1"}
-    # a refused request waits for no model work: its median is below the accepted ones'
-    assert np.median(shed_ms) < np.median(ok_ms)
+    assert shed_rate > 0.3
+    assert shed_p99 < 0.25 * np.median(base_ms)
+    assert ok_p99 < 2 * base_p99
+    assert len(ok_ms) / seconds > 0.5 * rate
 
 
 def raw_search(port: int, payload: bytes, *, send_body: bool = True) -> socket.socket:
