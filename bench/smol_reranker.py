@@ -46,7 +46,7 @@ import torch
 from unime_ray.assets import mine_with_oracle
 from unime_ray.config import ModelConfig, TrainConfig, load_config
 from unime_ray.data.mmeb import data_files, read_eval
-from unime_ray.data.synthetic import caption, make_world, paraphrases
+from unime_ray.data.synthetic import PHRASES, caption, make_world, paraphrases
 from unime_ray.eval.metrics import precision_at_1
 from unime_ray.io import write_json
 from unime_ray.mining.agree import average_ranks, judge_agree
@@ -131,6 +131,38 @@ def held_out_captions(model, processor, pairs: list[tuple[Path, str]], size: int
     return {"loss": float(torch.cat(losses).mean()), "exact": float(torch.cat(exact).float().mean() * 100)}
 
 
+@torch.no_grad()
+def greedy_captions(model, processor, scenes: list[tuple[Path, dict]], size: int) -> dict:
+    """Greedy captions of held-out scenes (image file, scene): how many equal the canonical caption, and
+    how many of the scenes' objects a caption names with their colour, shape and position together
+    (any of the paraphrases' word orders)."""
+    prompt = render(processor.tokenizer, CAPTION_PROMPT)
+    exact, named, objects, examples = 0, 0, 0, []
+    for i in range(0, len(scenes), 16):
+        chunk = scenes[i : i + 16]
+        images = [load_image(str(path), "", size) for path, _ in chunk]
+        inputs = processor(text=[prompt] * len(chunk), images=images, return_tensors="pt", padding=True)
+        ids = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        texts = processor.tokenizer.batch_decode(
+            ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        for (_, scene), text in zip(chunk, texts, strict=True):
+            text = text.strip()
+            exact += text == caption(scene)
+            objects += len(scene)
+            named += sum(
+                f"{o['colour']} {o['shape']} {PHRASES[o['position']]}" in text
+                or (f"{PHRASES[o['position']]} there is" in text and f"{o['colour']} {o['shape']}" in text)
+                for o in scene
+            )
+            examples.append([caption(scene), text])
+    return {
+        "exact": 100 * exact / len(scenes),
+        "objects_named": 100 * named / objects,
+        "examples": examples[:8],
+    }
+
+
 def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
     """LLaVA's stage 1 on the world's training captions (three paraphrases per scene); writes the aligned
     model folder `out`. Only the vision side trains (tower, projector, image_newline: every parameter
@@ -138,7 +170,8 @@ def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
     scenes = json.loads((world / "world.json").read_text())["scenes"]
     images = world / "images"
     train = [(images / p, c) for p, s in scenes.items() if p.startswith("train/") for c in paraphrases(s)]
-    held = [(images / p, caption(s)) for p, s in scenes.items() if p.startswith("eval/")]
+    held_scenes = [(images / p, s) for p, s in scenes.items() if p.startswith("eval/")]
+    held = [(path, caption(s)) for path, s in held_scenes]
     processor = load_processor(base, padding_side="left")
     model = load_model(base, "float32")
     for name, param in model.named_parameters():
@@ -169,6 +202,7 @@ def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     model.eval()
     after = held_out_captions(model, processor, held, args.image_size)
+    greedy = greedy_captions(model, processor, held_scenes, args.image_size)
     save_model_folder(model, base, out)
     return {
         "trainable_params": sum(p.numel() for p in params),
@@ -179,6 +213,7 @@ def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
         "train_loss_last10": float(np.mean(curve[-10:])),
         "held_out_captions_before": before,
         "held_out_captions_after": after,
+        "held_out_greedy_captions_after": greedy,
     }
 
 

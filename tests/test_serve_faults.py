@@ -323,8 +323,9 @@ def test_overload_sheds_quickly_and_bounds_the_accepted_p99(overload_app):
     """16 closed-loop clients (what the Ingress runs at once) set the sustainable load R and its p99,
     measured after 3 s of warm-up (a new replica's first batches are slower). A batch's 16 answers
     come back together, and the clients' next 16 requests can reach the proxy before its router has
-    counted the finished ones out: a few of those are shed even at this load (at most 5% allowed). Then requests arrive at 3R (Poisson,
-    open loop) for 8 s: past the 16 running and 4 queued, Serve answers 503 with Retry-After at once.
+    counted the finished ones out: a few of those are shed even at this load (at most 5% allowed).
+    Then requests arrive at 3R (Poisson, open loop) for 8 s: past the 16 running and 4 queued, Serve
+    answers 503 with Retry-After at once.
     Asserted against the same test's sustainable figures: nothing but 200 and 503; the excess shed; a
     503 back in a fraction of a served request's time; the accepted requests' p99 within 2x the
     sustainable p99 (20 requests in the app instead of 16 make ~1.25x if the throughput holds; the
