@@ -75,17 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=150, help="training scenes (4 mined queries each)")
     p.add_argument("--n-eval", type=int, default=48, help="held-out scenes in the world")
     p.add_argument("--eval-rows", type=int, default=8, help="held-out rows per dataset measured")
-    p.add_argument("--align-steps", type=int, default=48, help="stage-1 steps")
+    p.add_argument("--align-steps", type=int, default=300, help="stage-1 steps")
     p.add_argument("--align-batch", type=int, default=12, help="image-caption pairs per stage-1 step")
     p.add_argument("--align-lr", type=float, default=3e-3, help="stage-1 peak learning rate")
     p.add_argument("--freeze-tower", action="store_true", help="stage 1 trains the projector only")
-    p.add_argument("--judge-queries", type=int, default=8, help="mined queries each judge scores")
+    p.add_argument("--judge-queries", type=int, default=32, help="mined queries each judge scores")
     p.add_argument(
         "--judges",
         default="random_tiny,smol_aligned",
         help="judges compared with the oracle: random_tiny (tiny.yaml's), smol_aligned, smol_unaligned",
     )
-    p.add_argument("--rerank-steps", type=int, default=16, help="reranker job steps (both models)")
+    p.add_argument(
+        "--rerank-steps", type=int, default=150, help="reranker job steps (both models; 150: an epoch)"
+    )
     p.add_argument("--rerank-batch", type=int, default=4, help="reranker global batch (2 workers)")
     p.add_argument("--rerank-lr", type=float, default=3e-4, help="reranker LoRA learning rate (SmolLM2)")
     p.add_argument("--mid-lr", type=float, default=5e-4, help="mid model's full fine-tuning learning rate")
