@@ -82,18 +82,10 @@ class Load:
     block waits for the answers), or until `stop()`: `clients` closed-loop clients, or with `rate`,
     requests arriving at `rate` per second (Poisson, seeded: new users who do not wait for each other).
     Records (end time, latency s, status, Retry-After header) of every request; a transport error is
-    status 0. `honour_retry_after`: a closed-loop client answered 503 waits as long as Retry-After says."""
+    status 0."""
 
-    def __init__(
-        self,
-        url: str,
-        clients: int,
-        limit_s: float,
-        honour_retry_after: bool = False,
-        rate: float | None = None,
-    ):
+    def __init__(self, url: str, clients: int, limit_s: float, rate: float | None = None):
         self.url, self.clients, self.limit_s, self.rate = url + "/v1/search", clients, limit_s, rate
-        self.honour = honour_retry_after
         self.records: list[tuple[float, float, int, str | None]] = []
         self.errors: list[str] = []
         self.done = threading.Event()
@@ -105,7 +97,7 @@ class Load:
         except Exception as error:  # the test sees it in `errors`
             self.errors.append(f"load generator: {error!r}")
 
-    async def post(self, http: httpx.AsyncClient, rng: random.Random) -> int:
+    async def post(self, http: httpx.AsyncClient, rng: random.Random) -> None:
         start = time.monotonic()
         try:
             response = await http.post(self.url, json=body(rng))
@@ -117,9 +109,6 @@ class Load:
             self.errors.append(repr(error))
         end = time.monotonic()
         self.records.append((end, end - start, status, retry))
-        if status == 503 and self.honour:
-            await asyncio.sleep(float(retry or 1))
-        return status
 
     async def run(self) -> None:
         deadline = time.monotonic() + self.limit_s
