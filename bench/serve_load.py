@@ -471,6 +471,8 @@ SCENARIOS = {
     "overload": bench_overload,
     "soak": bench_soak,
 }
+# overload: the small model, whose forward pass (not the HTTP path) bounds the throughput, as on a GPU
+DEFAULT_SIZES = {"batching": ["tiny", "small"], "overload": ["small"]}
 DEFAULTS = {  # per scenario: --clients, --seconds
     "batching": (32, 20.0),
     "faults": (32, 60.0),
@@ -510,9 +512,8 @@ def main() -> None:
     args.clients = args.clients or (64 if args.gpu and args.scenario == "batching" else clients)
     args.seconds = args.seconds or seconds
     args.max_batch_size = args.max_batch_size or (32 if args.gpu else 16)
-    # overload: the small model, whose forward pass (not the HTTP path) bounds the throughput, as on a GPU
-    default_sizes = {"batching": ["tiny", "small"], "overload": ["small"]}
-    args.sizes = args.sizes or ([] if args.model else default_sizes.get(args.scenario, [])) or ["tiny"]
+    if not args.sizes:  # one name only with --model, whose folder replaces the tiny models
+        args.sizes = ["tiny"] if args.model else DEFAULT_SIZES.get(args.scenario, ["tiny"])
 
     init_ray(num_cpus=os.cpu_count())
     port = free_port()
