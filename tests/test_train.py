@@ -21,7 +21,16 @@ from unime_ray.models.embedder import Embedder
 from unime_ray.models.reranker import Reranker
 from unime_ray.train.embed import EmbedTask, candidates
 from unime_ray.train.export import export
-from unime_ray.train.loop import accumulation_steps, lora_model, lr_lambda, run_training, train_dataset
+from unime_ray.train.loop import (
+    _start_or_resume,
+    accumulation_steps,
+    changed_keys,
+    lora_model,
+    lr_lambda,
+    run_inputs,
+    run_training,
+    train_dataset,
+)
 from unime_ray.train.losses import LOSSES
 from unime_ray.train.rerank import RerankTask, examples
 
@@ -240,9 +249,52 @@ def test_training_data_is_shuffled_across_datasets_afresh_every_epoch(mined):
     assert min(changes(first), changes(second)) > 0.7 * expected, (changes(first), expected)
 
 
+def _copy_rows(src: Path, dst: Path, keep=lambda i: True) -> Path:
+    """The mined rows whose index passes `keep`, written to `dst` (a re-mining into the same path)."""
+    table = pq.read_table(src)
+    pq.write_table(table.take([i for i in range(table.num_rows) if keep(i)]), dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind, section", [("embed", "train"), ("rerank", "reranker")])
+def test_a_run_resumes_only_with_its_own_inputs_the_step_budget_aside(mined, tmp_path, capsys, kind, section):
+    """Both trainings: more steps (or other checkpoint / report intervals) resume; a new learning rate, or
+    new hard negatives written into the same file, start a fresh run that archives the old one and names
+    what changed; the same contents rewritten resume; --restart always starts afresh."""
+    src = mined[0] / "mining/sample/hard_negatives.parquet"
+    data = _copy_rows(src, tmp_path / "hn.parquet")
+    cfg = lambda *more: _cfg(mined, f"{section}.data_path={data}", *more, out=tmp_path)  # noqa: E731
+    inputs = run_inputs(cfg(), kind, str(data))
+    longer = cfg(f"{section}.steps=99", f"{section}.checkpoint_every=7", f"{section}.report_every=3")
+    assert run_inputs(longer, kind, str(data)) == inputs
+    assert changed_keys(inputs, run_inputs(cfg(f"{section}.lr=0.5"), kind, str(data))) == [f"{section}.lr"]
+    _copy_rows(src, data)  # the same rows rewritten: a new modification time, the same content
+    assert run_inputs(cfg(), kind, str(data)) == inputs
+    _copy_rows(src, data, keep=lambda i: i % 2 == 0)  # re-mined: other rows in the same file
+    remined = run_inputs(cfg(), kind, str(data))
+    assert changed_keys(inputs, remined) == ["data file.sha256"]
+
+    name = f"train_{kind}"
+    run = tmp_path / name
+    _start_or_resume(tmp_path, name, inputs, restart=False)  # nothing there yet: starts, records inputs
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    _start_or_resume(tmp_path, name, inputs, restart=False)
+    assert "resuming" in capsys.readouterr().out and (run / "metrics.jsonl").is_file()
+    _start_or_resume(tmp_path, name, remined, restart=False)
+    said = capsys.readouterr().out
+    assert "a fresh run (changed: data file.sha256)" in said and not (run / "metrics.jsonl").exists()
+    (archived,) = (tmp_path / "archive").iterdir()
+    assert (archived / "run/metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert json.loads((run / "_RUN.json").read_text())["inputs"] == remined
+    _start_or_resume(tmp_path, name, remined, restart=True)
+    assert "a fresh run (--restart)" in capsys.readouterr().out
+    assert len(list((tmp_path / "archive").iterdir())) == 2
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_path):
-    more = ["train.steps=8", "train.checkpoint_every=2", "train.max_failures=2"]
+    data = _copy_rows(mined[0] / "mining/sample/hard_negatives.parquet", tmp_path / "hn.parquet")
+    more = ["train.steps=8", "train.checkpoint_every=2", "train.max_failures=2", f"train.data_path={data}"]
     cfg = _cfg(mined, *more, out=tmp_path)
 
     def checkpointed() -> int:
@@ -262,7 +314,9 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     steps = [m["step"] for m in _metrics(tmp_path)]
     assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 9))
     # A rerun of the same run with more steps continues from step 8, not from 0.
-    longer = _cfg(mined, "train.steps=10", "train.checkpoint_every=2", out=tmp_path)
+    longer = _cfg(
+        mined, "train.steps=10", "train.checkpoint_every=2", f"train.data_path={data}", out=tmp_path
+    )
     rerun = run_training(longer, "embed")
     assert [m["step"] for m in _metrics(tmp_path)][-2:] == [9, 10]
     assert _finals(tmp_path)[0]["resumed_from"] == 8
@@ -271,6 +325,16 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     written = final.stat().st_mtime_ns
     assert run_training(longer, "embed") == rerun and final.stat().st_mtime_ns == written
     assert Path(summary["weights"], "adapter_config.json").is_file()
+    # New hard negatives in the same file (a re-mining): every step trains afresh on them, from step 0;
+    # the old run is archived whole, not resumed at its last step and not deleted.
+    old_metrics = (tmp_path / "train_embed/metrics.jsonl").read_text()
+    _copy_rows(mined[0] / "mining/sample/hard_negatives.parquet", data, keep=lambda i: i % 2 == 0)
+    fresh = run_training(longer, "embed")
+    assert [m["step"] for m in _metrics(tmp_path)] == list(range(1, 11))
+    assert _finals(tmp_path)[0]["resumed_from"] == 0 and fresh["checkpoint"] != rerun["checkpoint"]
+    (archived,) = (tmp_path / "archive").iterdir()
+    assert (archived / "run/metrics.jsonl").read_text() == old_metrics
+    assert (archived / "ray_train").is_dir() and not Path(rerun["checkpoint"]).exists()
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Atomic output: every file is written to a temporary name in the same folder, then renamed, so a
 killed job leaves either the old file or the new one, never half of one. Also `merge_sorted`, which
 joins the sorted part files of parallel tasks into one sorted file without holding them in memory,
-and `digest`, the short content hash that names caches and fingerprints finished stages."""
+and `digest`, the short content hash that names caches and fingerprints finished stages, with the file
+identities (`file_sha256`, `weight_stamps`) that such fingerprints hold."""
 
 from __future__ import annotations
 
@@ -21,11 +22,34 @@ import pyarrow.parquet as pq
 
 MERGE_ROWS = 8192  # rows per chunk of a streaming merge
 PART_ROWS = 1024  # row group size of the part files a merge reads: a merge holds one group per part
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")  # the files of a model folder that hold its weights
 
 
 def digest(obj: Any) -> str:
     """16 hex digits of the SHA-256 of `obj` as canonical JSON (keys sorted): equal for equal settings."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks (memory stays bounded for a multi-GB file): equal for
+    equal contents, whatever the path or modification time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weight_stamps(*folders: str | Path | None) -> list[list]:
+    """[path, size, mtime_ns] of every weight file in the given model / adapter folders (None skipped):
+    weights rewritten in place change the stamps, and stamping is instant even for a 7B model."""
+    stamps = []
+    for folder in filter(None, folders):
+        for f in sorted(Path(folder).iterdir()):
+            if f.name.endswith(WEIGHT_SUFFIXES):
+                stat = f.stat()
+                stamps.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+    return stamps
 
 
 @contextlib.contextmanager

@@ -28,21 +28,15 @@ from unime_ray.config import ModelConfig
 from unime_ray.engine.embed import embed_dataset
 from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
-from unime_ray.io import digest, write_json, write_parquet
+from unime_ray.io import digest, weight_stamps, write_json, write_parquet
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 EMBEDDINGS = pa.schema([("text", pa.string()), ("image", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
 def model_identity(model: ModelConfig, extra: dict | None = None) -> dict:
     """What a model's outputs depend on (batch size only changes speed)."""
-    weights = []
-    for folder in filter(None, (model.path, model.adapter)):
-        for f in sorted(Path(folder).iterdir()):
-            if f.name.endswith(WEIGHT_SUFFIXES):
-                stat = f.stat()
-                weights.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
     ident = {k: v for k, v in asdict(model).items() if k != "batch_size"}
+    weights = weight_stamps(model.path, model.adapter)
     ident.update(path=str(Path(model.path).resolve()), weights=weights, **(extra or {}))
     if model.adapter:
         ident["adapter"] = str(Path(model.adapter).resolve())

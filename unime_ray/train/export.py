@@ -9,9 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from unime_ray.io import WEIGHT_SUFFIXES
 from unime_ray.models.backbone import load_model
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def export(adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path:

@@ -16,10 +16,12 @@ into a loss; everything else lives here once:
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
   checkpoint with `ray.train.get_checkpoint()` and continues from its step; its data stream starts a
   new pass (the optimizer state is restored, the position within an epoch is not).
-- A finished run writes `train_<kind>/_SUCCESS.json` with a fingerprint of its settings and data file; a
-  rerun with the same fingerprint returns that summary without starting a worker (starting Ray Train
-  and DeepSpeed only to find nothing left costs ~45 s on 2 cores). Other settings (more steps, say)
-  start the trainer, which resumes from the last checkpoint as above.
+- Resume is keyed on every input (`run_training`): only a rerun whose data, model and settings equal
+  the run's own, the step budget aside, continues it; anything else starts a fresh run and archives the
+  old one, so new hard negatives never return the old model.
+- A finished run writes `train_<kind>/_SUCCESS.json` with a fingerprint of all its inputs and its step
+  budget; a rerun with the same fingerprint returns that summary without starting a worker (starting
+  Ray Train and DeepSpeed only to find nothing left is the slow part of such a rerun).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import ray.train
 import torch
 
 from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
-from unime_ray.io import digest, write_json
+from unime_ray.io import digest, file_sha256, weight_stamps, write_json
 from unime_ray.models.backbone import load_model
 from unime_ray.train.export import save_model_folder
 
@@ -243,30 +245,35 @@ def train_dataset(path: str, seed: int) -> ray.data.Dataset:
     )
 
 
-def run_training(cfg: Config, kind: str) -> dict:
-    """Driver: a TorchTrainer over the mined hard negatives; returns a summary with the adapter path."""
+# Keys of a training section that a run may change and still resume: the step budget, and what only
+# decides how often it reports, checkpoints and retries. Any other change is a new run.
+BUDGET_KEYS = ("steps", "checkpoint_every", "report_every", "keep_checkpoints", "max_failures")
+
+
+def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
+    """Driver: a TorchTrainer over the mined hard negatives; returns a summary with the adapter path.
+
+    Resume is keyed on every input: a rerun continues the run in `train_<kind>/` only when its data
+    (by content), model weights, seed and settings are those the run started with, the step budget
+    aside (`BUDGET_KEYS`). Otherwise, or with `restart`, the old run's folders move to
+    `archive/train_<kind>-<time>/` and a fresh run starts, saying which keys or files changed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tcfg = getattr(cfg, SECTIONS[kind])
-    accumulation_steps(tcfg)  # fail fast on an impossible batch layout
-    for name in ("steps", "checkpoint_every", "report_every"):
-        if getattr(tcfg, name) < 1:
-            raise ValueError(f"{SECTIONS[kind]}.{name} must be at least 1, got {getattr(tcfg, name)}")
+    data = _check_settings(cfg, kind)
     out = Path(cfg.run.output_dir).resolve()
-    data = tcfg.data_path or str(out / "mining" / "sample" / "hard_negatives.parquet")
-    if not Path(data).exists():
-        raise FileNotFoundError(f"train data {data} not found: run the mining job first or set data_path")
     name = f"train_{kind}"
-    (out / name).mkdir(parents=True, exist_ok=True)
-    metrics_path = out / name / "metrics.jsonl"
-    marker, fingerprint = out / name / "_SUCCESS.json", _fingerprint(cfg, tcfg, data)
-    if marker.is_file():
+    inputs = run_inputs(cfg, kind, data)
+    marker, fingerprint = out / name / "_SUCCESS.json", digest({"inputs": inputs, "steps": tcfg.steps})
+    if marker.is_file() and not restart:
         done = json.loads(marker.read_text())
         summary = done["summary"]
         if done["fingerprint"] == fingerprint and Path(summary["checkpoint"]).is_dir():
             print(f"[train-{kind}] done earlier (step {summary['metrics']['step']}), skipped", flush=True)
             return summary
+    _start_or_resume(out, name, inputs, restart)
+    metrics_path = out / name / "metrics.jsonl"
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": asdict(cfg), "task": kind, "metrics_path": str(metrics_path)},
@@ -295,14 +302,69 @@ def run_training(cfg: Config, kind: str) -> dict:
     return summary
 
 
-def _fingerprint(cfg: Config, tcfg: TrainConfig, data: str) -> str:
-    """What a finished run depends on: its config section, the seed, the images, and the data file (by
-    size and modification time: a new mining run writes a new file)."""
-    stat = Path(data).stat()
-    blob = {
-        "train": asdict(tcfg),
-        "seed": cfg.run.seed,
-        "image_root": cfg.data.image_root,
-        "data": [str(Path(data).resolve()), stat.st_size, stat.st_mtime_ns],
+def _check_settings(cfg: Config, kind: str) -> str:
+    """Fail fast on settings that cannot train; returns the path of the training data."""
+    tcfg = getattr(cfg, SECTIONS[kind])
+    accumulation_steps(tcfg)  # an impossible batch layout raises here
+    for name in ("steps", "checkpoint_every", "report_every"):
+        if getattr(tcfg, name) < 1:
+            raise ValueError(f"{SECTIONS[kind]}.{name} must be at least 1, got {getattr(tcfg, name)}")
+    out = Path(cfg.run.output_dir).resolve()
+    data = tcfg.data_path or str(out / "mining" / "sample" / "hard_negatives.parquet")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"train data {data} not found: run the mining job first or set data_path")
+    return data
+
+
+def run_inputs(cfg: Config, kind: str, data: str) -> dict:
+    """Everything a run's model depends on but the step budget: its config section, the seed, the image
+    root, the data file's content (re-mining into the same path changes it) and the base model's and
+    adapter's weight files (rebuilt in place, they change)."""
+    tcfg = getattr(cfg, SECTIONS[kind])
+    return {
+        SECTIONS[kind]: {k: v for k, v in asdict(tcfg).items() if k not in BUDGET_KEYS},
+        "run.seed": cfg.run.seed,
+        "data.image_root": cfg.data.image_root,
+        "data file": {"path": str(Path(data).resolve()), "sha256": file_sha256(data)},
+        "model weights": weight_stamps(tcfg.model.path, tcfg.model.adapter),
     }
-    return digest(blob)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two nested dicts (added and removed ones too)."""
+    keys = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{name}.")
+        elif a != b:
+            keys.append(name)
+    return keys
+
+
+def _start_or_resume(out: Path, name: str, inputs: dict, restart: bool) -> None:
+    """Keep the run in `out/<name>` and `out/ray_train/<name>` when it was started with these inputs
+    (Ray Train then resumes from its last checkpoint); else move both folders to the archive, saying why.
+    The run's inputs are recorded before training starts, so a run killed at any point resumes."""
+    record = out / name / "_RUN.json"
+    folders = [f for f in (out / name, out / "ray_train" / name) if f.exists()]
+    old = json.loads(record.read_text())["inputs"] if record.is_file() else None
+    label = f"[{name.replace('_', '-')}]"
+    if folders and (restart or old != inputs):
+        if restart:
+            why = "--restart"
+        elif old is None:
+            why = "no record of the settings it was started with"
+        else:
+            why = "changed: " + ", ".join(changed_keys(old, inputs))
+        archive = out / "archive" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        while archive.exists():  # two fresh runs within a second
+            archive = archive.with_name(archive.name + "+")
+        archive.mkdir(parents=True)
+        for folder in folders:
+            folder.rename(archive / ("ray_train" if folder.parent.name == "ray_train" else "run"))
+        print(f"{label} a fresh run ({why}); the earlier run moved to {archive}", flush=True)
+    elif folders:
+        print(f"{label} resuming the run in {out / name} (same data and settings)", flush=True)
+    write_json({"inputs": inputs}, record)

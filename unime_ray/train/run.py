@@ -44,10 +44,10 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
 LABELS = {"embed": "embedder", "rerank": "reranker"}
 
 
-def train(cfg: Config, kind: str) -> dict:
+def train(cfg: Config, kind: str, restart: bool = False) -> dict:
     """One training run (`run_training`), then its learning curves beside its metrics.jsonl; the
     summary gains their path as "curves"."""
-    summary = run_training(cfg, kind)
+    summary = run_training(cfg, kind, restart)
     metrics = Path(summary["metrics_path"])
     curves = plot_curves(metrics, metrics.with_name("learning_curves.png"), f"UniME-V2 {LABELS[kind]}")
     return {**summary, "curves": str(curves)}
@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
         prog=f"train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
     )
     add_config_args(p, default="jobs/configs/tiny.yaml")
-    cfg = config_from_args(p.parse_args(argv))
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start a fresh run even when the last one could resume (it is moved to archive/, not deleted)",
+    )
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
     prepare_synthetic(cfg)
     try:
         check_job(cfg, f"train_{kind}")
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     print(f"[train-{kind}] started", flush=True)
     start = time.perf_counter()
-    summary = train(cfg, kind)
+    summary = train(cfg, kind, args.restart)
     metrics = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items()
     )
