@@ -23,7 +23,10 @@ COMMANDS = {
     "compare": ("unime_ray.eval.compare", "compare two evaluation result folders (table of deltas)"),
     "config": ("unime_ray.config", "every config key with its type, value and help (--config / --set apply)"),
     "make-tiny": ("unime_ray.models.tiny", "build a tiny random-weight Qwen2-VL / LLaVA-OV model folder"),
-    "make-world": ("unime_ray.data.synthetic", "generate the synthetic multimodal world (MMEB formats)"),
+    "make-world": (
+        "unime_ray.data.real",
+        "write a world in MMEB formats: the synthetic shapes (default) or real data (--source)",
+    ),
 }
 
 

@@ -408,12 +408,25 @@ def write_oracle_scores(candidate_files: list[Path], ingest_dir: Path, world: Pa
     2026-12-01 they were scored 0 and trained on as negatives (5% of the classification negatives, 1% of
     the caption ones). Input: the mining run's `retrieve/*.parquet`, its ingest folder (QUERIES and POOL)
     and the world's `world.json`; feed the output to the judge stage with `judge.backend=precomputed`."""
+    true_of = oracle_truth(json.loads(Path(world).read_text()))
+    return write_truth_scores(true_of, candidate_files, ingest_dir, out)
+
+
+def write_truth_scores(
+    true_of: Callable[[str, dict[str, str], dict[str, str]], bool],
+    candidate_files: list[Path],
+    ingest_dir: Path,
+    out: str | Path,
+) -> Path:
+    """The judge score file (`query_id, cand_id, score`, what `judge.backend=precomputed` reads) of a
+    judge that knows the truth: 1.0 for each query's own positive and for every retrieved candidate of
+    `candidate_files` (the run's `retrieve/*.parquet`) that `true_of(dataset, query, cand)` holds, 0.0 for
+    the rest. Queries and candidates are the ingest folder's QUERIES and POOL rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from unime_ray.io import write_parquet
 
-    true_of = oracle_truth(json.loads(Path(world).read_text()))
     queries = {r["id"]: r for r in pq.read_table(Path(ingest_dir) / "queries.parquet").to_pylist()}
     pool = {r["id"]: r for r in pq.read_table(Path(ingest_dir) / "pool.parquet").to_pylist()}
     cands = pa.concat_tables([pq.read_table(p, columns=["query_id", "cand_id"]) for p in candidate_files])
