@@ -61,12 +61,12 @@ def measure(overrides: list[str], rows: list[dict], loss: str, steps: int, queue
     """In a fresh process: one warm-up and `steps` timed forward + backward passes of `loss`."""
     torch.set_num_threads(os.cpu_count() or 1)
     task = RerankTask(load_config(CONFIG, overrides))
-    inputs, labels = task.batch(rows)
+    inputs, labels, _ = task.batch(rows)
     losses, seconds = [], []
     for step in range(steps + 1):
         start = time.perf_counter()
         if loss == "answer positions":
-            per_example = answer_losses(task.model, inputs, labels)[0]
+            per_example = answer_losses(task.model, inputs, labels).mean
         else:
             per_example = full_logits_losses(task.model, inputs, labels)
         per_example.sum().backward()

@@ -122,7 +122,8 @@ def caption_loss(
         [c for _, c in pairs],
         [load_image(str(p), "", size) for p, _ in pairs],
     )
-    return answer_losses(model, inputs, labels)
+    out = answer_losses(model, inputs, labels)
+    return out.mean, out.correct
 
 
 @torch.no_grad()

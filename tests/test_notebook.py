@@ -177,7 +177,10 @@ def test_quickstart_notebook_runs(quickstart):
     assert pq.ParquetFile(out / "mining/sample/hard_negatives.parquet").metadata.num_rows == 4 * 48
     for kind in ("train_embed", "train_rerank"):
         metrics = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+        assert [m["step"] for m in metrics if "loss" in m] == list(range(1, STEPS + 1))
+    # the reranker's ranking check: before training (step 0) and at its last step, on both samples
+    checks = [m for m in metrics if "held_out_list_p@1" in m]
+    assert [m["step"] for m in checks] == [0, STEPS] and all(0 <= m["train_point_p@1"] <= 100 for m in checks)
     untrained = json.loads((out / "eval/untrained/results.json").read_text())
     trained = json.loads((out / "eval/trained/results.json").read_text())
     assert set(untrained["table3"]) == {"embedding"} and set(trained["table3"]) == {"embedding", "listwise"}

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import kill_when, registered_step
 from safetensors.torch import load_file
 
@@ -17,7 +18,8 @@ from unime_ray.assets import mine_with_oracle, synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import oracle_truth
 from unime_ray.eval.job import resolve_checkpoint
-from unime_ray.models.embedder import Embedder
+from unime_ray.models.embedder import Embedder, load_image
+from unime_ray.models.prompts import render
 from unime_ray.models.reranker import Reranker
 from unime_ray.train.embed import EmbedTask, candidates
 from unime_ray.train.export import export
@@ -32,7 +34,7 @@ from unime_ray.train.loop import (
     train_dataset,
 )
 from unime_ray.train.losses import LOSSES
-from unime_ray.train.rerank import RerankTask, examples
+from unime_ray.train.rerank import RerankTask, answer_batch, examples
 
 ROOT = Path(__file__).parents[1]
 
@@ -138,10 +140,12 @@ def test_reranker_batch_reaches_texts_images_and_masks_prompts(tiny_qwen, world)
             f"data.image_root={world}/images",
             "reranker.model.image_size=56",
             "reranker.list_size=3",
+            "reranker.point_negatives=1",
         ],
     )
     task = RerankTask(cfg)
-    inputs, labels = task.batch([ROW])
+    inputs, labels, sizes = task.batch([ROW])
+    assert sizes == [3]
     tok = task.processor.tokenizer
     decoded = [
         tok.decode(ids[mask.bool()]) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])
@@ -153,6 +157,45 @@ def test_reranker_batch_reaches_texts_images_and_masks_prompts(tiny_qwen, world)
     answers = [tok.decode(row[row != -100]) for row in labels]
     assert answers[:2] == ["Yes<|im_end|>", "No<|im_end|>"] and answers[2].startswith("Ans: (")
     assert all(d.endswith(a) for d, a in zip(decoded, answers))  # labels are exactly the answer span
+
+
+def test_reranker_loss_sums_its_terms_computed_one_sequence_at_a_time(tiny_qwen, world):
+    """The loss of one query with 2 pointwise negatives, recomputed from separate full forwards of each
+    sequence: the summed answer-token cross-entropies (Yes, the mean of the two No's, the listwise
+    answer) plus rank_weight x the softmax cross-entropy of logit(Yes) - logit(No) at the answer position
+    over [positive, negatives]."""
+    cfg = load_config(
+        None,
+        [
+            f"reranker.model.path={tiny_qwen}",
+            f"data.image_root={world}/images",
+            "reranker.model.image_size=56",
+            "reranker.list_size=3",
+            "reranker.point_negatives=2",
+            "reranker.rank_weight=0.5",
+        ],
+    )
+    task = RerankTask(cfg)
+    task.model.eval()
+    with torch.no_grad():
+        loss, metrics = task.loss([ROW])
+        found = examples(ROW, 3, seed=0, point_negatives=2)
+        assert [answer for _, _, answer in found][:3] == ["Yes", "No", "No"] and len(found) == 4
+        nll, margins = [], []
+        for content, paths, answer in found:  # each sequence alone: no padding, its own images
+            images = [load_image(p, f"{world}/images", 56) for p in paths]
+            prompt = render(task.processor.tokenizer, content)
+            one, labels = answer_batch(task.processor, [prompt], [answer], images)
+            logits = task.model(**one).logits[0, :-1].float()
+            target = labels[0, 1:]
+            at = target != -100
+            nll.append(F.cross_entropy(logits[at], target[at], reduction="sum"))
+            first = int(at.int().argmax())
+            margins.append(logits[first, task.yes] - logits[first, task.no])
+        rank = -torch.log_softmax(torch.stack(margins[:3]), 0)[0]
+        expected = nll[0] + (nll[1] + nll[2]) / 2 + 0.5 * rank + nll[3]
+    assert abs(loss.item() - expected.item()) < 1e-3 * max(1.0, expected.item()), (loss, expected)
+    assert metrics["rank_acc"] == float(torch.stack(margins[:3]).argmax() == 0)
 
 
 def test_lr_schedule_and_batch_layout():

@@ -203,7 +203,6 @@ class TrainConfig:
         },
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
-    list_size: int = field(default=5, metadata={"help": "reranker: negatives in the listwise prompt"})
     schedule: Literal["linear", "cosine"] = field(
         default="linear", metadata={"help": "decay after warmup (official: linear embedder, cosine reranker)"}
     )
@@ -215,6 +214,37 @@ class TrainConfig:
     )
     max_failures: int = field(
         default=3, metadata={"help": "worker failures survived by restarting from the last checkpoint"}
+    )
+
+
+@dataclass
+class RerankerConfig(TrainConfig):
+    """The reranker's training section: a `TrainConfig` and what only the reranker's task reads."""
+
+    list_size: int = field(
+        default=9,
+        metadata={"help": "negatives in the listwise prompt (9 + the positive = eval's top 10)"},
+    )
+    point_negatives: int = field(
+        default=4,
+        metadata={
+            "help": "distinct negatives per query answered 'No' in the pointwise term, highest "
+            "judge score first (paper: 1, the hardest)"
+        },
+    )
+    rank_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of the ranking term, a softmax of logit(Yes) - logit(No) over the "
+            "positive and the pointwise negatives (0: the paper's loss alone)"
+        },
+    )
+    monitor_queries: int = field(
+        default=16,
+        metadata={
+            "help": "queries of the mined file on which pointwise and listwise P@1 is logged at step 0 "
+            "and every checkpoint, as many again withheld from training for held-out figures; 0 = off"
+        },
     )
 
 
@@ -429,7 +459,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    reranker: TrainConfig = field(default_factory=TrainConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -57,6 +57,11 @@ class Task(Protocol):
         this attempt, for tasks that redraw per pass."""
         ...
 
+    def monitor(self, samples: dict[str, list[dict]]) -> dict[str, float]:
+        """Figures on fixed samples of rows ({split: rows}), logged at step 0 and every checkpoint; only
+        called when the driver gave samples (`monitor_samples`)."""
+        ...
+
 
 # The language side of both backbones (Qwen2-VL and LLaVA-OV as transformers names them): what trains
 # without LoRA. The vision tower, its merger / projector and LLaVA's image_newline stay frozen.
@@ -172,6 +177,11 @@ def worker_loop(config: dict) -> None:
 
     resumed_from = step
     metrics_file = Path(config["metrics_path"])
+    samples = config.get("monitor") or {}  # rows whose ranking rank 0 checks (train/monitor.py)
+    check = (lambda: task.monitor(samples)) if samples and rank == 0 else dict
+    if step == 0 and rank == 0 and samples:  # the untrained model's figures, as step 0
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": 0, **check()}) + "\n")
     shard = ray.train.get_dataset_shard("train")
     epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
     while step < tcfg.steps:
@@ -196,10 +206,13 @@ def worker_loop(config: dict) -> None:
                 samples_per_s=tcfg.global_batch_size / elapsed,
                 time=time.time(),  # wall clock: with samples_per_s it shows time spent outside the steps
             )
+            checkpoint = step % tcfg.checkpoint_every == 0 or step >= tcfg.steps
+            if checkpoint:
+                report.update(check())
             if rank == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(report) + "\n")
-            if step % tcfg.checkpoint_every == 0 or step >= tcfg.steps:
+            if checkpoint:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save(engine, Path(tmp), step, rank, tcfg)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -228,7 +241,19 @@ def peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_dataset(path: str, seed: int) -> ray.data.Dataset:
+def monitor_samples(cfg: Config, kind: str, data: str) -> dict[str, list[dict]]:
+    """The reranker's ranking check (`reranker.monitor_queries`): {"train": rows it trains on,
+    "held_out": rows withheld from training}; nothing for the embedder or with the check off."""
+    n = getattr(cfg, SECTIONS[kind]).monitor_queries if kind == "rerank" else 0
+    if n <= 0:
+        return {}
+    from unime_ray.train.monitor import monitor_rows
+
+    train, held_out = monitor_rows(data, n, cfg.run.seed)
+    return {"train": train, "held_out": held_out}
+
+
+def train_dataset(path: str, seed: int, exclude: set[str] = frozenset()) -> ray.data.Dataset:
     """The mined rows, globally shuffled afresh on every pass (each epoch is a new execution), the same
     orders again for the same seed. Mining writes them sorted by query id, i.e. grouped by dataset: read
     in file order, a local shuffle buffer mixes only the blocks it holds, each a slice of the file (~40k
@@ -238,11 +263,10 @@ def train_dataset(path: str, seed: int) -> ray.data.Dataset:
     shuffling the blocks held."""
     from ray.data import RandomSeedConfig
 
-    return (
-        ray.data.read_parquet(path)
-        .materialize()
-        .random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    )
+    rows = ray.data.read_parquet(path)
+    if exclude:  # the held-out rows of the reranker's ranking check
+        rows = rows.filter(lambda row: row["id"] not in exclude)
+    return rows.materialize().random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 
 # Keys of a training section that a run may change and still resume: the step budget, and what only
@@ -274,10 +298,17 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
             return summary
     _start_or_resume(out, name, inputs, restart)
     metrics_path = out / name / "metrics.jsonl"
+    samples = monitor_samples(cfg, kind, data)
+    held_out = {r["id"] for r in samples.get("held_out", [])}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": asdict(cfg), "task": kind, "metrics_path": str(metrics_path)},
-        datasets={"train": train_dataset(data, cfg.run.seed)},
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "task": kind,
+            "metrics_path": str(metrics_path),
+            "monitor": samples,
+        },
+        datasets={"train": train_dataset(data, cfg.run.seed, exclude=held_out)},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,

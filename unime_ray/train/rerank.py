@@ -1,18 +1,25 @@
-"""Reranker training task (paper eqs. 5-6): per query three supervised answers on the same model,
+"""Reranker training task (paper eqs. 5-6, and a ranking term): per query, on one model,
 
-- pairwise: (query, positive) -> "Yes" and (query, hardest negative) -> "No" with the judge prompt;
+- pairwise: (query, positive) -> "Yes" and (query, negative) -> "No" with the judge prompt, for the
+  `point_negatives` distinct negatives of highest judge score (paper: 1, the hardest);
+- ranking: over those same prompts, a softmax of s = logit(Yes) - logit(No) at the answer position with
+  the positive as target, scaled by `rank_weight` (0: the paper's loss alone);
 - listwise: the positive inserted at a random position among the top-`list_size` negatives (by judge
-  score) -> "Ans: (n)" with the listwise prompt;
+  score) -> "Ans: (n)" with the listwise prompt.
 
-Negatives tied in judge score are ordered afresh every epoch (seeded by run seed, query and epoch), so
-a tie at the top gives a different "hardest" negative each pass. Mining orders ties by retrieval rank,
-and an embedder's hubs then head many lists: in the oracle-mined synthetic world one label was the first
-negative of 129 of 300 classification/VQA queries, a candidate-only cue for "No" that the reranker
-fitted instead of matching (docs/experiment-log.md).
+Why the ranking term and the summed answer loss: the paper's pair of answers can be fitted by a prior
+over candidate texts (a label that is often a hard negative gets a low p(Yes) whatever the query), which
+ranks at chance; the softmax over one query's candidates pays for exactly such a prior. Each answer's
+loss is the SUM of its tokens' cross-entropies, not the mean: in "Ans: (3)<|im_end|>" only the number
+decides, and a mean over the five trivial tokens around it would shrink its gradient five-fold
+(docs/experiment-log.md, "The reranker that ranked at chance").
 
-cross-entropy on the answer tokens only (prompt tokens masked), L = L_pair + L_list. Query and
-candidate texts AND images reach every prompt (the official code's dataset drops the texts through a
-key mismatch; see docs/method.md).
+Negatives tied in judge score are ordered afresh every epoch (seeded by run seed, query and epoch), so a
+tie at the top gives a different "hardest" negative each pass: mining orders ties by retrieval rank, and
+an embedder's hubs then head many lists, a candidate-only cue for "No".
+
+Query and candidate texts AND images reach every prompt (the official code's dataset drops the texts
+through a key mismatch; see docs/method.md).
 
     python jobs/train_rerank.py --config jobs/configs/tiny.yaml
 """
@@ -20,7 +27,9 @@ key mismatch; see docs/method.md).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +45,17 @@ from unime_ray.models.prompts import (
     render,
 )
 from unime_ray.train.loop import lora_model
+from unime_ray.train.monitor import rank_p_at_1
 
 END = "<|im_end|>"  # the answer is followed by the end-of-turn token, so the model learns to stop
 
 
-def examples(row: dict, list_size: int, seed: int, epoch: int = 0) -> list[tuple[list[dict], list[str], str]]:
-    """The three (content parts, image paths, answer) of one mined row, deterministic per (seed, query,
-    epoch)."""
+def examples(
+    row: dict, list_size: int, seed: int, epoch: int = 0, point_negatives: int = 1
+) -> list[tuple[list[dict], list[str], str]]:
+    """(content parts, image paths, answer) of one mined row: the positive's "Yes", then "No" for each of
+    the `point_negatives` distinct negatives of highest judge score (fewer when the row has fewer), then
+    the listwise prompt; deterministic per (seed, query, epoch)."""
     key = f"{seed}:{row['id']}:{epoch}"
     rng = random.Random(int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16))
     q_text, q_image = row["qry_text"], row["qry_image"]
@@ -54,7 +67,6 @@ def examples(row: dict, list_size: int, seed: int, epoch: int = 0) -> list[tuple
     )  # by score, no repeats
     if not unique:
         raise ValueError(f"query {row['id']}: no negatives to train the reranker on")
-    hardest = unique[0]  # the highest judge score among the mined negatives
     listed = unique[:list_size]
     at = rng.randint(0, len(listed))
     listed.insert(at, pos)
@@ -62,13 +74,16 @@ def examples(row: dict, list_size: int, seed: int, epoch: int = 0) -> list[tuple
     def images(*sides: tuple[str, str]) -> list[str]:
         return [im for _, im in sides if im]
 
+    def pointwise(cand: tuple[str, str], answer: str) -> tuple[list[dict], list[str], str]:
+        return (
+            judge_content(q_text, bool(q_image), cand[0], bool(cand[1])),
+            images((q_text, q_image), cand),
+            answer,
+        )
+
     return [
-        (judge_content(q_text, bool(q_image), pos[0], bool(pos[1])), images((q_text, q_image), pos), "Yes"),
-        (
-            judge_content(q_text, bool(q_image), hardest[0], bool(hardest[1])),
-            images((q_text, q_image), hardest),
-            "No",
-        ),
+        pointwise(pos, "Yes"),
+        *(pointwise(neg, "No") for neg in unique[:point_negatives]),
         (
             listwise_content(q_text, bool(q_image), [(t, bool(i)) for t, i in listed]),
             images((q_text, q_image), *listed),
@@ -83,23 +98,71 @@ class RerankTask:
         self.model = lora_model(self.cfg.model, self.cfg.lora, self.cfg.gradient_checkpointing)
         self.processor = load_processor(self.cfg.model.path, padding_side="left")
         self.yes, self.no = answer_token_ids(self.processor.tokenizer)
+        self.reranker = None  # the inference-path view of the model, built at the first `monitor`
 
-    def batch(self, rows: list[dict], epoch: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Tokenised prompt+answer sequences and labels (-100 on every prompt and padding token)."""
-        prompts, answers, images = [], [], []
+    def batch(
+        self, rows: list[dict], epoch: int = 0
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]:
+        """Tokenised prompt+answer sequences, labels (-100 on every prompt and padding token) and the
+        number of sequences of each row (its pointwise prompts, then one listwise)."""
+        prompts, answers, images, sizes = [], [], [], []
         for row in rows:
-            for content, paths, answer in examples(row, self.cfg.list_size, self.seed, epoch):
+            found = examples(row, self.cfg.list_size, self.seed, epoch, self.cfg.point_negatives)
+            for content, paths, answer in found:
                 prompts.append(render(self.processor.tokenizer, content))
                 answers.append(answer)
                 images += [load_image(p, self.image_root, self.cfg.model.image_size) for p in paths]
-        return answer_batch(self.processor, prompts, answers, images)
+            sizes.append(len(found))
+        return (*answer_batch(self.processor, prompts, answers, images), sizes)
 
     def loss(self, rows: list[dict], epoch: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, labels = self.batch(rows, epoch)
-        per_example, correct = answer_losses(self.model, inputs, labels)
-        loss = per_example.view(len(rows), 3).sum(1).mean()  # L_pair (yes + no) + L_list, per query
-        correct = correct.view(len(rows), 3).float()
-        return loss, {"yes_no_acc": correct[:, :2].mean().item(), "list_acc": correct[:, 2].mean().item()}
+        """Per query: its pointwise answers (the positive's and the mean of its negatives'), its ranking
+        term and its listwise answer; averaged over the queries."""
+        inputs, labels, sizes = self.batch(rows, epoch)
+        out = answer_losses(self.model, inputs, labels)
+        margin = out.first[:, self.yes] - out.first[:, self.no]  # s = logit(Yes) - logit(No)
+        losses, yes_no, ranked, listed = [], [], [], []
+        for start, size in zip(itertools.accumulate([0, *sizes]), sizes, strict=False):
+            point, last = slice(start, start + size - 1), start + size - 1
+            nll = out.total[point]
+            rank = F.cross_entropy(
+                margin[point].unsqueeze(0), torch.zeros(1, dtype=torch.long, device=margin.device)
+            )
+            losses.append(nll[0] + nll[1:].mean() + self.cfg.rank_weight * rank + out.total[last])
+            yes_no.append(out.correct[point].float().mean())
+            ranked.append((margin[point].argmax() == 0).float())
+            listed.append(out.correct[last].float())
+        mean = lambda xs: torch.stack(xs).mean().item()  # noqa: E731
+        metrics = {"yes_no_acc": mean(yes_no), "rank_acc": mean(ranked), "list_acc": mean(listed)}
+        return torch.stack(losses).mean(), metrics
+
+    def monitor(self, samples: dict[str, list[dict]]) -> dict[str, float]:
+        """Pointwise and listwise P@1 (%) of each sample of rows ({split: rows}) through the inference
+        path (`Reranker` over the model being trained, dropout off), e.g. {"train_point_p@1": ...}."""
+        from unime_ray.models.reranker import Reranker
+
+        module = getattr(self.model, "module", self.model)  # the model inside the DeepSpeed engine
+        if self.reranker is None:
+            self.reranker = Reranker(self.cfg.model, self.image_root, model=module)
+        module.eval()
+        try:
+            return {
+                f"{split}_{name}": value
+                for split, rows in samples.items()
+                for name, value in rank_p_at_1(self.reranker, rows, self.cfg, self.seed).items()
+            }
+        finally:
+            module.train()
+
+
+class AnswerLosses(NamedTuple):
+    """Per sequence of an `answer_batch`: mean and summed cross-entropy of its answer tokens, whether
+    every answer token is the model's argmax, and the logits at its first answer position (B x vocab)."""
+
+    mean: torch.Tensor
+    correct: torch.Tensor
+    total: torch.Tensor
+    first: torch.Tensor
 
 
 def answer_batch(
@@ -124,13 +187,11 @@ def answer_batch(
     return dict(full), labels
 
 
-def answer_losses(
-    model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the mean cross-entropy of its answer tokens (`answer_batch` labels), and whether
-    every answer token is the model's argmax. Left padding puts every answer at the end, so only the
-    last positions' logits are computed (`logits_to_keep`): the full vocabulary at every prompt position
-    would cost ~20% of a 135M model's forward and gigabytes of logits, for nothing."""
+def answer_losses(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> AnswerLosses:
+    """The answer tokens' cross-entropies of each sequence of an `answer_batch` (`AnswerLosses`). Left
+    padding puts every answer at the end, so only the last positions' logits are computed
+    (`logits_to_keep`): the full vocabulary at every prompt position would cost ~20% of a 135M model's
+    forward and gigabytes of logits, for nothing."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     keep = int((labels != -100).sum(1).max()) + 1  # the longest answer, and the position before it
@@ -138,6 +199,8 @@ def answer_losses(
     logits = model(**inputs, logits_to_keep=keep).logits[:, :-1].float()
     per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     mask = target != -100
+    total = (per_token * mask).sum(1)
+    first = logits[torch.arange(len(mask), device=device), mask.int().argmax(1)]  # first answer position
     with torch.no_grad():
         correct = ((logits.argmax(-1) == target) | ~mask).all(1)
-    return (per_token * mask).sum(1) / mask.sum(1), correct
+    return AnswerLosses(total / mask.sum(1), correct, total, first)

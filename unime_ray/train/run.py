@@ -26,12 +26,18 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
         entry = json.loads(line)
         rows[entry["step"]] = entry
     steps = sorted(rows)
-    names = [k for k in rows[steps[0]] if k not in ("step", "samples_per_s", "time")]
+    # every metric logged, in first-seen order: some only at checkpoints (the reranker's ranking check)
+    names = [
+        k
+        for k in dict.fromkeys(k for s in steps for k in rows[s])
+        if k not in ("step", "samples_per_s", "time")
+    ]
     fig = Figure(figsize=(4 * len(names), 3.2))
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
-        ax.plot(steps, [rows[s][name] for s in steps])
+        logged = [s for s in steps if name in rows[s]]
+        ax.plot(logged, [rows[s][name] for s in logged], marker="o" if len(logged) < 20 else None)
         ax.set_xlabel("optimizer step")
         ax.set_title(name)
         ax.grid(alpha=0.3)
