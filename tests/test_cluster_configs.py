@@ -511,6 +511,17 @@ def test_rayservice_serve_config_is_valid_for_ray_serve(manifests):
     gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in app.deployments}
     assert gpus == {"Ingress": 0, "Embedder": 1, "Index": 0, "Reranker": 1}
     assert served.http_options.host == "0.0.0.0"  # the Kubernetes Service reaches the proxies
+    # ... so the app must know it is public (serve.host) and demand a key that every pod can read
+    from unime_ray.serve.app import check_exposure
+
+    assert cfg.serve.host == served.http_options.host and cfg.serve.api_key_env
+    assert not cfg.serve.allow_public_without_key
+    check_exposure(cfg.serve)
+    spec = ray_cluster_spec(manifests["rayservice-serve.yaml"])
+    for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "secretKeyRef" in env[cfg.serve.api_key_env]["valueFrom"], container["name"]
     ((group, per_pod),) = gpu_groups(manifests["rayservice-serve.yaml"])
     model_replicas = [d.autoscaling_config for d in app.deployments if gpus[d.name]]
     assert group["minReplicas"] * per_pod >= sum(a["min_replicas"] for a in model_replicas)

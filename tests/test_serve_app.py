@@ -125,6 +125,19 @@ def test_serves_on_loopback_only(app):
     assert health["index"]["count"] == 96 and health["index"]["dim"] == 64
 
 
+def test_answers_only_its_own_host_names(app):
+    """A page on another origin that rebinds its name to 127.0.0.1 sends its own name as Host: refused,
+    so it cannot read the answers of a server on loopback (TrustedHostMiddleware, serve.allowed_hosts)."""
+    _, url = app
+    port = url.rsplit(":", 1)[1]
+    for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", "127.0.0.1.nip.io"):
+        response = requests.get(url + "/healthz", headers={"Host": host}, timeout=30)
+        assert response.status_code == 400, (host, response.status_code, response.text)
+        assert "index" not in response.text
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert requests.get(url + "/healthz", headers={"Host": host}, timeout=30).status_code == 200, host
+
+
 def test_search_equals_direct_search(app, direct, world):
     _, url = app
     image = world / "images" / "eval" / "00003.png"

@@ -372,6 +372,21 @@ class ServeConfig:
     api_key_env: str = field(
         default="", metadata={"help": "environment variable holding the API key (X-API-Key); empty = none"}
     )
+    allow_public_without_key: bool = field(
+        default=False,
+        metadata={
+            "help": "serve without an API key on a host other machines reach (not loopback); without "
+            "this, such a start is refused"
+        },
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Host header names the app answers (others get 400; stops DNS rebinding); "
+            "'*.example.org' matches subdomains; empty = the loopback names when serve.host is loopback, "
+            "serve.host itself when it is one address, any name when it is 0.0.0.0 or ::"
+        },
+    )
     max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
     max_image_bytes: int = field(default=4 << 20, metadata={"help": "largest decoded image"})
     max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image width x height"})

@@ -27,7 +27,8 @@ the server never fetches a URL. Bad input is a 4xx with a message in `detail`, n
 caught at the Ingress, so nothing unchecked reaches a model (where one bad input would fail the
 whole batch it shares with other requests):
   401  X-API-Key missing or wrong (when `serve.api_key_env` names a key)
-  400  a rerank mode asked of a server without a reranker
+  400  a rerank mode asked of a server without a reranker; a Host header the server does not answer
+       (serve.allowed_hosts)
   411  a POST without Content-Length (the body size is checked before the body is read)
   413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels
   415  image bytes that no decoder reads
@@ -48,6 +49,7 @@ import binascii
 import hashlib
 import hmac
 import io
+import ipaddress
 import os
 import signal
 import time
@@ -66,6 +68,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from unime_ray.config import (
     Config,
@@ -97,6 +100,46 @@ DEPLOYMENT_DEFAULTS = {
     "Index": (0.0, 64, -1),
     "Reranker": (1.0, 8, 16),
 }
+
+
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an HTTP bind address is reachable from this machine only ("localhost" or a loopback IP).
+    Any other name counts as reachable from elsewhere: it is not resolved here."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg: ServeConfig) -> list[str]:
+    """The Host header names the app answers: `serve.allowed_hosts`, or by default the loopback names
+    for a loopback server (a web page cannot rebind its own name to 127.0.0.1 and read the answers),
+    the bind address itself plus loopback for a server on one address, and any name for a server on
+    every interface (0.0.0.0, ::), whose names only its operator knows: set them there."""
+    if cfg.allowed_hosts:
+        return list(cfg.allowed_hosts)
+    if is_loopback(cfg.host):
+        return LOOPBACK_NAMES
+    if cfg.host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return [cfg.host, *LOOPBACK_NAMES]
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse (ValueError) a server without an API key on an address other machines reach, unless
+    `serve.allow_public_without_key` says that is meant."""
+    if is_loopback(cfg.host) or cfg.api_key_env or cfg.allow_public_without_key:
+        return
+    raise ValueError(
+        f"serve.host is {cfg.host!r}, reachable from other machines, and no API key is set: name the "
+        "variable holding one in serve.api_key_env, or set serve.allow_public_without_key=true to serve "
+        "everyone without a key"
+    )
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -503,6 +546,8 @@ def make_api(service: Ingress) -> FastAPI:
     api.add_middleware(
         BodyLimit, limit=cfg.max_request_bytes, timeout=cfg.body_timeout_s, counts=service.counts
     )
+    # Added last, so it runs first: a request for a name this server does not answer gets 400 at once.
+    api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
@@ -563,7 +608,7 @@ def make_api(service: Ingress) -> FastAPI:
 
 
 _ERRORS = {
-    400: "rerank asked of a server without a reranker",
+    400: "rerank asked of a server without a reranker; a Host header this server does not answer",
     401: "missing or wrong API key",
     408: "request body not received within serve.body_timeout_s",
     411: "no Content-Length",
@@ -613,8 +658,10 @@ def _deploy_options(name: str, d: DeploymentConfig) -> dict[str, Any]:
 def build_app(cfg: Config) -> Application:
     """The Serve application for `cfg`: the embedder `cfg.embedder`, the index at `index.dir`, the
     reranker `cfg.reranker.model` (if its path is set). Raises here, before anything is deployed, when
-    the index is missing or was built with another embedder, or when the API key variable is unset."""
+    the index is missing or was built with another embedder, when the API key variable is unset, or
+    when `serve.host` is not loopback and no key is set (`check_exposure`)."""
     s = cfg.serve
+    check_exposure(s)
     directory = index_dir(cfg)
     model = model_identity(cfg.embedder)
     meta = read_meta(directory, model)
