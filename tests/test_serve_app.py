@@ -268,7 +268,7 @@ def bad_requests(cfg):
             search,
             dict(body={"query": {"image": b64(b"hello, world")}}),
             415,
-            "no image",
+            "accepted format (PNG, JPEG, WEBP, GIF, BMP)",
         ),
         ("truncated PNG", "post", search, dict(body={"query": {"image": b64(png()[:60])}}), 415, "image"),
         (

@@ -1,10 +1,19 @@
 """The Serve app's safety checks that need no running server: who may start without a key, which Host
-names it answers. (The checks through live HTTP are in tests/test_serve_app.py.)"""
+names it answers, which image formats are ever tried (query bytes, corpus and MMEB files). (The checks
+through live HTTP are in tests/test_serve_app.py.)"""
+
+import io
+import os
 
 import pytest
+from fastapi import HTTPException
+from PIL import Image, UnidentifiedImageError
 
 from unime_ray.config import Config, ServeConfig
-from unime_ray.serve.app import allowed_hosts, build_app, check_exposure, is_loopback
+from unime_ray.data.images import IMAGE_FORMATS
+from unime_ray.data.mmeb import ReadState
+from unime_ray.models.embedder import load_image
+from unime_ray.serve.app import allowed_hosts, build_app, check_exposure, decode_image, is_loopback
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
@@ -32,3 +41,73 @@ def test_allowed_host_names():
     assert allowed_hosts(ServeConfig(host="10.0.0.7")) == ["10.0.0.7", "127.0.0.1", "localhost", "::1"]
     named = ServeConfig(host="0.0.0.0", allowed_hosts=["search.example.org", "*.example.org"])
     assert allowed_hosts(named) == ["search.example.org", "*.example.org"]
+
+
+# ---- image formats: only PNG, JPEG, WebP, GIF, BMP are ever tried ---------------------------------
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 16 16
+%%EndComments
+newpath 0 0 moveto 16 16 lineto stroke
+showpage
+%%EOF
+"""
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A stand-in `gs` first on PATH that records every run in a file; Pillow's cached lookup reset."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, runs = tmp_path / "bin", tmp_path / "gs-runs.txt"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> {runs}\n')  # renders nothing
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return runs
+
+
+def test_the_stand_in_ghostscript_runs_when_pillow_may_try_eps(fake_ghostscript):
+    """What the checks below guard against: plain Image.open reads EPS bytes and starts `gs` on them."""
+    with pytest.raises(Exception):  # noqa: B017 (whatever Pillow makes of the empty rendering)
+        Image.open(io.BytesIO(EPS)).load()
+    assert fake_ghostscript.exists()
+
+
+def test_query_eps_is_refused_without_running_anything(fake_ghostscript):
+    with pytest.raises(HTTPException) as refused:
+        decode_image(EPS, max_pixels=1 << 20)
+    assert refused.value.status_code == 415 and "PNG" in refused.value.detail
+    assert not fake_ghostscript.exists()
+
+
+def test_corpus_and_mmeb_images_in_eps_are_refused_without_running_anything(fake_ghostscript, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "drawing.eps").write_bytes(EPS)
+    (root / "drawing.png").write_bytes(EPS)  # the extension does not decide the format
+    state = ReadState(root, check_images=True)
+    assert state.image_problem("drawing.eps") == "corrupt_image"
+    assert state.image_problem("drawing.png") == "corrupt_image"
+    for name in ("drawing.eps", "drawing.png"):
+        with pytest.raises(UnidentifiedImageError):
+            load_image(name, root, 28)  # what the embedder runs on corpus images at index time
+    assert not fake_ghostscript.exists()
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_documented_formats_decode(fmt):
+    out = io.BytesIO()
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(out, format=fmt)
+    image = decode_image(out.getvalue(), max_pixels=1 << 20)
+    assert image.size == (20, 10) and image.mode == "RGB"
+
+
+def test_other_formats_are_refused():
+    out = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(out, format="TIFF")
+    with pytest.raises(HTTPException) as refused:
+        decode_image(out.getvalue(), max_pixels=1 << 20)
+    assert refused.value.status_code == 415

@@ -31,7 +31,7 @@ whole batch it shares with other requests):
        (serve.allowed_hosts)
   411  a POST without Content-Length (the body size is checked before the body is read)
   413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels
-  415  image bytes that no decoder reads
+  415  image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)
   422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
        URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
        tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
@@ -82,6 +82,7 @@ from unime_ray.config import (
     load_config,
     model_dict,
 )
+from unime_ray.data.images import IMAGE_FORMATS, open_image
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
 RerankMode = Literal["none", "listwise", "pointwise"]
@@ -144,9 +145,10 @@ def check_exposure(cfg: ServeConfig) -> None:
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Image bytes -> RGB image, fully decoded. Raises HTTPException 413 over `max_pixels`, 415 when the
-    bytes are not an image any decoder reads (checked before a model sees them)."""
+    bytes are not a PNG, JPEG, WebP, GIF or BMP that decodes (checked before a model sees them; no other
+    format is tried, so an EPS never reaches Ghostscript)."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(io.BytesIO(data))
         too_big = max_pixels is not None and image.width * image.height > max_pixels
         if not too_big:
             image.load()
@@ -154,9 +156,13 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise HTTPException(413, f"query.image: {error}") from None
     except UnidentifiedImageError:
-        raise HTTPException(415, "query.image: no image format recognised in these bytes") from None
-    except Exception as error:  # decoders raise many types on bad client bytes; all mean "not an image"
-        raise HTTPException(415, f"query.image is not a readable image ({error})") from None
+        raise HTTPException(
+            415,
+            f"query.image: no image format recognised in these bytes (accepted: {', '.join(IMAGE_FORMATS)})",
+        ) from None
+    except Exception:  # decoders raise many types on bad client bytes; all mean "not an image"
+        # Without the decoder's message: it may name files or programs of this machine.
+        raise HTTPException(415, "query.image is not a readable image (truncated or corrupt)") from None
     if too_big:
         raise HTTPException(
             413, f"query.image is {image.width}x{image.height} pixels; the limit is {max_pixels}"
@@ -297,7 +303,7 @@ class IndexDeployment:
 def _thumbnail_png(path: Path) -> bytes | None:
     # Re-encoded rather than sent as stored: the answer is always a small PNG, whatever the file holds.
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = image.convert("RGB")
             image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
             out = io.BytesIO()
@@ -613,7 +619,7 @@ _ERRORS = {
     408: "request body not received within serve.body_timeout_s",
     411: "no Content-Length",
     413: "body or image too large",
-    415: "image bytes that are not an image",
+    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes",
     422: "invalid request (see detail)",
     503: "overloaded: a model's queue is full (serve.<deployment>.max_queued_requests); plain text from "
     "Serve, with a Retry-After header",
