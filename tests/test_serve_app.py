@@ -46,6 +46,7 @@ def app(local_ray, tiny_qwen, world, tmp_path_factory):
     s.api_key_env = KEY_ENV
     s.max_top_k, s.max_text_chars, s.max_embed_inputs = 20, 2000, 4
     s.max_request_bytes, s.max_image_bytes, s.max_image_pixels = 200_000, 60_000, 128 * 128
+    s.max_request_pixels = 3 * 100 * 100
     build_index(cfg, world / "retrieval" / "captions.jsonl")
 
     os.environ[KEY_ENV] = KEY
@@ -268,7 +269,7 @@ def bad_requests(cfg):
             search,
             dict(body={"query": {"image": b64(b"hello, world")}}),
             415,
-            "accepted format (PNG, JPEG, WEBP, GIF, BMP)",
+            "(accepted: PNG, JPEG, WEBP, GIF, BMP)",
         ),
         ("truncated PNG", "post", search, dict(body={"query": {"image": b64(png()[:60])}}), 415, "image"),
         (
@@ -371,6 +372,14 @@ def bad_requests(cfg):
             "at most 4",
         ),
         ("no inputs", "post", "/v1/embed", dict(body={"inputs": []}), 422, "at least 1"),
+        (
+            "request over its pixel budget",
+            "post",
+            "/v1/embed",
+            dict(body={"inputs": [{"image": b64(png(size=(100, 100)))}] * 4}),
+            413,
+            "hold 40000 pixels; the limit is 30000",
+        ),
         (
             "malformed JSON",
             "post",

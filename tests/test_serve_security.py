@@ -5,6 +5,7 @@ through live HTTP are in tests/test_serve_app.py.)"""
 import io
 import os
 
+import numpy as np
 import pytest
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
@@ -13,7 +14,15 @@ from unime_ray.config import Config, ServeConfig
 from unime_ray.data.images import IMAGE_FORMATS
 from unime_ray.data.mmeb import ReadState
 from unime_ray.models.embedder import load_image
-from unime_ray.serve.app import allowed_hosts, build_app, check_exposure, decode_image, is_loopback
+from unime_ray.serve.app import (
+    allowed_hosts,
+    build_app,
+    check_exposure,
+    decode_image,
+    image_pixels,
+    is_loopback,
+    model_image,
+)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
@@ -111,3 +120,36 @@ def test_other_formats_are_refused():
     with pytest.raises(HTTPException) as refused:
         decode_image(out.getvalue(), max_pixels=1 << 20)
     assert refused.value.status_code == 415
+
+
+# ---- image size: header-checked limits, downscaled right after decoding ---------------------------
+
+
+def one_colour_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 200)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def test_a_decompression_light_huge_png_is_refused_from_its_header():
+    data = one_colour_png(4096, 4096)  # 16.8 MP in a few dozen KB
+    assert len(data) < 100_000
+    cfg = ServeConfig()
+    assert image_pixels(data) == 4096 * 4096 > cfg.max_image_pixels
+    with pytest.raises(HTTPException) as refused:
+        model_image(data, cfg.max_image_pixels, 336)
+    assert refused.value.status_code == 413 and "4096x4096" in refused.value.detail
+    # sixteen of them in one 1 MB request: over the request budget too, counted without decoding any
+    assert 16 * image_pixels(data) > cfg.max_request_pixels
+
+
+def test_query_images_are_downscaled_to_the_model_input_right_after_decoding():
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    original.save(out, format="PNG")
+    small = Image.open(io.BytesIO(model_image(out.getvalue(), 1 << 24, 56)))
+    assert small.size == (56, 56)
+    # what the models would have made of the full image (load_image resizes the same way)
+    expected = load_image(original, "", 56)
+    np.testing.assert_array_equal(np.asarray(load_image(small, "", 56)), np.asarray(expected))

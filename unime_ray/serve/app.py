@@ -30,7 +30,8 @@ whole batch it shares with other requests):
   400  a rerank mode asked of a server without a reranker; a Host header the server does not answer
        (serve.allowed_hosts)
   411  a POST without Content-Length (the body size is checked before the body is read)
-  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels
+  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels;
+       the images of one request over serve.max_request_pixels together
   415  image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)
   422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
        URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
@@ -168,6 +169,26 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
             413, f"query.image is {image.width}x{image.height} pixels; the limit is {max_pixels}"
         )
     return image
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding the pixels; 0 for bytes that are not an
+    image (decode_image says so later, with its 415)."""
+    try:
+        with open_image(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:
+        return 0
+
+
+def model_image(data: bytes, max_pixels: int, side: int) -> bytes:
+    """Checked query image bytes -> a side x side PNG, resized right after decoding as the models resize
+    (RGB, bicubic, to the square input size), so the full-size pixels live only inside this call. The
+    models' own resize of a side x side image to side x side changes nothing. Runs in a worker thread."""
+    image = decode_image(data, max_pixels).resize((side, side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def request_models(cfg: ServeConfig) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -396,8 +417,27 @@ class Ingress:
         method), and tasks on its event loop (requests, Serve's own)."""
         return {**self.counts, "tasks": len(asyncio.all_tasks())}
 
-    def query(self, q: BaseModel) -> Query:
-        """A validated query as it goes to the models: (instruction + text, image bytes or None)."""
+    async def queries(self, qs: list[BaseModel]) -> list[Query]:
+        """Validated queries as they go to the models: (instruction + text, image bytes or None). The
+        images' pixels are counted from their headers against serve.max_request_pixels before any is
+        decoded; each is then decoded and downscaled to the models' input size in a worker thread
+        (`model_image`), off the event loop that answers the other requests."""
+        texts = [self.text(q) for q in qs]
+        raws = [self.image_bytes(q.image) if q.image else None for q in qs]
+        pixels = sum(await asyncio.to_thread(lambda: [image_pixels(r) for r in raws if r]))
+        if pixels > self.cfg.max_request_pixels:
+            raise HTTPException(
+                413, f"the request's images hold {pixels} pixels; the limit is {self.cfg.max_request_pixels}"
+            )
+        side, limit = self.model["image_side"], self.cfg.max_image_pixels
+        images = await asyncio.gather(
+            *(asyncio.to_thread(model_image, raw, limit, side) for raw in raws if raw is not None)
+        )
+        given = iter(images)
+        return [(text, None if raw is None else next(given)) for text, raw in zip(texts, raws, strict=True)]
+
+    def text(self, q: BaseModel) -> str:
+        """instruction + text of a query, checked against the special tokens and the token limit."""
         text = " ".join(part for part in ((q.instruction or "").strip(), (q.text or "").strip()) if part)
         for token in self.special:
             if token in text:
@@ -407,9 +447,10 @@ class Ingress:
             raise HTTPException(
                 422, f"query text is {tokens} tokens; the embedder's limit is {self.model['max_length']}"
             )
-        return text, self.image_bytes(q.image) if q.image else None
+        return text
 
     def image_bytes(self, data: str) -> bytes:
+        """The bytes of a base64 (or base64 data: URL) image, at most serve.max_image_bytes; not decoded."""
         if "://" in data[:16]:
             raise HTTPException(422, "query.image must be base64 image bytes; the server does not fetch URLs")
         if data.startswith("data:"):
@@ -426,7 +467,6 @@ class Ingress:
             raise HTTPException(422, f"query.image is not valid base64 ({error})") from None
         if len(raw) > limit:
             raise HTTPException(413, f"query.image is {len(raw)} bytes; the limit is {limit}")
-        decode_image(raw, self.cfg.max_image_pixels)
         return raw
 
     async def search(self, req: Any) -> SearchOut:
@@ -434,7 +474,7 @@ class Ingress:
             raise HTTPException(
                 400, f"rerank={req.rerank!r}: this server has no reranker (reranker.model.path)"
             )
-        query = self.query(req.query)
+        (query,) = await self.queries([req.query])
         vector = await self.call(self.embedder, "embed", query)
         reranking = req.rerank != "none"
         k = max(req.top_k, self.cfg.rerank_top if reranking else 0)
@@ -451,7 +491,7 @@ class Ingress:
         return SearchOut(results=[Hit(**h) for h in hits[: req.top_k]], rerank=rerank)
 
     async def embed(self, req: Any) -> EmbedOut:
-        queries = [self.query(q) for q in req.inputs]
+        queries = await self.queries(req.inputs)
         vectors = await asyncio.gather(*(self.call(self.embedder, "embed", q) for q in queries))
         return EmbedOut(
             model=self.model["weights"], dim=self.model["dim"], embeddings=[v.tolist() for v in vectors]
@@ -695,7 +735,9 @@ def build_app(cfg: Config) -> Application:
     settings = asdict(s)
     if s.rerank == "auto":
         settings["rerank"] = "listwise" if reranker is not None else "none"
-    public = {**model, "reranker_path": cfg.reranker.model.path}
+    # Query images are downscaled at the Ingress to the largest input size of the models that read them.
+    side = max(cfg.embedder.image_size, cfg.reranker.model.image_size if reranker is not None else 0)
+    public = {**model, "reranker_path": cfg.reranker.model.path, "image_side": side}
     inspect = None
     if s.inspect_run:
         from unime_ray.inspector import mining_dir
