@@ -5,7 +5,10 @@
   cloud. Broken copies must be refused by the same code, so a pass means something.
 - deploy/kuberay/*.yaml: kinds, image, head without work, GPU groups, entrypoints that name real
   scripts and configs (with overrides the config loader accepts), and a serveConfigV2 that Ray Serve's
-  own schema accepts and whose import path imports.
+  own schema accepts and whose import path imports. Secure by default: Ray token auth in every Ray
+  manifest and in cluster.yaml, code baked into the image (deploy/Dockerfile) instead of installed from
+  the writable PVC at pod start, and a NetworkPolicy whose rules, evaluated here, admit only the Serve
+  port from outside the Ray pods.
 - jobs/runtime_env.yaml: Ray's own working_dir packaging, run on a scratch tree, leaves data out.
 """
 
@@ -15,6 +18,7 @@ import copy
 import re
 import shlex
 import shutil
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 KUBERAY = REPO / "deploy" / "kuberay"
 SERVE_YAML = REPO / "jobs" / "configs" / "serve.yaml"
-# Where the KubeRay pods put this repository (their container command copies it there).
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+NETWORK_POLICY = KUBERAY / "networkpolicy.yaml"
+# Where deploy/Dockerfile puts this repository in the image of the KubeRay pods.
 POD_CODE_DIR = "/home/ray/unime_ray"
 SHARED_STORAGE = "/mnt/cluster_storage"
 MANIFEST_KINDS = {
@@ -188,6 +194,20 @@ def test_setup_installs_the_synced_repo_with_the_gpu_extra(cluster):
     assert {".git", ".venv", "runs", "*.parquet", "*.safetensors"} <= excluded
 
 
+def test_cluster_yaml_turns_on_ray_token_auth_on_every_node(cluster):
+    """RAY_AUTH_MODE=token in the container every node runs (docker run -e), and the token copied into
+    each container where Ray reads it by default; no start command turns it off again."""
+    env = [o.split(None, 1)[1] for o in cluster["docker"]["run_options"] if o.startswith(("-e ", "--env "))]
+    assert "RAY_AUTH_MODE=token" in env
+    assert cluster["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    commands = " ".join(
+        cluster[k] if isinstance(cluster[k], str) else " ".join(cluster[k])
+        for k in cluster
+        if k.endswith("_commands")
+    )
+    assert "RAY_AUTH_MODE" not in commands
+
+
 def test_idle_timeout_is_set(cluster):
     assert isinstance(cluster["idle_timeout_minutes"], int)
     assert 1 <= cluster["idle_timeout_minutes"] <= 30  # GPU nodes are expensive to keep idle
@@ -227,18 +247,30 @@ def repo_path(path_in_pod: str) -> Path:
 
 
 def test_every_manifest_is_listed():
-    assert {p.name for p in KUBERAY.glob("*.yaml")} == MANIFEST_KINDS.keys()
+    assert {p.name for p in KUBERAY.glob("*.yaml")} == MANIFEST_KINDS.keys() | {NETWORK_POLICY.name}
+
+
+def dockerfile_base_image() -> str:
+    (base,) = re.findall(r"^FROM\s+(\S+)\s*$", DOCKERFILE.read_text(), flags=re.M)
+    return base
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST_KINDS))
-def test_manifest_kind_image_and_head(name, manifests, cluster):
+def test_manifest_kind_image_head_and_token_auth(name, manifests, cluster):
     doc = manifests[name]
     assert doc["apiVersion"] == "ray.io/v1"
     assert doc["kind"] == MANIFEST_KINDS[name]
-    images = set(walk(doc, "image"))
-    assert images == {cluster["docker"]["image"]}
+    # one image, ours: deploy/Dockerfile on top of cluster.yaml's image, tagged <package>-<base tag>
+    (image,) = set(walk(doc, "image"))
+    assert dockerfile_base_image() == cluster["docker"]["image"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    base_tag = cluster["docker"]["image"].split(":")[1]
+    assert re.fullmatch(rf"[^:]+/unime-ray:{re.escape(version)}-{re.escape(base_tag)}", image), image
     spec = ray_cluster_spec(doc)
     assert spec["rayVersion"] == IMAGE_RE.match(cluster["docker"]["image"])["version"]
+    # KubeRay makes a token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container
+    assert spec["authOptions"] == {"mode": "token"}
+    assert not [e for e in walk(doc, "env") for v in e if v["name"].startswith("RAY_AUTH")], "set by KubeRay"
     assert spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]["rayStartParams"]
     assert head["num-cpus"] == "0"  # KubeRay wants strings here
@@ -246,20 +278,115 @@ def test_manifest_kind_image_and_head(name, manifests, cluster):
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST_KINDS))
-def test_manifest_pods_install_the_package_and_mount_storage(name, manifests):
+def test_manifest_pods_run_the_image_code_and_mount_storage(name, manifests):
+    """No pod installs code at start, and no volume covers the code folder: what a job writes to the
+    shared (writable) PVC cannot change what a later pod runs."""
     spec = ray_cluster_spec(manifests[name])
     pods = [spec["headGroupSpec"]["template"]["spec"]] + [
         g["template"]["spec"] for g in spec["workerGroupSpecs"]
     ]
     for pod in pods:
         (container,) = pod["containers"]
-        command = " ".join(container["command"])
-        assert f"{SHARED_STORAGE}/unime_ray {POD_CODE_DIR}" in command
-        assert f'pip install --no-cache-dir -e "{POD_CODE_DIR}[gpu]"' in command
+        assert "command" not in container and "args" not in container, container.get("command")
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts.get("cluster-storage") == SHARED_STORAGE
+        for path in mounts.values():
+            assert not (POD_CODE_DIR + "/").startswith(path.rstrip("/") + "/"), f"{path} covers the code"
+            assert not path.startswith(POD_CODE_DIR), f"{path} is inside the code folder"
         claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
         assert claims["cluster-storage"] == "unime-cluster-storage"
+
+
+def test_dockerfile_bakes_the_code_in_read_only_with_pinned_versions(cluster):
+    text = DOCKERFILE.read_text()
+    (copy_line,) = re.findall(r"^COPY\b.*$", text, flags=re.M)
+    # root-owned (no --chown): the `ray` user the containers run as cannot rewrite it
+    assert copy_line.split() == ["COPY", ".", POD_CODE_DIR]
+    run = " ".join(re.findall(r"^RUN\b(?:.*\\\n)*.*$", text, flags=re.M)).replace("\\\n", " ")
+    assert "pip install" in run and " -e " not in run and "--editable" not in run
+    assert f"--constraint {POD_CODE_DIR}/constraints.txt" in run
+    assert "[gpu]" in run
+    # the build context leaves out what cluster.yaml's rsync and the runtime env leave out
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert set(cluster["rsync_exclude"]) <= ignored
+
+
+# ---- deploy/kuberay/networkpolicy.yaml: evaluated the way Kubernetes does -------------------------
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A LabelSelector with matchLabels only (all this repo uses): {} selects everything."""
+    assert selector is None or set(selector) <= {"matchLabels"}, selector
+    return (selector or {}).get("matchLabels", {}).items() <= labels.items()
+
+
+def admitted(policy: dict[str, Any], pod: dict[str, str], peer: dict[str, Any], port: int) -> bool:
+    """Whether `policy` lets `peer` ({labels, namespace_labels, same_namespace}) open TCP `port` on a
+    pod labelled `pod`. Pods the policy does not select are not restricted by it."""
+    spec = policy["spec"]
+    if not selects(spec["podSelector"], pod) or "Ingress" not in spec["policyTypes"]:
+        return True
+    for rule in spec.get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", []) if p.get("protocol", "TCP") == "TCP"]
+        if rule.get("ports") and port not in ports:
+            continue
+        if "from" not in rule:
+            return True
+        for src in rule["from"]:
+            assert "ipBlock" not in src, "not evaluated here"
+            in_namespace = (
+                selects(src["namespaceSelector"], peer["namespace_labels"])
+                if "namespaceSelector" in src
+                else peer["same_namespace"]
+            )
+            if in_namespace and selects(src.get("podSelector"), peer["labels"]):
+                return True
+    return False
+
+
+RAY_POD = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head", "ray.io/cluster": "unime-serve"}
+RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "worker": 10002}
+
+
+def peer(labels: dict[str, str], same_namespace: bool = True, ns: str = "ray") -> dict[str, Any]:
+    return {
+        "labels": labels,
+        "same_namespace": same_namespace,
+        "namespace_labels": {"kubernetes.io/metadata.name": ns},
+    }
+
+
+def test_network_policy_admits_only_serve_from_outside_the_ray_pods(manifests):
+    policy = read_yaml(NETWORK_POLICY)
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    serve_tree = yaml.safe_load(manifests["rayservice-serve.yaml"]["spec"]["serveConfigV2"])
+    serve_port = serve_tree["http_options"]["port"]
+    strangers = [
+        peer({"app": "web"}),
+        peer({"app": "web"}, same_namespace=False, ns="other"),
+        peer({"ray.io/is-ray-node": "yes"}, same_namespace=False, ns="other"),  # a look-alike elsewhere
+    ]
+    for stranger in strangers:
+        assert admitted(policy, RAY_POD, stranger, serve_port)
+        for name, port in RAY_PORTS.items():
+            assert not admitted(policy, RAY_POD, stranger, port), (name, stranger)
+    ray_pod = peer({"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"})
+    assert all(admitted(policy, RAY_POD, ray_pod, port) for port in RAY_PORTS.values())
+    operator = peer({"app.kubernetes.io/component": "kuberay-operator"}, same_namespace=False, ns="kuberay")
+    submitter = peer({"ray.io/originated-from-crd": "RayJob", "batch.kubernetes.io/job-name": "unime-mine"})
+    for control in (operator, submitter):
+        assert admitted(policy, RAY_POD, control, RAY_PORTS["dashboard"])
+        assert not admitted(policy, RAY_POD, control, RAY_PORTS["gcs"])
+        assert not admitted(policy, RAY_POD, control, RAY_PORTS["client"])
+    # every Ray pod of every manifest is one KubeRay labels as a Ray node, so the policy covers it
+    assert selects(policy["spec"]["podSelector"], {"ray.io/is-ray-node": "yes"})
+
+
+def test_network_policy_evaluator_sees_an_open_policy():
+    """The evaluator can fail: a policy with a rule open on every port admits the stranger to GCS."""
+    policy = read_yaml(NETWORK_POLICY)
+    policy["spec"]["ingress"].append({"from": [{"podSelector": {}}]})
+    assert admitted(policy, RAY_POD, peer({"app": "web"}), RAY_PORTS["gcs"])
 
 
 def gpu_groups(doc: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
@@ -384,6 +511,17 @@ def test_rayservice_serve_config_is_valid_for_ray_serve(manifests):
     gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in app.deployments}
     assert gpus == {"Ingress": 0, "Embedder": 1, "Index": 0, "Reranker": 1}
     assert served.http_options.host == "0.0.0.0"  # the Kubernetes Service reaches the proxies
+    # ... so the app must know it is public (serve.host) and demand a key that every pod can read
+    from unime_ray.serve.app import check_exposure
+
+    assert cfg.serve.host == served.http_options.host and cfg.serve.api_key_env
+    assert not cfg.serve.allow_public_without_key
+    check_exposure(cfg.serve)
+    spec = ray_cluster_spec(manifests["rayservice-serve.yaml"])
+    for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "secretKeyRef" in env[cfg.serve.api_key_env]["valueFrom"], container["name"]
     ((group, per_pod),) = gpu_groups(manifests["rayservice-serve.yaml"])
     model_replicas = [d.autoscaling_config for d in app.deployments if gpus[d.name]]
     assert group["minReplicas"] * per_pod >= sum(a["min_replicas"] for a in model_replicas)

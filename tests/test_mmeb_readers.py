@@ -192,13 +192,13 @@ def test_check_images_false_skips_only_the_decode_check(tmp_path: Path, root: Pa
 
 def test_each_image_is_opened_once_per_read(tmp_path: Path, root: Path, monkeypatch) -> None:
     opened = []
-    real_open = mmeb.Image.open
+    real_open = mmeb.open_image
 
-    def counting_open(path, *args, **kwargs):
+    def counting_open(path):
         opened.append(Path(path).name)
-        return real_open(path, *args, **kwargs)
+        return real_open(path)
 
-    monkeypatch.setattr(mmeb.Image, "open", counting_open)
+    monkeypatch.setattr(mmeb, "open_image", counting_open)
     records = [pair(qry_image="cat.png", pos_image="sub/dog.png") for _ in range(5)]
     result = read_pairs(write(tmp_path / "ds.jsonl", records), image_root=root)
     assert result.counts() == {"rows_in": 5, "rows_out": 5}

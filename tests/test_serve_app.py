@@ -46,6 +46,7 @@ def app(local_ray, tiny_qwen, world, tmp_path_factory):
     s.api_key_env = KEY_ENV
     s.max_top_k, s.max_text_chars, s.max_embed_inputs = 20, 2000, 4
     s.max_request_bytes, s.max_image_bytes, s.max_image_pixels = 200_000, 60_000, 128 * 128
+    s.max_request_pixels = 3 * 100 * 100
     build_index(cfg, world / "retrieval" / "captions.jsonl")
 
     os.environ[KEY_ENV] = KEY
@@ -123,6 +124,19 @@ def test_serves_on_loopback_only(app):
     health = requests.get(url + "/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["reranker"] is True
     assert health["index"]["count"] == 96 and health["index"]["dim"] == 64
+
+
+def test_answers_only_its_own_host_names(app):
+    """A page on another origin that rebinds its name to 127.0.0.1 sends its own name as Host: refused,
+    so it cannot read the answers of a server on loopback (TrustedHostMiddleware, serve.allowed_hosts)."""
+    _, url = app
+    port = url.rsplit(":", 1)[1]
+    for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", "127.0.0.1.nip.io"):
+        response = requests.get(url + "/healthz", headers={"Host": host}, timeout=30)
+        assert response.status_code == 400, (host, response.status_code, response.text)
+        assert "index" not in response.text
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert requests.get(url + "/healthz", headers={"Host": host}, timeout=30).status_code == 200, host
 
 
 def test_search_equals_direct_search(app, direct, world):
@@ -255,7 +269,7 @@ def bad_requests(cfg):
             search,
             dict(body={"query": {"image": b64(b"hello, world")}}),
             415,
-            "no image",
+            "(accepted: PNG, JPEG, WEBP, GIF, BMP)",
         ),
         ("truncated PNG", "post", search, dict(body={"query": {"image": b64(png()[:60])}}), 415, "image"),
         (
@@ -358,6 +372,14 @@ def bad_requests(cfg):
             "at most 4",
         ),
         ("no inputs", "post", "/v1/embed", dict(body={"inputs": []}), 422, "at least 1"),
+        (
+            "request over its pixel budget",
+            "post",
+            "/v1/embed",
+            dict(body={"inputs": [{"image": b64(png(size=(100, 100)))}] * 4}),
+            413,
+            "hold 40000 pixels; the limit is 30000",
+        ),
         (
             "malformed JSON",
             "post",

@@ -402,9 +402,33 @@ class ServeConfig:
     api_key_env: str = field(
         default="", metadata={"help": "environment variable holding the API key (X-API-Key); empty = none"}
     )
+    allow_public_without_key: bool = field(
+        default=False,
+        metadata={
+            "help": "serve without an API key on a host other machines reach (not loopback); without "
+            "this, such a start is refused"
+        },
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Host header names the app answers (others get 400; stops DNS rebinding); "
+            "'*.example.org' matches subdomains; empty = the loopback names when serve.host is loopback, "
+            "serve.host itself when it is one address, any name when it is 0.0.0.0 or ::"
+        },
+    )
     max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
     max_image_bytes: int = field(default=4 << 20, metadata={"help": "largest decoded image"})
-    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "largest image width x height"})
+    max_image_pixels: int = field(
+        default=4096 * 3072, metadata={"help": "largest image width x height (a 12 MP photo fits)"}
+    )
+    max_request_pixels: int = field(
+        default=1 << 25,
+        metadata={
+            "help": "largest sum of width x height over the images of one request, checked from their "
+            "headers before any is decoded"
+        },
+    )
     max_text_chars: int = field(default=4096, metadata={"help": "longest query text or instruction"})
     max_embed_inputs: int = field(default=16, metadata={"help": "inputs per /v1/embed request"})
     default_top_k: int = field(default=10, metadata={"help": "results when the request names no top_k"})

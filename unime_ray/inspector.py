@@ -42,7 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+
+from unime_ray.data.images import open_image
 
 SCORE_BINS = 20  # judge scores live in [0, 1]: 0.05-wide bins
 THUMB_PX = 96
@@ -347,7 +348,7 @@ class Thumbnails:
         if not path.is_relative_to(self.root) or not path.is_file():
             return None
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 image = image.convert("RGB")
                 image.thumbnail((self.size, self.size))
                 out = io.BytesIO()

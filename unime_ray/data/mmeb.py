@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from unime_ray.data.images import open_image
 from unime_ray.data.schemas import EVAL, PAIRS, QUARANTINE
 from unime_ray.io import write_parquet
 
@@ -103,7 +103,7 @@ class ReadState:
             return "missing_image"
         if self.check_images:
             try:
-                with Image.open(full) as image:
+                with open_image(full) as image:
                     image.verify()
             except Exception:
                 return "corrupt_image"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unime_ray.config import ModelConfig
+from unime_ray.data.images import open_image
 from unime_ray.models.backbone import IMAGE_PLACEHOLDER, detect_arch, load_model, load_processor
 
 PHI3_IMAGE_TOKEN = "<|image_1|>"
@@ -39,7 +40,7 @@ def format_text(text: str, has_image: bool, placeholder: str) -> str:
 
 def load_image(image: str | Image.Image, image_root: str | Path, size: int) -> Image.Image:
     """Open (path relative to image_root) and resize to size x size, RGB, as the official code does."""
-    img = image if isinstance(image, Image.Image) else Image.open(Path(image_root) / image)
+    img = image if isinstance(image, Image.Image) else open_image(Path(image_root) / image)
     return img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
 
 

@@ -27,10 +27,12 @@ the server never fetches a URL. Bad input is a 4xx with a message in `detail`, n
 caught at the Ingress, so nothing unchecked reaches a model (where one bad input would fail the
 whole batch it shares with other requests):
   401  X-API-Key missing or wrong (when `serve.api_key_env` names a key)
-  400  a rerank mode asked of a server without a reranker
+  400  a rerank mode asked of a server without a reranker; a Host header the server does not answer
+       (serve.allowed_hosts)
   411  a POST without Content-Length (the body size is checked before the body is read)
-  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels
-  415  image bytes that no decoder reads
+  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels;
+       the images of one request over serve.max_request_pixels together
+  415  image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)
   422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
        URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
        tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
@@ -48,6 +50,7 @@ import binascii
 import hashlib
 import hmac
 import io
+import ipaddress
 import os
 import signal
 import time
@@ -66,6 +69,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from unime_ray.config import (
     Config,
@@ -79,6 +83,7 @@ from unime_ray.config import (
     load_config,
     model_dict,
 )
+from unime_ray.data.images import IMAGE_FORMATS, open_image
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
 RerankMode = Literal["none", "listwise", "pointwise"]
@@ -99,11 +104,52 @@ DEPLOYMENT_DEFAULTS = {
 }
 
 
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an HTTP bind address is reachable from this machine only ("localhost" or a loopback IP).
+    Any other name counts as reachable from elsewhere: it is not resolved here."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg: ServeConfig) -> list[str]:
+    """The Host header names the app answers: `serve.allowed_hosts`, or by default the loopback names
+    for a loopback server (a web page cannot rebind its own name to 127.0.0.1 and read the answers),
+    the bind address itself plus loopback for a server on one address, and any name for a server on
+    every interface (0.0.0.0, ::), whose names only its operator knows: set them there."""
+    if cfg.allowed_hosts:
+        return list(cfg.allowed_hosts)
+    if is_loopback(cfg.host):
+        return LOOPBACK_NAMES
+    if cfg.host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return [cfg.host, *LOOPBACK_NAMES]
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse (ValueError) a server without an API key on an address other machines reach, unless
+    `serve.allow_public_without_key` says that is meant."""
+    if is_loopback(cfg.host) or cfg.api_key_env or cfg.allow_public_without_key:
+        return
+    raise ValueError(
+        f"serve.host is {cfg.host!r}, reachable from other machines, and no API key is set: name the "
+        "variable holding one in serve.api_key_env, or set serve.allow_public_without_key=true to serve "
+        "everyone without a key"
+    )
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Image bytes -> RGB image, fully decoded. Raises HTTPException 413 over `max_pixels`, 415 when the
-    bytes are not an image any decoder reads (checked before a model sees them)."""
+    bytes are not a PNG, JPEG, WebP, GIF or BMP that decodes (checked before a model sees them; no other
+    format is tried, so an EPS never reaches Ghostscript)."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(io.BytesIO(data))
         too_big = max_pixels is not None and image.width * image.height > max_pixels
         if not too_big:
             image.load()
@@ -111,14 +157,38 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise HTTPException(413, f"query.image: {error}") from None
     except UnidentifiedImageError:
-        raise HTTPException(415, "query.image: no image format recognised in these bytes") from None
-    except Exception as error:  # decoders raise many types on bad client bytes; all mean "not an image"
-        raise HTTPException(415, f"query.image is not a readable image ({error})") from None
+        raise HTTPException(
+            415,
+            f"query.image: no image format recognised in these bytes (accepted: {', '.join(IMAGE_FORMATS)})",
+        ) from None
+    except Exception:  # decoders raise many types on bad client bytes; all mean "not an image"
+        # Without the decoder's message: it may name files or programs of this machine.
+        raise HTTPException(415, "query.image is not a readable image (truncated or corrupt)") from None
     if too_big:
         raise HTTPException(
             413, f"query.image is {image.width}x{image.height} pixels; the limit is {max_pixels}"
         )
     return image
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding the pixels; 0 for bytes that are not an
+    image (decode_image says so later, with its 415)."""
+    try:
+        with open_image(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:
+        return 0
+
+
+def model_image(data: bytes, max_pixels: int, side: int) -> bytes:
+    """Checked query image bytes -> a side x side PNG, resized right after decoding as the models resize
+    (RGB, bicubic, to the square input size), so the full-size pixels live only inside this call. The
+    models' own resize of a side x side image to side x side changes nothing. Runs in a worker thread."""
+    image = decode_image(data, max_pixels).resize((side, side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def request_models(cfg: ServeConfig) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -254,7 +324,7 @@ class IndexDeployment:
 def _thumbnail_png(path: Path) -> bytes | None:
     # Re-encoded rather than sent as stored: the answer is always a small PNG, whatever the file holds.
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = image.convert("RGB")
             image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
             out = io.BytesIO()
@@ -347,8 +417,27 @@ class Ingress:
         method), and tasks on its event loop (requests, Serve's own)."""
         return {**self.counts, "tasks": len(asyncio.all_tasks())}
 
-    def query(self, q: BaseModel) -> Query:
-        """A validated query as it goes to the models: (instruction + text, image bytes or None)."""
+    async def queries(self, qs: list[BaseModel]) -> list[Query]:
+        """Validated queries as they go to the models: (instruction + text, image bytes or None). The
+        images' pixels are counted from their headers against serve.max_request_pixels before any is
+        decoded; each is then decoded and downscaled to the models' input size in a worker thread
+        (`model_image`), off the event loop that answers the other requests."""
+        texts = [self.text(q) for q in qs]
+        raws = [self.image_bytes(q.image) if q.image else None for q in qs]
+        pixels = sum(await asyncio.to_thread(lambda: [image_pixels(r) for r in raws if r]))
+        if pixels > self.cfg.max_request_pixels:
+            raise HTTPException(
+                413, f"the request's images hold {pixels} pixels; the limit is {self.cfg.max_request_pixels}"
+            )
+        side, limit = self.model["image_side"], self.cfg.max_image_pixels
+        images = await asyncio.gather(
+            *(asyncio.to_thread(model_image, raw, limit, side) for raw in raws if raw is not None)
+        )
+        given = iter(images)
+        return [(text, None if raw is None else next(given)) for text, raw in zip(texts, raws, strict=True)]
+
+    def text(self, q: BaseModel) -> str:
+        """instruction + text of a query, checked against the special tokens and the token limit."""
         text = " ".join(part for part in ((q.instruction or "").strip(), (q.text or "").strip()) if part)
         for token in self.special:
             if token in text:
@@ -358,9 +447,10 @@ class Ingress:
             raise HTTPException(
                 422, f"query text is {tokens} tokens; the embedder's limit is {self.model['max_length']}"
             )
-        return text, self.image_bytes(q.image) if q.image else None
+        return text
 
     def image_bytes(self, data: str) -> bytes:
+        """The bytes of a base64 (or base64 data: URL) image, at most serve.max_image_bytes; not decoded."""
         if "://" in data[:16]:
             raise HTTPException(422, "query.image must be base64 image bytes; the server does not fetch URLs")
         if data.startswith("data:"):
@@ -377,7 +467,6 @@ class Ingress:
             raise HTTPException(422, f"query.image is not valid base64 ({error})") from None
         if len(raw) > limit:
             raise HTTPException(413, f"query.image is {len(raw)} bytes; the limit is {limit}")
-        decode_image(raw, self.cfg.max_image_pixels)
         return raw
 
     async def search(self, req: Any) -> SearchOut:
@@ -385,7 +474,7 @@ class Ingress:
             raise HTTPException(
                 400, f"rerank={req.rerank!r}: this server has no reranker (reranker.model.path)"
             )
-        query = self.query(req.query)
+        (query,) = await self.queries([req.query])
         vector = await self.call(self.embedder, "embed", query)
         reranking = req.rerank != "none"
         k = max(req.top_k, self.cfg.rerank_top if reranking else 0)
@@ -402,7 +491,7 @@ class Ingress:
         return SearchOut(results=[Hit(**h) for h in hits[: req.top_k]], rerank=rerank)
 
     async def embed(self, req: Any) -> EmbedOut:
-        queries = [self.query(q) for q in req.inputs]
+        queries = await self.queries(req.inputs)
         vectors = await asyncio.gather(*(self.call(self.embedder, "embed", q) for q in queries))
         return EmbedOut(
             model=self.model["weights"], dim=self.model["dim"], embeddings=[v.tolist() for v in vectors]
@@ -503,6 +592,8 @@ def make_api(service: Ingress) -> FastAPI:
     api.add_middleware(
         BodyLimit, limit=cfg.max_request_bytes, timeout=cfg.body_timeout_s, counts=service.counts
     )
+    # Added last, so it runs first: a request for a name this server does not answer gets 400 at once.
+    api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
@@ -563,12 +654,12 @@ def make_api(service: Ingress) -> FastAPI:
 
 
 _ERRORS = {
-    400: "rerank asked of a server without a reranker",
+    400: "rerank asked of a server without a reranker; a Host header this server does not answer",
     401: "missing or wrong API key",
     408: "request body not received within serve.body_timeout_s",
     411: "no Content-Length",
     413: "body or image too large",
-    415: "image bytes that are not an image",
+    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes",
     422: "invalid request (see detail)",
     503: "overloaded: a model's queue is full (serve.<deployment>.max_queued_requests); plain text from "
     "Serve, with a Retry-After header",
@@ -613,8 +704,10 @@ def _deploy_options(name: str, d: DeploymentConfig) -> dict[str, Any]:
 def build_app(cfg: Config) -> Application:
     """The Serve application for `cfg`: the embedder `cfg.embedder`, the index at `index.dir`, the
     reranker `cfg.reranker.model` (if its path is set). Raises here, before anything is deployed, when
-    the index is missing or was built with another embedder, or when the API key variable is unset."""
+    the index is missing or was built with another embedder, when the API key variable is unset, or
+    when `serve.host` is not loopback and no key is set (`check_exposure`)."""
     s = cfg.serve
+    check_exposure(s)
     directory = index_dir(cfg)
     model = model_identity(cfg.embedder)
     meta = read_meta(directory, model)
@@ -642,7 +735,9 @@ def build_app(cfg: Config) -> Application:
     settings = asdict(s)
     if s.rerank == "auto":
         settings["rerank"] = "listwise" if reranker is not None else "none"
-    public = {**model, "reranker_path": cfg.reranker.model.path}
+    # Query images are downscaled at the Ingress to the largest input size of the models that read them.
+    side = max(cfg.embedder.image_size, cfg.reranker.model.image_size if reranker is not None else 0)
+    public = {**model, "reranker_path": cfg.reranker.model.path, "image_side": side}
     inspect = None
     if s.inspect_run:
         from unime_ray.inspector import mining_dir
