@@ -10,6 +10,7 @@ Values in overrides are parsed as YAML scalars (`0.02` -> float, `true` -> bool,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -485,7 +486,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     for k in values:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown key {where!r}; known: {sorted(names)}")
+            dotted = {f"{prefix}.{n}" if prefix else n for n in names}
+            close = difflib.get_close_matches(where, sorted(dotted), n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(sorted(dotted))}"
+            raise ConfigError(f"unknown key {where!r}; {hint}")
     kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -509,8 +513,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides."""
+    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides.
+
+    The overrides are checked on their own first, so a bad one is blamed on `--set`, not on the file."""
     tree: dict = {}
+    checked: dict = {}
+    for item in overrides or []:
+        _set_dotted(checked, *parse_override(item))
+    try:
+        _build(Config, checked, "")
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
     if path is not None:
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
@@ -581,8 +594,13 @@ def add_config_args(parser, default: str | None = None) -> None:
 
 
 def config_from_args(args) -> Config:
+    """The config of a command's `--config` / `--set` / `--verbose`; a bad key or value stops the command
+    with one line naming it (the closest valid keys for a misspelt one), not a traceback."""
     verbose = ["ray.verbose=true"] if getattr(args, "verbose", False) else []
-    return load_config(args.config, [*args.overrides, *verbose])
+    try:
+        return load_config(args.config, [*args.overrides, *verbose])
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -178,6 +178,6 @@ def run_demo(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="unime-ray demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="unime-ray demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     add_config_args(p, default="jobs/configs/tiny.yaml")
     run_demo(config_from_args(p.parse_args(argv)))

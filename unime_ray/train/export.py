@@ -41,7 +41,9 @@ def save_model_folder(model, base: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="unime-ray export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="unime-ray export", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("adapter", help="peft adapter folder (a checkpoint's adapter/)")
     p.add_argument("out", help="output model folder (replaced)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

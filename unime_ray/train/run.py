@@ -55,7 +55,7 @@ def train(cfg: Config, kind: str) -> dict:
 
 def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     p = argparse.ArgumentParser(
-        prog=f"train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
+        prog=f"unime-ray train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
     )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     cfg = config_from_args(p.parse_args(argv))
