@@ -577,8 +577,9 @@ def config_from_dict(cls: type, values: dict) -> Any:
     return _build(cls, values, cls.__name__)
 
 
-def add_config_args(parser, default: str | None = None) -> None:
-    """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand."""
+def add_config_args(parser, default: str | None = None, run: bool = False) -> None:
+    """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand;
+    with `run`, also `--run RUN_DIR` (a finished run's index, embedder and reranker: unime_ray/runs.py)."""
     parser.add_argument("--config", default=default, help="YAML config (see jobs/configs/)")
     parser.add_argument(
         "--set",
@@ -591,15 +592,25 @@ def add_config_args(parser, default: str | None = None) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs on the console (= --set ray.verbose=true)"
     )
+    if run:
+        parser.add_argument(
+            "--run",
+            metavar="RUN_DIR",
+            help="a finished run folder, e.g. runs/tiny after `unime-ray demo`: its index, and the embedder "
+            "and reranker it trained (train_*/_SUCCESS.json); --set applies after it",
+        )
 
 
 def config_from_args(args) -> Config:
     """The config of a command's `--config` / `--set` / `--verbose`; a bad key or value stops the command
     with one line naming it (the closest valid keys for a misspelt one), not a traceback."""
+    from unime_ray.runs import run_overrides
+
     verbose = ["ray.verbose=true"] if getattr(args, "verbose", False) else []
     try:
-        return load_config(args.config, [*args.overrides, *verbose])
-    except ConfigError as e:
+        run = run_overrides(args.run) if getattr(args, "run", None) else []
+        return load_config(args.config, [*run, *args.overrides, *verbose])
+    except (ConfigError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
