@@ -57,8 +57,9 @@ def test_overrides_are_typed_and_dotted(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("mining.betta=0.1", "unknown key 'mining.betta'"),
-        ("nope.x=1", "unknown key 'nope'"),
+        ("mining.betta=0.1", "--set: unknown key 'mining.betta'; closest: mining.beta, mining.delta"),
+        ("train.lora.rnak=2", "unknown key 'train.lora.rnak'; closest: train.lora.rank"),
+        ("nope.x=1", "unknown key 'nope'; known: data, embedder, eval"),
         ("train.steps=ten", "train.steps: expected int, got str"),
         ("train.steps=true", "train.steps: expected int, got bool"),
         ("judge.backend=openai", "judge.backend: 'openai' is not one of"),
@@ -70,6 +71,12 @@ def test_overrides_are_typed_and_dotted(tmp_path):
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override])
+
+
+def test_a_bad_override_is_blamed_on_set_not_on_the_file():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "jobs/configs/tiny.yaml", ["train.stpes=3"])
+    assert str(e.value) == "--set: unknown key 'train.stpes'; closest: train.steps, train.loss, train.tau"
 
 
 def test_file_errors_name_the_file(tmp_path):

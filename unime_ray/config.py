@@ -10,6 +10,7 @@ Values in overrides are parsed as YAML scalars (`0.02` -> float, `true` -> bool,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -539,7 +540,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     for k in values:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown key {where!r}; known: {sorted(names)}")
+            dotted = {f"{prefix}.{n}" if prefix else n for n in names}
+            close = difflib.get_close_matches(where, sorted(dotted), n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(sorted(dotted))}"
+            raise ConfigError(f"unknown key {where!r}; {hint}")
     kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -563,8 +567,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides."""
+    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides.
+
+    The overrides are checked on their own first, so a bad one is blamed on `--set`, not on the file."""
     tree: dict = {}
+    checked: dict = {}
+    for item in overrides or []:
+        _set_dotted(checked, *parse_override(item))
+    try:
+        _build(Config, checked, "")
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
     if path is not None:
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
@@ -618,8 +631,9 @@ def config_from_dict(cls: type, values: dict) -> Any:
     return _build(cls, values, cls.__name__)
 
 
-def add_config_args(parser, default: str | None = None) -> None:
-    """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand."""
+def add_config_args(parser, default: str | None = None, run: bool = False) -> None:
+    """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand;
+    with `run`, also `--run RUN_DIR` (a finished run's index, embedder and reranker: unime_ray/runs.py)."""
     parser.add_argument("--config", default=default, help="YAML config (see jobs/configs/)")
     parser.add_argument(
         "--set",
@@ -632,11 +646,26 @@ def add_config_args(parser, default: str | None = None) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs on the console (= --set ray.verbose=true)"
     )
+    if run:
+        parser.add_argument(
+            "--run",
+            metavar="RUN_DIR",
+            help="a finished run folder, e.g. runs/tiny after `unime-ray demo`: its index, and the embedder "
+            "and reranker it trained (train_*/_SUCCESS.json); --set applies after it",
+        )
 
 
 def config_from_args(args) -> Config:
+    """The config of a command's `--config` / `--set` / `--verbose`; a bad key or value stops the command
+    with one line naming it (the closest valid keys for a misspelt one), not a traceback."""
+    from unime_ray.runs import run_overrides
+
     verbose = ["ray.verbose=true"] if getattr(args, "verbose", False) else []
-    return load_config(args.config, [*args.overrides, *verbose])
+    try:
+        run = run_overrides(args.run) if getattr(args, "run", None) else []
+        return load_config(args.config, [*run, *args.overrides, *verbose])
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -19,6 +19,8 @@ import argparse
 import base64
 import copy
 import json
+import os
+import shlex
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from unime_ray.assets import prepare_synthetic
-from unime_ray.config import Config, add_config_args, config_from_args
+from unime_ray.config import Config, ServeConfig, add_config_args, config_from_args
 from unime_ray.eval.compare import compare
 from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
@@ -116,6 +118,21 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
     return {"index": index, "query_image": str(image), "answer": answer}
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _train_numbers(metrics: dict) -> str:
+    """A training's last logged step in words: step, loss, P@1 in % on its last batch (the positive
+    ranked first among 1 + k candidates), throughput."""
+    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"] if "loss" in metrics else []
+    if "p@1" in metrics:
+        parts.append(f"P@1 {100 * metrics['p@1']:.2f}% on its last batch")
+    if "samples_per_s" in metrics:
+        parts.append(f"{metrics['samples_per_s']:.1f} samples/s")
+    return ", ".join(parts)
+
+
 def _table(rows: list[tuple[str, float, str, str]]) -> str:
     """The demo's closing summary: stage, seconds, key numbers, where its outputs are."""
     lines = ["| stage | seconds | key numbers | outputs |", "|---|---:|---|---|"]
@@ -150,17 +167,18 @@ def run_demo(cfg: Config) -> dict:
         stage(
             kind,
             lambda kind=kind: train(cfg, kind[len("train_") :]),
-            lambda t: ", ".join(
-                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t["metrics"].items()
-            ),
+            lambda t: _train_numbers(t["metrics"]),
             lambda t: t["weights"],
         )
     weights = report["train_embed"]["weights"], report["train_rerank"]["weights"]
     stage(
         "eval",
         lambda: evaluate(cfg, *weights),
-        lambda e: ", ".join(
-            f"{mode} {t.get('MMEB_Other', t.get('Overall', ''))}" for mode, t in e["table3"].items()
+        lambda e: (
+            "P@1 in % over the synthetic eval sets: "
+            + ", ".join(
+                f"{mode} {_percent(t.get('MMEB_Other', t.get('MMEB')))}" for mode, t in e["table3"].items()
+            )
         ),
         lambda e: e["compare"],
     )
@@ -174,10 +192,19 @@ def run_demo(cfg: Config) -> dict:
     )
     write_json(report, out / "demo_report.json")
     print(_table(rows) + f"\n\nreport: {out / 'demo_report.json'}", flush=True)
+    print(f"search it in a browser (http://{cfg.serve.host}:{cfg.serve.port}/): {serve_command(cfg)}")
     return report
 
 
+def serve_command(cfg: Config) -> str:
+    """The command that serves this run's index with the embedder and reranker that built it."""
+    out = Path(cfg.run.output_dir)
+    shown = os.path.relpath(out) if out.is_relative_to(Path.cwd()) else str(out)
+    port = "" if cfg.serve.port == ServeConfig().port else f" --set serve.port={cfg.serve.port}"
+    return f".venv/bin/unime-ray serve --run {shlex.quote(shown)}{port}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="unime-ray demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="unime-ray demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     add_config_args(p, default="jobs/configs/tiny.yaml")
     run_demo(config_from_args(p.parse_args(argv)))

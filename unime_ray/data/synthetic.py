@@ -348,7 +348,7 @@ def make_world(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m unime_ray.data.synthetic", description="Write the synthetic shapes world."
+        prog="unime-ray make-world", description="Write the synthetic shapes world."
     )
     parser.add_argument("out_dir", help="folder to write into (created if missing)")
     parser.add_argument("--seed", type=int, default=0)

@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     from unime_ray.config import add_config_args, config_from_args
     from unime_ray.ray_utils import init_ray
 
-    p = argparse.ArgumentParser(prog="mine", description="UniME-V2 hard-negative mining with an MLLM judge")
+    p = argparse.ArgumentParser(
+        prog="unime-ray mine", description="UniME-V2 hard-negative mining with an MLLM judge"
+    )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     p.add_argument("--until", choices=STAGES, default="sample", help="last stage to run (default: all)")
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """The Ray Serve application: embed the query, search the corpus index, optionally rerank (the paper's
 inference pipeline: cosine top-10, then the listwise reranker), over HTTP.
 
-    unime-ray serve --config jobs/configs/tiny.yaml      # local Ray on 127.0.0.1, serve.host:serve.port
-    serve run jobs/configs/serve.yaml                     # the same app from a Serve config file
+    unime-ray serve --run runs/tiny                       # after `unime-ray demo`: its index and models
+    serve deploy jobs/configs/serve.yaml                  # the same app from a Serve config file
     curl -s 127.0.0.1:8000/v1/search -H 'content-type: application/json' \\
         -d '{"query": {"text": "a red circle on the left"}, "top_k": 5}'
 
@@ -753,15 +753,19 @@ def build_app(cfg: Config) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Entry point of `serve run` / Serve config files: args `{config: FILE, overrides: [key=value, ...]}`.
+    """Entry point of Serve config files (`serve deploy`): args `{config: FILE, run: RUN_DIR, overrides:
+    [key=value, ...]}`, as `unime-ray serve --config FILE --run RUN_DIR --set key=value` reads them.
 
-    `serve run unime_ray.serve.app:app_builder config=jobs/configs/tiny.yaml` works too."""
-    unknown = set(args) - {"config", "overrides"}
+    `serve run unime_ray.serve.app:app_builder config=jobs/configs/tiny.yaml run=runs/tiny` works too."""
+    from unime_ray.runs import run_overrides
+
+    unknown = set(args) - {"config", "run", "overrides"}
     if unknown:
-        raise ValueError(f"unknown app args {sorted(unknown)}; expected 'config' and 'overrides'")
+        raise ValueError(f"unknown app args {sorted(unknown)}; expected 'config', 'run' and 'overrides'")
     overrides = args.get("overrides") or []
+    run = run_overrides(args["run"]) if args.get("run") else []
     return build_app(
-        load_config(args.get("config"), [overrides] if isinstance(overrides, str) else overrides)
+        load_config(args.get("config"), run + ([overrides] if isinstance(overrides, str) else overrides))
     )
 
 
@@ -772,9 +776,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="unime-ray serve",
         description="Serve search, embed and rerank over HTTP with Ray Serve (see unime_ray/serve/app.py).",
     )
-    add_config_args(p, default="jobs/configs/tiny.yaml")
+    add_config_args(p, default="jobs/configs/tiny.yaml", run=True)
     cfg = config_from_args(p.parse_args(argv))
-    app = build_app(cfg)  # a missing or mismatched index fails here, in a second
+    try:
+        app = build_app(cfg)  # a missing or mismatched index fails here, in a second, before any deploy
+    except (FileNotFoundError, ValueError) as e:  # IndexMismatchError too; the message says the fix
+        raise SystemExit(f"error: {e}") from None
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     start_serve(cfg.serve.host, cfg.serve.port, cfg.ray.verbose)
     serve.run(app, name="unime", route_prefix="/")

@@ -141,11 +141,26 @@ def read_meta(directory: str | Path, model: dict[str, Any] | None = None) -> dic
         if diff:
             what = ", ".join(f"{k} {built.get(k)!r} (index) vs {model.get(k)!r} (config)" for k in diff)
             raise IndexMismatchError(
-                f"{directory}: this index was built with a different embedder ({what}; built from "
-                f"{built['path']}{' + ' + built['adapter'] if built['adapter'] else ''}). Use that "
-                "embedder, or rebuild the index with this one (build-index --rebuild)."
+                f"{directory}: this index was built with a different embedder ({what}). Use that "
+                f"embedder ({_options(directory, built)}), or rebuild the index with this one "
+                "(build-index --rebuild)."
             )
     return meta
+
+
+def _options(directory: str | Path, built: dict[str, Any]) -> str:
+    """The command-line options that select the embedder which built an index: `--run RUN_DIR` when
+    it is the final embedder of the training run the index belongs to (the demo's), else its own path
+    and adapter."""
+    from unime_ray.runs import final_weights
+
+    run = Path(directory).parent
+    try:
+        if str(final_weights(run, "embed").resolve()) in (built["path"], built["adapter"]):
+            return f"--run {run}"
+    except FileNotFoundError:
+        pass
+    return f"--set embedder.path={built['path']} --set embedder.adapter={built['adapter']}"
 
 
 def index_ids(directory: str | Path, meta: dict[str, Any]) -> set[str]:
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="unime-ray build-index",
         description="Embed a corpus into the search index, or add its new records to it.",
     )
-    add_config_args(p, default="jobs/configs/tiny.yaml")
+    add_config_args(p, default="jobs/configs/tiny.yaml", run=True)
     p.add_argument(
         "--corpus", required=True, help="corpus file or folder (MMEB pairs / eval, image + captions)"
     )
@@ -440,5 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)
     prepare_synthetic(cfg)
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-    report = build_index(cfg, args.corpus, rebuild=args.rebuild)
+    try:
+        report = build_index(cfg, args.corpus, rebuild=args.rebuild)
+    except IndexMismatchError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, indent=2))

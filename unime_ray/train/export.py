@@ -1,6 +1,6 @@
-"""`unime-ray export ADAPTER OUT`: merge a trained LoRA adapter into its base model and write a
-standalone Hugging Face folder (safetensors) that every tool here, vLLM included, loads like any
-checkpoint."""
+"""`unime-ray export ADAPTER OUT` or `unime-ray export --run RUN_DIR OUT`: merge a trained LoRA adapter
+(with --run, the final one of that run's training) into its base model and write a standalone Hugging
+Face folder (safetensors) that every tool here, vLLM included, loads like any checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from unime_ray.io import WEIGHT_SUFFIXES
 from unime_ray.models.backbone import load_model
+from unime_ray.runs import KINDS, final_weights
 
 
 def export(adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path:
@@ -40,9 +41,26 @@ def save_model_folder(model, base: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="unime-ray export", description=__doc__.split("\n")[0])
-    p.add_argument("adapter", help="peft adapter folder (a checkpoint's adapter/)")
+    p = argparse.ArgumentParser(
+        prog="unime-ray export", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
+    p.add_argument("adapter", nargs="?", help="peft adapter folder (a checkpoint's adapter/); or give --run")
     p.add_argument("out", help="output model folder (replaced)")
+    p.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="a finished run folder (run.output_dir, e.g. runs/tiny): its final adapter, as named by "
+        "RUN_DIR/train_<kind>/_SUCCESS.json",
+    )
+    p.add_argument(
+        "--kind", choices=KINDS, default="embed", help="with --run: which training (default embed)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
-    print(f"wrote {export(a.adapter, a.out, a.dtype)}")
+    if (a.adapter is None) == (a.run is None):
+        p.error("give either ADAPTER or --run RUN_DIR")
+    try:
+        adapter = final_weights(a.run, a.kind) if a.run else a.adapter
+        print(f"wrote {export(adapter, a.out, a.dtype)}")
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -61,7 +61,7 @@ def train(cfg: Config, kind: str, restart: bool = False) -> dict:
 
 def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     p = argparse.ArgumentParser(
-        prog=f"train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
+        prog=f"unime-ray train-{kind}", description=f"Train the UniME-V2 {LABELS[kind]} on Ray Train"
     )
     add_config_args(p, default="jobs/configs/tiny.yaml")
     p.add_argument(
