@@ -177,3 +177,108 @@ def test_default_source_is_the_synthetic_world_byte_for_byte(tmp_path):
     real.main([str(tmp_path / "cli"), "--seed", "1"])
     make_world(tmp_path / "direct", seed=1)
     assert files(tmp_path / "cli") == files(tmp_path / "direct")
+
+
+@pytest.fixture(scope="module")
+def emoji(tmp_path_factory):
+    root = fetched(real.EMOJI)
+    out = tmp_path_factory.mktemp("emoji") / "world"
+    return root, out, real.make_real_world(out, "emoji", seed=5)
+
+
+def emoji_entries(root: Path) -> dict[str, dict]:
+    """emoji.json's base emoji by lowercased name (the first of a repeated name), components left out."""
+    entries = sorted(json.loads((root / "package/emoji.json").read_text()), key=lambda e: e["sort_order"])
+    by_name: dict[str, dict] = {}
+    for entry in entries:
+        if entry["category"] != "Component":
+            by_name.setdefault(entry["name"].lower(), entry)
+    return by_name
+
+
+def test_emoji_counts_readers_licence_and_both_directions(emoji):
+    root, out, manifest = emoji
+    names = emoji_entries(root)
+    n_eval = manifest["n_eval"]
+    assert manifest["n_train"] == 1500 and 300 <= n_eval <= len(names) - 1500
+    assert len(list((out / "images/eval").glob("*.png"))) == n_eval
+    for name, rows in (("EmojiI2T", (1500, n_eval)), ("EmojiT2I", (1500, n_eval))):
+        assert manifest["datasets"][name]["meta_task"] == "Retrieval"
+        train = read_folder(out / "train", "pairs", datasets=[name], image_root=out / "images")
+        evals = read_folder(out / "eval", "eval", datasets=[name], image_root=out / "images")
+        assert (train.counts()["rows_out"], evals.counts()["rows_out"]) == rows
+        assert train.quarantine.num_rows == evals.quarantine.num_rows == 0
+    assert "Cal Henderson" in (out / "LICENSE").read_text() and "Apache" in (out / "LICENSE").read_text()
+    assert "1/10" in (out / "README.md").read_text()
+
+
+def test_emoji_images_are_the_named_emoji(emoji):
+    """Every 20th item's pixels are its package PNG on white (blended here with numpy), its category
+    is emoji.json's."""
+    root, out, manifest = emoji
+    names = emoji_entries(root)
+    for path, item in list(manifest["items"].items())[::20]:
+        entry = names[item["text"]]
+        rgba = np.asarray(Image.open(root / "package/img/google/64" / entry["image"]).convert("RGBA"), float)
+        want = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)
+        got = np.asarray(Image.open(out / "images" / path), float)
+        assert np.abs(got - want).max() <= 1.0, path
+        assert item["category"] == entry["category"] and item["subcategory"] == entry["subcategory"]
+
+
+def test_emoji_eval_images_and_texts_never_in_train(emoji):
+    _, out, _ = emoji
+    assert not digests(out / "images/train") & digests(out / "images/eval")
+    prefix = "Find me an everyday image that matches the given caption: "
+    train_texts = {r["pos_text"] for r in jsonl(out / "train/EmojiI2T.jsonl")}
+    assert train_texts == {r["qry"].removeprefix(prefix) for r in jsonl(out / "train/EmojiT2I.jsonl")}
+    i2t, t2i = jsonl(out / "eval/EmojiI2T.jsonl"), jsonl(out / "eval/EmojiT2I.jsonl")
+    eval_texts = {t for r in i2t for t in r["tgt_text"]} | {r["qry_text"].removeprefix(prefix) for r in t2i}
+    assert len(train_texts) == 1500 and not train_texts & eval_texts
+    assert {p for r in t2i for p in r["tgt_img_path"]} <= {
+        f"eval/{p.name}" for p in (out / "images/eval").iterdir()
+    }
+
+
+def test_emoji_distractors_are_other_categories_and_chance_is_one_in_n(emoji):
+    root, out, manifest = emoji
+    names = emoji_entries(root)
+    category = {path: names[item["text"]]["category"] for path, item in manifest["items"].items()}
+    for name, key in (("EmojiI2T", "tgt_text"), ("EmojiT2I", "tgt_img_path")):
+        rows = jsonl(out / f"eval/{name}.jsonl")
+        assert manifest["datasets"][name]["chance"] == 1 / 10
+        for row in rows:
+            targets = row[key]
+            assert len(targets) == len(set(targets)) == 10 == 1 / manifest["datasets"][name]["chance"]
+            cats = (
+                [names[t]["category"] for t in targets]
+                if key == "tgt_text"
+                else [category[t] for t in targets]
+            )
+            own = category[row["qry_img_path"]] if row["qry_img_path"] else cats[0]
+            assert cats[0] == own and own not in cats[1:]
+        if name == "EmojiI2T":  # the positive is the query image's own name
+            assert all(r["tgt_text"][0] == manifest["items"][r["qry_img_path"]]["text"] for r in rows)
+    truth = real.world_truth(manifest)
+    for name, query_side, target_side in (
+        ("EmojiI2T", lambda r: {"text": "", "image": r["qry_img_path"]}, lambda t: {"text": t, "image": ""}),
+        ("EmojiT2I", lambda r: {"text": r["qry_text"], "image": ""}, lambda t: {"text": "", "image": t}),
+    ):
+        key = "tgt_text" if name == "EmojiI2T" else "tgt_img_path"
+        for row in jsonl(out / f"eval/{name}.jsonl")[:50]:
+            verdicts = [truth(name, query_side(row), target_side(t)) for t in row[key]]
+            assert verdicts == [True] + [False] * 9
+
+
+def test_emoji_same_seed_same_bytes(emoji, tmp_path):
+    _, out, _ = emoji
+    real.make_real_world(tmp_path / "again", "emoji", seed=5)
+    assert files(tmp_path / "again") == files(out)
+    real.make_real_world(tmp_path / "other", "emoji", seed=6)
+    assert files(tmp_path / "other")["eval/EmojiI2T.jsonl"] != files(out)["eval/EmojiI2T.jsonl"]
+
+
+def test_missing_npm_names_the_package_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(real.FetchError, match=r"(?s)npm not found.*npm pack emoji-datasource-google"):
+        real.fetch(real.EMOJI, cache=tmp_path / "cache")

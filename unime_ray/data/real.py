@@ -347,6 +347,90 @@ def build_fashion(
     )
 
 
+# --- Emoji -----------------------------------------------------------------------------------------
+
+EMOJI_IMAGES = "package/img/google/64/"
+EMOJI = Package(
+    "npm",
+    "emoji-datasource-google",
+    keep=("package/emoji.json", "package/package.json", "package/LICENSE", "package/README.md", EMOJI_IMAGES),
+)
+# Not emoji of things: the skin-tone swatches and hair styles that combine with people emoji.
+EMOJI_SKIPPED_CATEGORIES = ("Component",)
+
+
+def _emoji_png(path: Path) -> bytes:
+    """The emoji on a white background (RGB): transparent pixels would otherwise read as black."""
+    with Image.open(path) as image:
+        rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return png_bytes(Image.alpha_composite(white, rgba).convert("RGB"))
+
+
+def emoji_items(root: Path) -> tuple[list[Item], Counter]:
+    """One item per base emoji of `emoji.json` in its sort order (text and label: the lowercased name),
+    without skin-tone variants, components, emoji with no Google image, and repeated names or images;
+    each skip counted by reason."""
+    package = root / "package"
+    entries = sorted(json.loads((package / "emoji.json").read_text()), key=lambda e: e["sort_order"])
+    items, skipped = [], Counter()
+    for entry in entries:
+        skipped["skin_tone_variant"] += len(entry.get("skin_variations") or {})
+        image = root / EMOJI_IMAGES / entry["image"]
+        if entry["category"] in EMOJI_SKIPPED_CATEGORIES:
+            skipped[f"category_{entry['category'].lower()}"] += 1
+        elif not entry.get("has_img_google") or not image.is_file():
+            skipped["no_google_image"] += 1
+        elif not entry.get("name"):
+            skipped["no_name"] += 1
+        else:
+            name = entry["name"].lower()
+            items.append(Item(_emoji_png(image), name, name, entry["category"], entry["subcategory"]))
+    kept, dropped = dedupe(items)
+    return kept, skipped + dropped
+
+
+def build_emoji(
+    root: Path, rng: np.random.Generator, train_size: int, eval_size: int | None, n_candidates: int
+) -> Built:
+    """Split the emoji (`emoji_items`: no name and no image twice) with `rng`: `train_size` for train
+    (image -> name and name -> image pairs), the rest (at most `eval_size`) for eval, where each row
+    ranks its positive among `n_candidates - 1` distractors of other categories (`retrieval_eval`)."""
+    items, skipped = emoji_items(root)
+    if not 0 < train_size < len(items) or n_candidates < 2:
+        raise ValueError(
+            f"emoji: train_size must be in 1..{len(items) - 1} ({len(items)} emoji), got {train_size}; "
+            f"n_candidates must be at least 2, got {n_candidates}"
+        )
+    order = rng.permutation(len(items))
+    train = [items[i] for i in order[:train_size]]
+    held_out = [items[i] for i in order[train_size:]][:eval_size]
+    rows = retrieval_eval(rng, held_out, n_candidates - 1)
+    package = root / "package"
+    return Built(
+        train=train,
+        eval=held_out,
+        train_rows={"EmojiI2T": i2t_train(train, I2T_QUERY), "EmojiT2I": t2i_train(train)},
+        eval_rows={"EmojiI2T": rows["I2T"], "EmojiT2I": rows["T2I"]},
+        meta_tasks={"EmojiI2T": "Retrieval", "EmojiT2I": "Retrieval"},
+        candidates=n_candidates,
+        licence="MIT (the package and emoji.json, Copyright 2013 Cal Henderson); the Google/Noto emoji "
+        "images are Apache-2.0, as the package's README states",
+        licence_text=(package / "LICENSE").read_text()
+        + "\nThe images (img/google) are Google's Noto emoji, under the Apache License 2.0 "
+        "(the package's README: 'Android/Google/Noto images, are available under the Apache License 2.0').\n",
+        version=json.loads((package / "package.json").read_text())["version"],
+        notes=[
+            "Split by emoji: no eval image and no eval name appears in train (names and images are unique "
+            "across the whole world; repeats are dropped and counted).",
+            f"Each eval row: the positive plus {n_candidates - 1} distractors drawn from eval emoji of OTHER "
+            f"categories (seeded), so none is a true match and chance is exactly 1/{n_candidates}.",
+            "Texts are the emoji names, lowercased ('grinning face', 'andorra flag').",
+        ],
+        skipped=dict(skipped),
+    )
+
+
 # --- Writing a world -------------------------------------------------------------------------------
 
 
@@ -360,6 +444,7 @@ class Source:
 
 SOURCES = {
     "fashion-mnist": Source(FASHION, build_fashion, train_size=3000, eval_size=1000),
+    "emoji": Source(EMOJI, build_emoji, train_size=1500, eval_size=None),
 }
 
 
