@@ -280,6 +280,9 @@ def test_training_data_is_shuffled_across_datasets_afresh_every_epoch(mined):
     other = [r["id"] for r in train_dataset(path, seed=1).iter_rows()]
     assert sorted(first) == sorted(second) == sorted(in_file)  # each pass: every row exactly once
     assert first != second and first == again and first != other
+    withheld = set(in_file[::7])  # the reranker's held-out check rows are withheld this way
+    kept = [r["id"] for r in train_dataset(path, seed=0, exclude=withheld).iter_rows()]
+    assert sorted(kept) == sorted(set(in_file) - withheld)
 
     def changes(order: list[str]) -> int:
         return sum(dataset_of[a] != dataset_of[b] for a, b in zip(order, order[1:]))
