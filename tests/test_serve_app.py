@@ -121,7 +121,7 @@ def test_serves_on_loopback_only(app):
         c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
     }
     assert listening == {"127.0.0.1"}
-    health = requests.get(url + "/healthz", timeout=30).json()
+    health = requests.get(url + "/healthz", headers={"X-API-Key": KEY}, timeout=30).json()
     assert health["status"] == "ok" and health["reranker"] is True
     assert health["index"]["count"] == 96 and health["index"]["dim"] == 64
 
@@ -213,7 +213,7 @@ def test_rerank_equals_direct_reranker(app, direct, world):
 
 def test_rerank_without_a_reranker_is_a_400_and_the_server_keeps_serving(app_without_reranker, direct):
     _, url = app_without_reranker
-    assert requests.get(url + "/healthz", timeout=30).json()["reranker"] is False
+    assert requests.get(url + "/healthz", headers={"X-API-Key": KEY}, timeout=30).json()["reranker"] is False
     query = {"text": "an orange triangle"}
     for mode in ("listwise", "pointwise"):
         response = post(url, "/v1/search", {"query": query, "top_k": 5, "rerank": mode})
@@ -396,8 +396,69 @@ def bad_requests(cfg):
             411,
             "Content-Length",
         ),
-        ("GET a POST route", "get", search, {}, 405, "Method Not Allowed"),
+        ("GET a POST route", "get", search, dict(headers={"X-API-Key": KEY}), 405, "Method Not Allowed"),
+        (
+            "malformed JSON without a key: refused before the body is parsed",
+            "post",
+            search,
+            dict(data=b'{"query": ', headers={"content-type": "application/json"}),
+            401,
+            "X-API-Key",
+        ),
+        ("the image route without a key", "get", "/v1/image?id=x", {}, 401, "X-API-Key"),
+        (
+            "/docs off with a key set (CDN scripts)",
+            "get",
+            "/docs",
+            dict(headers={"X-API-Key": KEY}),
+            404,
+            "Not Found",
+        ),
+        ("/redoc off with a key set", "get", "/redoc", dict(headers={"X-API-Key": KEY}), 404, "Not Found"),
     ]
+
+
+def unservable_inputs():
+    """Bodies whose echo FastAPI's default 422 cannot serialize (a 500), or makes huge."""
+    json = {"X-API-Key": KEY, "content-type": "application/json"}
+    return [
+        ("top_k 1e309", dict(data=b'{"query": {"text": "x"}, "top_k": 1e309}', headers=json), "top_k"),
+        (
+            "a lone surrogate",
+            dict(data=b'{"query": {"text": "x"}, "rerank": "\\ud800"}', headers=json),
+            "rerank",
+        ),
+        (
+            "a lone surrogate as a field name",
+            dict(data=b'{"query": {"text": "x", "\\ud800": 1}}', headers=json),
+            "valid string",
+        ),
+        (
+            "a long text",
+            dict(json={"query": {"text": "y" * 150_000}}, headers={"X-API-Key": KEY}),
+            "at most 2000",
+        ),
+    ]
+
+
+def test_validation_errors_never_echo_the_input_nor_fail(app):
+    _, url = app
+    for name, kwargs, words in unservable_inputs():
+        response = requests.post(url + "/v1/search", timeout=60, **kwargs)
+        assert response.status_code == 422, (name, response.status_code, response.text[:300])
+        assert words in response.text and len(response.content) < 1000, (name, response.text[:300])
+        assert '"input"' not in response.text, name
+
+
+def test_public_routes_say_no_more_than_they_must(app):
+    _, url = app
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(url + "/openapi.json", timeout=30).status_code == 200
+    for page in ("/", "/inspect"):
+        response = requests.get(url + page, timeout=30)
+        assert response.status_code == 200
+        csp = response.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "http" not in csp
 
 
 def test_bad_inputs_get_their_4xx_and_the_server_keeps_serving(app, direct):

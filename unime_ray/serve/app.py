@@ -61,6 +61,7 @@ from typing import Any, Literal, Self
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Security
 from fastapi import Query as QueryParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image, UnidentifiedImageError
@@ -514,8 +515,9 @@ class Ingress:
                     self.inspect_page = await asyncio.to_thread(
                         build_report, self.inspect["run"], self.inspect["image_root"]
                     )
-                except (OSError, ValueError) as error:  # the run changed or vanished since the start
-                    raise HTTPException(503, f"the mining run could not be read: {error}") from None
+                except (OSError, ValueError):  # the run changed or vanished since the start
+                    # Without the error's text: it names files of this machine (the server's log has it).
+                    raise HTTPException(503, "the mining run could not be read (see the log)") from None
         return self.inspect_page
 
     async def health(self) -> dict[str, Any]:
@@ -579,26 +581,86 @@ class BodyLimit:
         return receive_in_time
 
 
+# Routes answered without the API key when one is set: the two static pages (they hold no data and ask
+# the user for the key), the OpenAPI schema (field names and limits, no data) and /healthz, which then
+# says only {"status": "ok"} (its counts and replica ids need the key).
+PUBLIC_PATHS = frozenset({"/", "/inspect", "/openapi.json", "/healthz"})
+# The pages run their own inline script and load nothing from elsewhere.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+class KeyGate:
+    """ASGI middleware: with an API key set, every route but PUBLIC_PATHS needs it in X-API-Key, checked
+    from the headers before the body is read or parsed (a keyless malformed body gets 401, not 422)."""
+
+    def __init__(self, app: Any, key_digest: str):
+        self.app, self.key_digest = app, key_digest
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            key = dict(scope["headers"]).get(API_KEY_HEADER.lower().encode())
+            if not key_matches(key, self.key_digest):
+                detail = f"missing or wrong {API_KEY_HEADER} header"
+                await JSONResponse({"detail": detail}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def key_matches(key: bytes | str | None, digest: str) -> bool:
+    """Constant-time comparison of a presented key with the digest of the configured one."""
+    if key is None:
+        return False
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(hashlib.sha256(raw).hexdigest(), digest)
+
+
+async def validation_error(request: Any, error: RequestValidationError) -> JSONResponse:
+    """422 with where and what for each problem, never the offending input: FastAPI's default echoes it,
+    which makes a 7 MB text a 7 MB answer and fails (500) on values JSON cannot carry back (1e309 parsed
+    as infinity, a lone surrogate)."""
+
+    def clean(part: Any) -> Any:
+        return part if isinstance(part, int) else str(part).encode("utf-8", "replace").decode()[:100]
+
+    detail = [
+        {"loc": [clean(p) for p in e.get("loc", ())], "msg": clean(e.get("msg", "")), "type": e.get("type")}
+        for e in error.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def make_api(service: Ingress) -> FastAPI:
     """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
     cfg = service.cfg
     SearchIn, EmbedIn = request_models(cfg)
+    keyed = bool(service.key_digest)
     api = FastAPI(
         title="unime_ray",
         version="1",
         description="UniME-V2 retrieval: embed, search a FAISS index, rerank. Errors are 4xx with `detail`.",
+        # FastAPI's /docs and /redoc load their scripts from a CDN, on the origin whose page keeps the
+        # key: off when a key is set (the schema stays at /openapi.json; docs/api.md has it rendered).
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
+        exception_handlers={RequestValidationError: validation_error},
     )
 
     api.add_middleware(
         BodyLimit, limit=cfg.max_request_bytes, timeout=cfg.body_timeout_s, counts=service.counts
     )
+    if keyed:
+        api.add_middleware(KeyGate, key_digest=service.key_digest)
     # Added last, so it runs first: a request for a name this server does not answer gets 400 at once.
     api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
-        digest = hashlib.sha256((key or "").encode()).hexdigest()
-        if key is None or not hmac.compare_digest(digest, service.key_digest):
+        # KeyGate refused a wrong key already; this dependency puts the scheme into /openapi.json.
+        if not key_matches(key, service.key_digest):
             raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
     guard = [Depends(require_key)] if service.key_digest else []
@@ -634,21 +696,24 @@ def make_api(service: Ingress) -> FastAPI:
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def search_page() -> HTMLResponse:
-        return HTMLResponse(pages["search.html"])
+        return HTMLResponse(pages["search.html"], headers={"Content-Security-Policy": PAGE_CSP})
 
     @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
     async def inspect_page() -> HTMLResponse:
-        return HTMLResponse(pages["inspect.html"])
+        return HTMLResponse(pages["inspect.html"], headers={"Content-Security-Policy": PAGE_CSP})
 
     @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
     async def inspect_report() -> HTMLResponse:
         return HTMLResponse(await service.inspect_report())
 
     @api.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        """Liveness: the index and embedder replicas answer; index size, dimension and type; batches
-        run by the embedder replica that answered."""
-        return await service.health()
+    async def healthz(key: str | None = Security(key_header)) -> dict[str, Any]:
+        """Liveness: the index and embedder replicas answer. With the key (or on a server without one):
+        index size, dimension and type, batches run by the embedder replica that answered."""
+        health = await service.health()
+        if keyed and not key_matches(key, service.key_digest):
+            return {"status": health["status"]}
+        return health
 
     return api
 
