@@ -542,7 +542,8 @@ def build_openclipart(
     skipped["failed_to_render"] = failed
     if len(items) < train_size + eval_size:
         raise ValueError(
-            f"openclipart: only {len(items)} clips rendered, asked for {train_size} + {eval_size}"
+            f"openclipart: only {len(items)} clips rendered to distinct images ({failed} failed), "
+            f"asked for {train_size} + {eval_size}: lower --train-size or --eval-size"
         )
     train, held_out = items[:train_size], items[train_size:]
     rows = retrieval_eval(rng, held_out, n_candidates - 1)
@@ -582,7 +583,7 @@ class Source:
 SOURCES = {
     "fashion-mnist": Source(FASHION, build_fashion, train_size=3000, eval_size=1000),
     "emoji": Source(EMOJI, build_emoji, train_size=1500, eval_size=None),
-    "openclipart": Source(OPENCLIPART, build_openclipart, train_size=1800, eval_size=500),
+    "openclipart": Source(OPENCLIPART, build_openclipart, train_size=1800, eval_size=450),
 }
 
 
