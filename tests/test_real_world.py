@@ -8,6 +8,7 @@ of Fashion-MNIST, emoji.json and its PNGs), and against the written files' bytes
 
 import gzip
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -282,3 +283,57 @@ def test_missing_npm_names_the_package_and_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(real.FetchError, match=r"(?s)npm not found.*npm pack emoji-datasource-google"):
         real.fetch(real.EMOJI, cache=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def clipart(tmp_path_factory):
+    pytest.importorskip("cairosvg", reason="cairosvg renders the openclipart SVGs (pip install cairosvg)")
+    root = fetched(real.OPENCLIPART)
+    out = tmp_path_factory.mktemp("clipart") / "world"
+    return root, out, real.make_real_world(out, "openclipart", seed=2, train_size=30, eval_size=20)
+
+
+def test_clipart_counts_disjointness_candidates_and_licence(clipart):
+    _, out, manifest = clipart
+    assert (manifest["n_train"], manifest["n_eval"]) == (30, 20)
+    for name in ("ClipartI2T", "ClipartT2I"):
+        assert read_folder(out / "train", "pairs", datasets=[name], image_root=out / "images").counts() == {
+            "rows_in": 30,
+            "rows_out": 30,
+        }
+        rows = jsonl(out / f"eval/{name}.jsonl")
+        assert len(rows) == 20 and all(
+            len(r["tgt_text"]) == 10 == 1 / manifest["datasets"][name]["chance"] for r in rows
+        )
+    assert not digests(out / "images/train") & digests(out / "images/eval")
+    train_texts = {r["pos_text"] for r in jsonl(out / "train/ClipartI2T.jsonl")}
+    eval_texts = {t for r in jsonl(out / "eval/ClipartI2T.jsonl") for t in r["tgt_text"]}
+    assert len(train_texts) == 30 and len(eval_texts) == 20 and not train_texts & eval_texts
+    category = {item["text"]: item["category"] for item in manifest["items"].values()}
+    for row in jsonl(out / "eval/ClipartI2T.jsonl"):
+        assert category[row["tgt_text"][0]] not in {category[t] for t in row["tgt_text"][1:]}
+    assert {"failed_to_render", "no_title", "title_shared_with_another_clip"} <= set(manifest["skipped"])
+    assert all(Image.open(p).size == (96, 96) for p in (out / "images/eval").glob("*.png"))
+    assert (
+        "Public Domain" in (out / "LICENSE").read_text()
+        and "public domain" in (out / "README.md").read_text()
+    )
+
+
+def test_clips_that_fail_to_render_are_counted_not_dropped_silently(tmp_path):
+    pytest.importorskip("cairosvg", reason="cairosvg renders the openclipart SVGs (pip install cairosvg)")
+    folder = tmp_path / real.OPENCLIPART_DIR / "shapes"
+    folder.mkdir(parents=True)
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="10">'
+    svg += '<rect width="{w}" height="10"/></svg>'
+    (folder / "bad.svg").write_text("<svg this is not xml")
+    (folder / "wide.svg").write_text(svg.format(w=20))
+    (folder / "square.svg").write_text(svg.format(w=10))
+    clips = [(folder / f"{n}.svg", n) for n in ("bad", "wide", "square")]
+    items, failed = real.render_items(tmp_path, clips, 2, 32)
+    assert failed == 1 and [it.text for it in items] == ["wide", "square"]
+    wide = np.asarray(Image.open(io.BytesIO(items[0].png)))
+    assert (
+        wide.shape == (32, 32, 3) and (wide[0] == 255).all() and (wide[16] == 0).all()
+    )  # letterboxed on white
+    assert items[0].category == "shapes"
