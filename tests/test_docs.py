@@ -114,3 +114,39 @@ def test_doc_static_check_catches_what_failed_before():
     assert check_static(".venv/bin/unime-ray export --dtype int8 A B", "")
     assert check_static(".venv/bin/python jobs/mine.py --config jobs/configs/nope.yaml", "")
     assert check_static(".venv/bin/unime-ray export --run runs/tiny runs/tiny/export", "") == []
+
+
+def _slugs(page: Path) -> list[tuple[str, str, str]]:
+    """(heading, MkDocs's slug, the code host's slug) of every heading outside code blocks."""
+    from markdown.extensions.toc import slugify
+
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    out = []
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        host = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")  # GitHub: keep - and _, no collapse
+        out.append((heading, slugify(heading, "-"), host))
+    return out
+
+
+def test_anchors_work_on_the_code_host_and_in_mkdocs():
+    """No `{#id}` attributes (the code host ignores them): every heading's anchor is its text's slug,
+    the same in MkDocs and on the code host, and README's links to a page's anchor find a heading.
+    (MkDocs' strict build checks the links between docs pages.)"""
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    for page in pages:
+        for heading, mkdocs, host in _slugs(page):
+            assert "{#" not in heading, f"{page.name}: {heading}"
+            assert mkdocs == host, (
+                f"{page.name}: {heading!r} is #{mkdocs} in MkDocs but #{host} on the code host"
+            )
+    for target, anchor in re.findall(r"\]\((docs/[\w.-]+\.md)#([\w-]+)\)", README):
+        assert anchor in {s for _, s, _ in _slugs(ROOT / target)}, f"README links {target}#{anchor}"
+
+
+def test_no_snippet_include_shows_as_text():
+    """A page shows no `--8<--` line on the code host: section markers are HTML comments and included
+    parts are copies (docsgen). The one include left sits inside a collapsed code block (api.md's JSON)."""
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if "--8<--" in line and not line.lstrip().startswith("<!--"):
+                assert line.startswith("    "), f"{page.name}: {line}"
