@@ -10,7 +10,7 @@
 - docs/api.md, between the markers: that schema as Markdown (endpoints, request and response fields).
 - README.md, between the markers: the command table, each command's usage line from its own argparse
   parser (`commands_markdown`).
-- Copies: a page's `<!-- BEGIN COPY of FILE:SECTION ... -->` ... `<!-- END COPY -->` holds that section
+- Copies (in docs pages and README.md): a page's `<!-- BEGIN COPY of FILE:SECTION ... -->` ... `<!-- END COPY -->` holds that section
   of FILE (between its `--8<-- [start:SECTION]` and `[end:SECTION]` lines; the whole file without
   `:SECTION`). Copies, not MkDocs snippet includes, because a code host shows an include line as text.
 """
@@ -237,7 +237,8 @@ def expected(docs: Path = DOCS) -> dict[Path, str]:
     def read(name: str) -> str:  # a source as it is about to be written (README's table included)
         return files.get(ROOT / name) or (ROOT / name).read_text()
 
-    for page in sorted(docs.glob("*.md")):
+    readme = [ROOT / "README.md"] if docs == DOCS else []
+    for page in readme + sorted(docs.glob("*.md")):  # README first: docs pages copy parts of it
         text = files.get(page) or page.read_text()
         if COPY.search(text):
             files[page] = with_copies(text, read)
