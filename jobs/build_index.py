@@ -7,7 +7,7 @@ into a FAISS index plus an id -> record store (Parquet). See `unime_ray.serve.in
     ray job submit --address http://HEAD:8265 --runtime-env jobs/runtime_env.yaml -- \
         python jobs/build_index.py --config jobs/configs/qwen2-vl-7b.yaml --corpus /data/corpus
 
-Then serve it: `serve run jobs/configs/serve.yaml` or `unime-ray serve --config ...`.
+Then serve it: `unime-ray serve --config ...` (or `serve deploy jobs/configs/serve.yaml` on a running Ray).
 """
 
 from unime_ray.serve.index import main

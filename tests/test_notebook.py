@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,3 +271,63 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart):
     assert served["answer"]["rerank"]["candidates"] == cfg.serve.rerank_top
     with pytest.raises(OSError):  # Serve was shut down: nothing listens on the port any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path):
+    """Every ```bash block the docs mark as runnable (tests/doc_commands.py), run as a reader runs it,
+    from the repository folder after `unime-ray demo`: here a scratch folder whose runs/tiny is a copy
+    of this module's demo run (the notebook's, which the demo test reran). Each command exits 0 and
+    writes what its `# -> PATH` comment says. The `serve` blocks' server starts once, answers their
+    requests, and stops on Ctrl-C with exit 0."""
+    from doc_commands import blocks, on_port, scratch_repo, writes
+
+    repo = scratch_repo(quickstart.out, tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+
+    def sh(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-o", "pipefail", "-ec", command],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    marked = blocks()
+    runs = [(b.page.name, c) for b in marked if b.mode == "run" for c in b.commands]
+    assert len(runs) >= 4
+    for page, command in runs:
+        res = sh(command)
+        assert res.returncode == 0, f"{page}: {command}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        if writes(command):
+            assert (repo / writes(command)).exists(), f"{page}: {command} did not write {writes(command)}"
+
+    serving = [b for b in marked if b.mode == "serve"]
+    (server,) = {b.commands[0] for b in serving}  # every page serves the demo's run the same way
+    requests = [(b.page.name, c) for b in serving for c in b.commands[1:]]
+    port = free_port()
+    proc = subprocess.Popen(
+        ["bash", "-ec", "exec " + on_port(server, port, serve=True)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while sh(f"curl -sf 127.0.0.1:{port}/healthz", timeout=10).returncode != 0:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not answer /healthz in 300 s"
+            time.sleep(2)
+        for page, command in requests:
+            res = sh(on_port(command, port), timeout=120)
+            assert res.returncode == 0, f"{page}: {command}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, as the docs say
+        console, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, console[-3000:]
+    assert f"serving http://127.0.0.1:{port}" in console

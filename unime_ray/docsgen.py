@@ -10,6 +10,9 @@
 - docs/api.md, between the markers: that schema as Markdown (endpoints, request and response fields).
 - README.md, between the markers: the command table, each command's usage line from its own argparse
   parser (`commands_markdown`).
+- Copies (in docs pages and README.md): a page's `<!-- BEGIN COPY of FILE:SECTION ... -->` ... `<!-- END COPY -->` holds that section
+  of FILE (between its `--8<-- [start:SECTION]` and `[end:SECTION]` lines; the whole file without
+  `:SECTION`). Copies, not MkDocs snippet includes, because a code host shows an include line as text.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -146,7 +150,11 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     from unime_ray.cli import COMMANDS
 
     module, _, func = COMMANDS[name][0].partition(":")
-    entry = getattr(importlib.import_module(module), func or "main")
+    return parser_of(getattr(importlib.import_module(module), func or "main"))
+
+
+def parser_of(entry) -> argparse.ArgumentParser:
+    """The argparse parser a command's `main(argv)` builds (see `command_parser`)."""
 
     def parse_args(parser, *args, **kwargs):
         raise _Parsed(parser)
@@ -156,7 +164,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
             entry([])
         except _Parsed as parsed:
             return parsed.parser
-    raise RuntimeError(f"unime-ray {name}: its main() never called parse_args")
+    raise RuntimeError(f"{entry.__module__}.{entry.__name__} never called parse_args")
 
 
 @contextlib.contextmanager
@@ -186,6 +194,34 @@ def commands_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+COPY = re.compile(
+    r"(?P<begin><!-- BEGIN COPY of (?P<source>[^\s:]+)(?::(?P<section>[\w-]+))? .*?-->\n)"
+    r"(?P<body>.*?)(?P<end><!-- END COPY -->)",
+    re.S,
+)
+
+
+def section(text: str, name: str) -> str:
+    """The lines between `--8<-- [start:name]` and `--8<-- [end:name]` (marker lines excluded)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if f"--8<-- [start:{name}]" in line]
+    ends = [i for i, line in enumerate(lines) if f"--8<-- [end:{name}]" in line]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"expected one [start:{name}] and one [end:{name}] marker, in that order")
+    return "".join(lines[starts[0] + 1 : ends[0]])
+
+
+def with_copies(text: str, read) -> str:
+    """`text` with every COPY block refilled from its source; `read(path)` gives a repo file's text."""
+
+    def fill(m: re.Match) -> str:
+        source = read(m["source"])
+        body = section(source, m["section"]) if m["section"] else source
+        return m["begin"] + body.rstrip("\n") + "\n" + m["end"]
+
+    return COPY.sub(fill, text)
+
+
 def expected(docs: Path = DOCS) -> dict[Path, str]:
     """Every generated file's path and its text as the code makes it now."""
     schema = openapi_schema()
@@ -197,6 +233,15 @@ def expected(docs: Path = DOCS) -> dict[Path, str]:
         pages[ROOT / "README.md"] = commands_markdown()
     files = {path: with_generated(path.read_text(), body, path.name) for path, body in pages.items()}
     files[docs / "api" / "openapi.json"] = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+    def read(name: str) -> str:  # a source as it is about to be written (README's table included)
+        return files.get(ROOT / name) or (ROOT / name).read_text()
+
+    readme = [ROOT / "README.md"] if docs == DOCS else []
+    for page in readme + sorted(docs.glob("*.md")):  # README first: docs pages copy parts of it
+        text = files.get(page) or page.read_text()
+        if COPY.search(text):
+            files[page] = with_copies(text, read)
     return files
 
 
