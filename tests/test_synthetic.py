@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unime_ray.data.synthetic import main, make_world, oracle_truth
+from unime_ray.data.real import main
+from unime_ray.data.synthetic import make_world, oracle_truth
 
 RGB = {
     "red": (230, 25, 25),

@@ -719,33 +719,45 @@ def oracle_scores(run_dir: str | Path, world_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`unime-ray make-world`: the synthetic shapes world (default) or a real-data one (`--source`)."""
     from unime_ray.data import synthetic
 
-    sources = ["synthetic", *SOURCES]
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--source", choices=sources, default="synthetic")
-    known, rest = pre.parse_known_args(argv)
-    if known.source == "synthetic":
-        if {"-h", "--help"} & set(rest):
-            print(
-                f"--source {{{','.join(sources)}}}: a real-data world (see `--source NAME --help`); default:"
-            )
-        synthetic.main(rest)
-        return
     parser = argparse.ArgumentParser(
         prog="unime-ray make-world",
-        description="Write a real-data world (MMEB formats) from a registry package.",
+        description="Write a world in MMEB train/eval formats: the synthetic shapes (default) or real data "
+        "from a registry package (--source).",
     )
     parser.add_argument("out_dir", help="folder to write into (created if missing)")
-    parser.add_argument("--source", choices=sources, default="synthetic")
+    parser.add_argument("--source", choices=["synthetic", *SOURCES], default="synthetic")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=None, help="train images (default: per source)")
-    parser.add_argument("--eval-size", type=int, default=None, help="eval images (default: per source)")
-    parser.add_argument("--n-candidates", type=int, default=10, help="targets per eval row (chance 1/N)")
     parser.add_argument(
+        "--n-candidates",
+        type=int,
+        default=None,
+        help="targets per eval row (chance 1/N; 8 synthetic, 10 real)",
+    )
+    synth = parser.add_argument_group("synthetic world")
+    synth.add_argument("--n-train", type=int, default=48, help="train rows per dataset")
+    synth.add_argument("--n-eval", type=int, default=24, help="eval rows per dataset")
+    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    real = parser.add_argument_group("real-data world")
+    real.add_argument("--train-size", type=int, default=None, help="train images (default: per source)")
+    real.add_argument("--eval-size", type=int, default=None, help="eval images (default: per source)")
+    real.add_argument(
         "--cache-dir", default=None, help="package cache (default: $UNIME_RAY_CACHE or ~/.cache/unime_ray)"
     )
     args = parser.parse_args(argv)
+    if args.source == "synthetic":
+        n = args.n_candidates or 8
+        manifest = synthetic.make_world(
+            args.out_dir, args.seed, args.n_train, args.n_eval, n, args.image_size
+        )
+        print(
+            f"wrote {args.out_dir}: {len(manifest['scenes'])} images, {len(synthetic.DATASETS)} datasets "
+            f"({args.n_train} train / {args.n_eval} eval rows each), compositional "
+            f"{'/'.join(synthetic.COMPOSITIONAL)}, retrieval captions, seed {args.seed}"
+        )
+        return
     try:
         manifest = make_real_world(
             args.out_dir,
@@ -753,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             args.seed,
             args.train_size,
             args.eval_size,
-            args.n_candidates,
+            args.n_candidates or 10,
             args.cache_dir,
         )
     except (FetchError, ValueError) as error:

@@ -11,12 +11,11 @@ questions like "What colour is the circle?" have one answer). Captions are plain
 (replace / swap / add), Karpathy-style retrieval captions, and `world.json`, a manifest that also holds
 every image's true scene so captions can be checked against pixels.
 
-    python -m unime_ray.data.synthetic OUT_DIR --seed 0
+    unime-ray make-world OUT_DIR --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -346,27 +345,6 @@ def make_world(
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="unime-ray make-world", description="Write the synthetic shapes world."
-    )
-    parser.add_argument("out_dir", help="folder to write into (created if missing)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=48, help="train rows per dataset")
-    parser.add_argument("--n-eval", type=int, default=24, help="eval rows per dataset")
-    parser.add_argument("--n-candidates", type=int, default=8, help="targets per eval row")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    args = parser.parse_args(argv)
-    manifest = make_world(
-        args.out_dir, args.seed, args.n_train, args.n_eval, args.n_candidates, args.image_size
-    )
-    print(
-        f"wrote {args.out_dir}: {len(manifest['scenes'])} images, {len(DATASETS)} datasets "
-        f"({args.n_train} train / {args.n_eval} eval rows each), compositional {'/'.join(COMPOSITIONAL)}, "
-        f"retrieval captions, seed {args.seed}"
-    )
-
-
 def _objects(scene: Scene) -> set[tuple[str, str, str]]:
     return {(o["colour"], o["shape"], o["position"]) for o in scene}
 
@@ -439,7 +417,3 @@ def write_truth_scores(
         "score", pa.array([1.0] * pos.num_rows + scores, pa.float32())
     )
     return write_parquet(table, out)
-
-
-if __name__ == "__main__":
-    main()
