@@ -132,17 +132,14 @@ def test_reranker_redraws_negatives_tied_in_judge_score_each_epoch():
     assert examples(row, 3, seed=0, epoch=7) == examples(row, 3, seed=0, epoch=7)
 
 
+def _reranker_cfg(model: Path, world: Path, *more: str):
+    """The reranker's settings on the tiny model and the synthetic world, lists of 3 negatives."""
+    base = [f"reranker.model.path={model}", f"data.image_root={world}/images", "reranker.model.image_size=56"]
+    return load_config(None, [*base, "reranker.list_size=3", *more])
+
+
 def test_reranker_batch_reaches_texts_images_and_masks_prompts(tiny_qwen, world):
-    cfg = load_config(
-        None,
-        [
-            f"reranker.model.path={tiny_qwen}",
-            f"data.image_root={world}/images",
-            "reranker.model.image_size=56",
-            "reranker.list_size=3",
-            "reranker.point_negatives=1",
-        ],
-    )
+    cfg = _reranker_cfg(tiny_qwen, world, "reranker.point_negatives=1")
     task = RerankTask(cfg)
     inputs, labels, sizes = task.batch([ROW])
     assert sizes == [3]
@@ -164,17 +161,7 @@ def test_reranker_loss_sums_its_terms_computed_one_sequence_at_a_time(tiny_qwen,
     sequence: the summed answer-token cross-entropies (Yes, the mean of the two No's, the listwise
     answer) plus rank_weight x the softmax cross-entropy of logit(Yes) - logit(No) at the answer position
     over [positive, negatives]."""
-    cfg = load_config(
-        None,
-        [
-            f"reranker.model.path={tiny_qwen}",
-            f"data.image_root={world}/images",
-            "reranker.model.image_size=56",
-            "reranker.list_size=3",
-            "reranker.point_negatives=2",
-            "reranker.rank_weight=0.5",
-        ],
-    )
+    cfg = _reranker_cfg(tiny_qwen, world, "reranker.point_negatives=2", "reranker.rank_weight=0.5")
     task = RerankTask(cfg)
     task.model.eval()
     with torch.no_grad():

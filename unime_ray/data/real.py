@@ -155,6 +155,27 @@ class Built:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def retrieval_world(
+    prefix: str,
+    train: list[Item],
+    held_out: list[Item],
+    rows: dict[str, list[dict]],
+    n_candidates: int,
+    **rest,
+) -> Built:
+    """An open-vocabulary world of two datasets, `<prefix>I2T` (image -> its text) and `<prefix>T2I` (text ->
+    its image), from its train items and its eval rows (`retrieval_eval`); `rest`: the README's fields."""
+    return Built(
+        train=train,
+        eval=held_out,
+        train_rows={f"{prefix}I2T": i2t_train(train, I2T_QUERY), f"{prefix}T2I": t2i_train(train)},
+        eval_rows={f"{prefix}I2T": rows["I2T"], f"{prefix}T2I": rows["T2I"]},
+        meta_tasks={f"{prefix}I2T": "Retrieval", f"{prefix}T2I": "Retrieval"},
+        candidates=n_candidates,
+        **rest,
+    )
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """The PNG encoding of `image`: PIL's encoder is deterministic, so equal pixels give equal bytes."""
     buffer = io.BytesIO()
@@ -412,15 +433,13 @@ def build_emoji(
     order = rng.permutation(len(items))
     train = [items[i] for i in order[:train_size]]
     held_out = [items[i] for i in order[train_size:]][:eval_size]
-    rows = retrieval_eval(rng, held_out, n_candidates - 1)
     package = root / "package"
-    return Built(
-        train=train,
-        eval=held_out,
-        train_rows={"EmojiI2T": i2t_train(train, I2T_QUERY), "EmojiT2I": t2i_train(train)},
-        eval_rows={"EmojiI2T": rows["I2T"], "EmojiT2I": rows["T2I"]},
-        meta_tasks={"EmojiI2T": "Retrieval", "EmojiT2I": "Retrieval"},
-        candidates=n_candidates,
+    return retrieval_world(
+        "Emoji",
+        train,
+        held_out,
+        retrieval_eval(rng, held_out, n_candidates - 1),
+        n_candidates,
         licence="MIT (the package and emoji.json, Copyright 2013 Cal Henderson); the Google/Noto emoji "
         "images are Apache-2.0, as the package's README states",
         licence_text=(package / "LICENSE").read_text()
@@ -546,15 +565,13 @@ def build_openclipart(
             f"asked for {train_size} + {eval_size}: lower --train-size or --eval-size"
         )
     train, held_out = items[:train_size], items[train_size:]
-    rows = retrieval_eval(rng, held_out, n_candidates - 1)
     doc = root / "usr/share/doc/openclipart-svg"
-    return Built(
-        train=train,
-        eval=held_out,
-        train_rows={"ClipartI2T": i2t_train(train, I2T_QUERY), "ClipartT2I": t2i_train(train)},
-        eval_rows={"ClipartI2T": rows["I2T"], "ClipartT2I": rows["T2I"]},
-        meta_tasks={"ClipartI2T": "Retrieval", "ClipartT2I": "Retrieval"},
-        candidates=n_candidates,
+    return retrieval_world(
+        "Clipart",
+        train,
+        held_out,
+        retrieval_eval(rng, held_out, n_candidates - 1),
+        n_candidates,
         licence="public domain (Creative Commons Public Domain Dedication, the Open Clip Art Library)",
         licence_text=(doc / "copyright").read_text(),
         version=_debian_version(doc / "changelog.Debian.gz"),
