@@ -220,6 +220,8 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart):
         assert f"[mine] {stage}: done earlier, skipped" in console
     # Ray's own INFO lines stay in its log files, Serve's too (its import turns its logger back on)
     assert [line for line in console if "INFO" in line] == [], "Ray's INFO lines reached the console"
+    # nor Ray's report of Serve's controller ending ("Task ServeController.graceful_shutdown failed")
+    assert [line for line in console if "(raylet)" in line] == [], "\n".join(console)
     saved = json.loads((out / "demo_report.json").read_text())
 
     # mining: every stage reused (not one parquet file rewritten), its counts reported

@@ -33,7 +33,7 @@ from unime_ray.eval.compare import compare
 from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
-from unime_ray.ray_utils import init_ray, start_serve
+from unime_ray.ray_utils import init_ray, start_serve, stop_serve
 from unime_ray.train import run
 
 
@@ -114,7 +114,7 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
         with urllib.request.urlopen(request, timeout=300) as response:
             answer = json.loads(response.read())
     finally:
-        serve.shutdown()
+        stop_serve()
     return {"index": index, "query_image": str(image), "answer": answer}
 
 

@@ -10,9 +10,10 @@
 - docs/api.md, between the markers: that schema as Markdown (endpoints, request and response fields).
 - README.md, between the markers: the command table, each command's usage line from its own argparse
   parser (`commands_markdown`).
-- Copies (in docs pages and README.md): a page's `<!-- BEGIN COPY of FILE:SECTION ... -->` ... `<!-- END COPY -->` holds that section
-  of FILE (between its `--8<-- [start:SECTION]` and `[end:SECTION]` lines; the whole file without
-  `:SECTION`). Copies, not MkDocs snippet includes, because a code host shows an include line as text.
+- Copies (in docs pages and README.md): a page's `<!-- BEGIN COPY of FILE:SECTION ... -->` ...
+  `<!-- END COPY -->` holds that section of FILE (between its `--8<-- [start:SECTION]` and
+  `[end:SECTION]` lines; the whole file without `:SECTION`). Copies, not MkDocs snippet includes,
+  because a code host shows an include line as text.
 """
 
 from __future__ import annotations
