@@ -222,6 +222,15 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart):
     assert [line for line in console if "INFO" in line] == [], "Ray's INFO lines reached the console"
     # nor Ray's report of Serve's controller ending ("Task ServeController.graceful_shutdown failed")
     assert [line for line in console if "(raylet)" in line] == [], "\n".join(console)
+    # the stage summaries say what their numbers are, rounded; the last line is the command that serves
+    # what the demo built
+    (evaluated,) = [line for line in console if line.startswith("[demo] eval: done in ")]
+    assert re.search(
+        r": P@1 in % over the synthetic eval sets: embedding \d+\.\d\d, listwise \d+\.\d\d$", evaluated
+    )
+    assert console[-1].endswith(f": .venv/bin/unime-ray serve --run {out} --set serve.port={port}"), console[
+        -1
+    ]
     saved = json.loads((out / "demo_report.json").read_text())
 
     # mining: every stage reused (not one parquet file rewritten), its counts reported
@@ -280,7 +289,7 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
     of this module's demo run (the notebook's, which the demo test reran). Each command exits 0 and
     writes what its `# -> PATH` comment says. The `serve` blocks' server starts once, answers their
     requests, and stops on Ctrl-C with exit 0."""
-    from doc_commands import blocks, on_port, scratch_repo, writes
+    from doc_commands import bare, blocks, on_port, scratch_repo, writes
 
     repo = scratch_repo(quickstart.out, tmp_path / "repo")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
@@ -305,7 +314,7 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
             assert (repo / writes(command)).exists(), f"{page}: {command} did not write {writes(command)}"
 
     serving = [b for b in marked if b.mode == "serve"]
-    (server,) = {b.commands[0] for b in serving}  # every page serves the demo's run the same way
+    (server,) = {bare(b.commands[0]) for b in serving}  # every page serves the demo's run the same way
     requests = [(b.page.name, c) for b in serving for c in b.commands[1:]]
     port = free_port()
     proc = subprocess.Popen(
@@ -318,7 +327,7 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
     )
     try:
         deadline = time.monotonic() + 300
-        while sh(f"curl -sf 127.0.0.1:{port}/healthz", timeout=10).returncode != 0:
+        while sh(f"curl -sf --max-time 10 127.0.0.1:{port}/healthz", timeout=30).returncode != 0:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "the server did not answer /healthz in 300 s"
             time.sleep(2)
