@@ -325,17 +325,22 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
         stderr=subprocess.STDOUT,
         text=True,
     )
+    failed = None
     try:
         deadline = time.monotonic() + 300
         while sh(f"curl -sf --max-time 10 127.0.0.1:{port}/healthz", timeout=30).returncode != 0:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, "the server stopped"
             assert time.monotonic() < deadline, "the server did not answer /healthz in 300 s"
             time.sleep(2)
         for page, command in requests:
             res = sh(on_port(command, port), timeout=120)
             assert res.returncode == 0, f"{page}: {command}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+    except AssertionError as e:
+        failed = e
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C, as the docs say
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as the docs say
         console, _ = proc.communicate(timeout=120)
+    assert failed is None, f"{failed}\nthe server's console:\n{console[-3000:]}"
     assert proc.returncode == 0, console[-3000:]
     assert f"serving http://127.0.0.1:{port}" in console

@@ -125,7 +125,9 @@ def _percent(value: float | None) -> str:
 def _train_numbers(metrics: dict) -> str:
     """A training's last logged step in words: step, loss, P@1 in % on its last batch (the positive
     ranked first among 1 + k candidates), throughput."""
-    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"] if "loss" in metrics else []
+    parts = [f"step {metrics['step']}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
     if "p@1" in metrics:
         parts.append(f"P@1 {100 * metrics['p@1']:.2f}% on its last batch")
     if "samples_per_s" in metrics:
