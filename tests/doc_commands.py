@@ -64,6 +64,11 @@ def blocks(pages: list[Path] = PAGES) -> list[Block]:
     ]
 
 
+def bare(command: str) -> str:
+    """The command without its comment, as the shell runs it."""
+    return shlex.join(shlex.split(command, comments=True))
+
+
 def writes(command: str) -> str | None:
     """The file a command's `# -> PATH` comment says it writes."""
     m = re.search(r"#\s*->\s*(\S+)", command)

@@ -223,6 +223,17 @@ def test_demo_on_the_notebooks_outputs_redoes_no_finished_work(quickstart):
         assert f"[mine] {stage}: done earlier, skipped" in console
     # Ray's own INFO lines stay in its log files, Serve's too (its import turns its logger back on)
     assert [line for line in console if "INFO" in line] == [], "Ray's INFO lines reached the console"
+    # nor Ray's report of Serve's controller ending ("Task ServeController.graceful_shutdown failed")
+    assert [line for line in console if "(raylet)" in line] == [], "\n".join(console)
+    # the stage summaries say what their numbers are, rounded; the last line is the command that serves
+    # what the demo built
+    (evaluated,) = [line for line in console if line.startswith("[demo] eval: done in ")]
+    assert re.search(
+        r": P@1 in % over the synthetic eval sets: embedding \d+\.\d\d, listwise \d+\.\d\d$", evaluated
+    )
+    assert console[-1].endswith(f": .venv/bin/unime-ray serve --run {out} --set serve.port={port}"), console[
+        -1
+    ]
     saved = json.loads((out / "demo_report.json").read_text())
 
     # mining: every stage reused (not one parquet file rewritten), its counts reported
@@ -281,7 +292,7 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
     of this module's demo run (the notebook's, which the demo test reran). Each command exits 0 and
     writes what its `# -> PATH` comment says. The `serve` blocks' server starts once, answers their
     requests, and stops on Ctrl-C with exit 0."""
-    from doc_commands import blocks, on_port, scratch_repo, writes
+    from doc_commands import bare, blocks, on_port, scratch_repo, writes
 
     repo = scratch_repo(quickstart.out, tmp_path / "repo")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
@@ -306,7 +317,7 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
             assert (repo / writes(command)).exists(), f"{page}: {command} did not write {writes(command)}"
 
     serving = [b for b in marked if b.mode == "serve"]
-    (server,) = {b.commands[0] for b in serving}  # every page serves the demo's run the same way
+    (server,) = {bare(b.commands[0]) for b in serving}  # every page serves the demo's run the same way
     requests = [(b.page.name, c) for b in serving for c in b.commands[1:]]
     port = free_port()
     proc = subprocess.Popen(
@@ -317,17 +328,22 @@ def test_marked_doc_commands_run_as_written_after_the_demo(quickstart, tmp_path)
         stderr=subprocess.STDOUT,
         text=True,
     )
+    failed = None
     try:
         deadline = time.monotonic() + 300
-        while sh(f"curl -sf 127.0.0.1:{port}/healthz", timeout=10).returncode != 0:
-            assert proc.poll() is None, proc.stdout.read()
+        while sh(f"curl -sf --max-time 10 127.0.0.1:{port}/healthz", timeout=30).returncode != 0:
+            assert proc.poll() is None, "the server stopped"
             assert time.monotonic() < deadline, "the server did not answer /healthz in 300 s"
             time.sleep(2)
         for page, command in requests:
             res = sh(on_port(command, port), timeout=120)
             assert res.returncode == 0, f"{page}: {command}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+    except AssertionError as e:
+        failed = e
     finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C, as the docs say
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as the docs say
         console, _ = proc.communicate(timeout=120)
+    assert failed is None, f"{failed}\nthe server's console:\n{console[-3000:]}"
     assert proc.returncode == 0, console[-3000:]
     assert f"serving http://127.0.0.1:{port}" in console

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -86,3 +87,31 @@ def test_a_run_that_did_not_finish_is_one_line(tmp_path):
         )
         assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
         assert "train_embed/_SUCCESS.json not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_mismatched_index_names_the_options_that_fix_it(tmp_path):
+    """The refusal says which options select the embedder that built the index: `--run RUN_DIR` when
+    that is the run's final embedder (the demo's index), else the embedder's own path and adapter."""
+    from unime_ray.serve.index import FORMAT_VERSION, IndexMismatchError, read_meta
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "train_embed").mkdir()
+    summary = {"weights": str(run / "adapter")}
+    (run / "train_embed" / "_SUCCESS.json").write_text(json.dumps({"summary": summary}))
+    built = {
+        "path": "/m",
+        "adapter": str((run / "adapter").resolve()),
+        "weights": "w0",
+        "adapter_weights": "a0",
+    }
+    built |= {"image_size": 56, "max_length": 256, "dim": 16}
+    (run / "index").mkdir()
+    (run / "index" / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "model": built}))
+    serving = built | {"adapter": "", "adapter_weights": ""}
+    with pytest.raises(IndexMismatchError, match=f"Use that embedder \\(--run {run}\\)"):
+        read_meta(run / "index", serving)
+    (run / "train_embed" / "_SUCCESS.json").write_text(json.dumps({"summary": {"weights": str(tmp_path)}}))
+    with pytest.raises(IndexMismatchError) as e:  # the run trained another embedder since
+        read_meta(run / "index", serving)
+    assert f"--set embedder.path=/m --set embedder.adapter={built['adapter']}" in str(e.value)

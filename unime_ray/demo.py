@@ -33,7 +33,7 @@ from unime_ray.eval.compare import compare
 from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
-from unime_ray.ray_utils import init_ray, start_serve
+from unime_ray.ray_utils import init_ray, start_serve, stop_serve
 from unime_ray.train import run
 
 
@@ -114,7 +114,7 @@ def serve_one_query(cfg: Config, embedder: str, reranker: str) -> dict:
         with urllib.request.urlopen(request, timeout=300) as response:
             answer = json.loads(response.read())
     finally:
-        serve.shutdown()
+        stop_serve()
     return {"index": index, "query_image": str(image), "answer": answer}
 
 
@@ -125,7 +125,9 @@ def _percent(value: float | None) -> str:
 def _train_numbers(metrics: dict) -> str:
     """A training's last logged step in words: step, loss, P@1 in % on its last batch (the positive
     ranked first among 1 + k candidates), throughput."""
-    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"] if "loss" in metrics else []
+    parts = [f"step {metrics['step']}"]
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
     if "p@1" in metrics:
         parts.append(f"P@1 {100 * metrics['p@1']:.2f}% on its last batch")
     if "samples_per_s" in metrics:

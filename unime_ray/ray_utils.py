@@ -66,3 +66,30 @@ def start_serve(host: str, port: int, verbose: bool = False) -> None:
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
+
+
+def stop_serve(timeout_s: float = 60.0) -> None:
+    """Shut Ray Serve down as `serve.shutdown()` does (applications, replicas, proxies, controller),
+    without the line it makes Ray print on the console.
+
+    `serve.shutdown()` waits on the controller's `graceful_shutdown` task until the controller, done,
+    kills itself with `ray.kill`; Serve calls it with infinite retries, so its end is reported to the
+    driver as "(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+    remaining ... killed by `ray.kill`" (Ray 2.60). Here the same call runs with no retries, so the
+    controller's end is the expected `RayActorError` and nothing is printed; `serve.shutdown()` then
+    only forgets the dead controller. Uses Serve's client object (`serve.context`), as `serve.shutdown`
+    does."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        client = _get_global_client()
+    except RayServeException:  # Serve is not running
+        return
+    client.shutdown_cached_handles()
+    try:
+        ray.get(client._controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # the controller shut everything down, then itself
+    serve.shutdown()

@@ -835,7 +835,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unime_ray.ray_utils import init_ray, start_serve
+    from unime_ray.ray_utils import init_ray, start_serve, stop_serve
 
     p = argparse.ArgumentParser(
         prog="unime-ray serve",
@@ -856,4 +856,4 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        stop_serve()
