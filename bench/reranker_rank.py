@@ -86,6 +86,19 @@ def settings(out: Path, model: Path, world: Path, args) -> list[str]:
     ]
 
 
+def p_at_1(results: Path) -> dict:
+    """P@1 (%) of the embedding and of each reranking mode, and the listwise answers that named no
+    candidate, from an eval folder's results.json."""
+    (dataset,) = json.loads((results / "results.json").read_text())["mmeb"]["datasets"].values()
+    return {**{mode: round(v, 2) for mode, v in dataset["scores"].items()}, "unparsed": dataset["unparsed"]}
+
+
+def ranking_checks(out: Path) -> list[dict]:
+    """The reranker job's own ranking checks (`reranker.monitor_queries`), step by step."""
+    lines = (out / "train_rerank/metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if any(k.endswith("p@1") and "_" in k for k in r)]
+
+
 def weights(out: Path, kind: str) -> str:
     """The final weights of a finished training run, as its _SUCCESS.json names them."""
     return json.loads((out / f"train_{kind}/_SUCCESS.json").read_text())["summary"]["weights"]
@@ -128,8 +141,8 @@ def main() -> None:
             "eval", *cfg, "--set", f"data.eval_dir={eval_dir}", "--out", str(res),
             "--model", weights(out, "embed"), "--reranker", weights(out, "rerank"),
         )  # fmt: skip
-        figures[split] = json.loads((res / "results.json").read_text())
-    summary = {"settings": vars(args), "seconds": times, "results": figures}
+        figures[split] = p_at_1(res)
+    summary = {"settings": vars(args), "seconds": times, "p@1": figures, "checks": ranking_checks(out)}
     print(json.dumps(summary, indent=1))
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
