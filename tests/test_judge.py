@@ -1,6 +1,8 @@
 """The MLLM judge: the paper's prompt, s = e_yes / (e_yes + e_no), and backend agreement."""
 
 import gc
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +14,9 @@ from PIL import Image
 from unime_ray.config import JudgeConfig, MiningConfig, ModelConfig
 from unime_ray.data.schemas import JUDGE_REQUESTS
 from unime_ray.mining.judge import attach_precomputed, run_judge
+from unime_ray.models import processing_unime
 from unime_ray.models.backbone import load_model, load_processor
-from unime_ray.models.judge import TransformersJudge, VLLMJudge
+from unime_ray.models.judge import TransformersJudge, VLLMJudge, remote_code_needed
 from unime_ray.models.prompts import JUDGE_INSTRUCTION, judge_content, render
 
 RED = Image.new("RGB", (56, 56), (255, 0, 0))
@@ -64,6 +67,28 @@ def test_transformers_judge_equals_a_manual_forward(tiny_qwen):
         e_yes, e_no = torch.exp(logits[yes]), torch.exp(logits[no])
         assert abs(got[i] - (e_yes / (e_yes + e_no)).item()) < 1e-5
     assert ((got > 0) & (got < 1)).all()
+
+
+def test_vllm_runs_folder_code_only_for_the_installed_processor_of_tiny_folders(tiny_qwen, tmp_path):
+    transformers_impl = _cfg(tiny_qwen, "vllm")
+    assert (tiny_qwen / "processing_unime.py").is_file()
+    assert remote_code_needed(transformers_impl)
+    assert not remote_code_needed(replace(transformers_impl, vllm_model_impl="auto"))
+    assert not remote_code_needed(replace(transformers_impl, vllm_model_impl="vllm"))
+    # a folder without the file (a real checkpoint): never, whatever its auto_map says
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "processor_config.json").write_text('{"auto_map": {"AutoProcessor": "evil.Processor"}}')
+    (plain / "evil.py").write_text("raise SystemExit('ran')\n")
+    assert not remote_code_needed(_cfg(plain, "vllm"))
+    # a folder whose copy was changed: refused, naming the file
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_qwen, changed)
+    with (changed / "processing_unime.py").open("a") as f:
+        f.write("import os  # anything\n")
+    with pytest.raises(ValueError, match=f"^{changed / 'processing_unime.py'} differs from the installed "):
+        remote_code_needed(_cfg(changed, "vllm"))
+    assert (tiny_qwen / "processing_unime.py").read_bytes() == open(processing_unime.__file__, "rb").read()
 
 
 @pytest.mark.slow

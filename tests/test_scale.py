@@ -20,8 +20,10 @@ from planted import planted_embeddings
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
-from unime_ray.data.mmeb import DataError
+from unime_ray.data.schemas import USER_EMBEDDINGS, USER_SCORES, DataError, check_parquet_types
 from unime_ray.data.synthetic import make_world, write_oracle_scores
+from unime_ray.mining.embed import import_embeddings
+from unime_ray.mining.judge import attach_precomputed
 from unime_ray.mining.pipeline import run_mining
 
 ROOT = Path(__file__).parents[1]
@@ -100,6 +102,74 @@ def test_bad_embeddings_file_names_the_row_and_id(local_ray, ingested, tmp_path,
     cfg = _cfg(tmp_path / "run", ingested, "embedder.backend=precomputed", f"embedder.embeddings_path={emb}")
     with pytest.raises(DataError, match=match):
         run_mining(cfg, ("embed",))
+
+
+GOOD_EMBEDDINGS = {"id": ["a", "b"], "embedding": [[1.0, 0.0], [0.0, 1.0]]}
+GOOD_SCORES = {"query_id": ["q0", "q1"], "cand_id": ["c0", "c1"], "score": [0.25, 0.75]}
+
+
+@pytest.mark.parametrize(
+    "column, values, holds, expected",
+    [
+        ("id", pa.array([1, 2]), "int64", "string"),
+        ("embedding", pa.array(["[1.0, 0.0]", "[0.0, 1.0]"]), "string", "list of numbers"),
+        ("embedding", pa.array([["1", "0"], ["0", "1"]]), "list<element: string>", "list of numbers"),
+        ("embedding", pa.array([1.0, 0.5]), "double", "list of numbers"),
+    ],
+    ids=["int-id", "string-embedding", "list-of-strings-embedding", "scalar-embedding"],
+)
+def test_embeddings_file_of_wrong_types_names_file_column_and_type(tmp_path, column, values, holds, expected):
+    path = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({**GOOD_EMBEDDINGS, column: values}), path)
+    with pytest.raises(DataError) as error:  # before the queries and pool files are even opened
+        import_embeddings(str(path), tmp_path / "no-queries", tmp_path / "no-pool", tmp_path / "out")
+    assert str(error.value) == (
+        f"{path}: column '{column}' holds {holds}, expected {expected} "
+        f"(read as {'string' if column == 'id' else 'list<item: float>'})"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "column, values, holds, expected",
+    [
+        ("score", pa.array([[0.25], [0.75]]), "list<element: double>", "number"),
+        ("score", pa.array(["0.25", "0.75"]), "string", "number"),
+        ("query_id", pa.array([0, 1]), "int64", "string"),
+        ("cand_id", pa.array([0.0, 1.0]), "double", "string"),
+    ],
+    ids=["list-score", "string-score", "int-query-id", "float-cand-id"],
+)
+def test_score_file_of_wrong_types_names_file_column_and_type(tmp_path, column, values, holds, expected):
+    path = tmp_path / "scores.parquet"
+    pq.write_table(pa.table({**GOOD_SCORES, column: values}), path)
+    with pytest.raises(ValueError) as error:  # before any request file is read or task started
+        attach_precomputed([tmp_path / "no-requests.parquet"], tmp_path / "out", str(path))
+    assert str(error.value) == (
+        f"{path}: column '{column}' holds {holds}, expected {expected} "
+        f"(read as {'float' if column == 'score' else 'string'})"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_files_of_other_layouts_of_the_right_kind_pass_the_type_check(tmp_path):
+    """What the readers cast without loss passes: wide or dictionary strings, any integer or float for
+    a score, any list layout of numbers for an embedding."""
+    path = tmp_path / "ok.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(["a", "b"], pa.large_string()).dictionary_encode(),
+                "embedding": pa.array([[1, 0], [0, 1]], pa.list_(pa.int8(), 2)),
+                "query_id": pa.array(["q0", "q1"], pa.large_string()),
+                "cand_id": ["c0", "c1"],
+                "score": pa.array([0, 1], pa.int64()),
+            }
+        ),
+        path,
+    )
+    check_parquet_types(path, USER_EMBEDDINGS)
+    check_parquet_types(path, USER_SCORES)
 
 
 def test_score_file_in_jsonl_with_nan_and_unknown_rows_is_streamed_and_counted(local_ray, ingested, tmp_path):

@@ -26,7 +26,7 @@ from unime_ray.config import Config, ModelConfig
 from unime_ray.docsgen import openapi_schema
 from unime_ray.models.embedder import Embedder
 from unime_ray.models.reranker import Reranker, apply_listwise, fuse
-from unime_ray.serve.app import DEPLOYMENT_DEFAULTS, app_builder, build_app
+from unime_ray.serve.app import DEPLOYMENT_DEFAULTS, app_builder, build_app, check_port_free
 from unime_ray.serve.corpus import read_corpus
 from unime_ray.serve.index import IndexMismatchError, build_index
 
@@ -124,6 +124,15 @@ def test_serves_on_loopback_only(app):
     health = requests.get(url + "/healthz", headers={"X-API-Key": KEY}, timeout=30).json()
     assert health["status"] == "ok" and health["reranker"] is True
     assert health["index"]["count"] == 96 and health["index"]["dim"] == 64
+
+
+def test_a_second_server_on_the_port_of_a_running_one_is_refused(app):
+    """Serve's proxy listens with SO_REUSEPORT, which would let a second server share its port."""
+    _, url = app
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(OSError) as refused:
+        check_port_free("127.0.0.1", port)
+    assert refused.value.strerror.startswith(f"127.0.0.1:{port} is in use")
 
 
 def test_answers_only_its_own_host_names(app):

@@ -1,9 +1,13 @@
 """The Serve app's safety checks that need no running server: who may start without a key, which Host
-names it answers, which image formats are ever tried (query bytes, corpus and MMEB files). (The checks
-through live HTTP are in tests/test_serve_app.py.)"""
+names it answers, that a busy port is refused, which image formats are ever tried (query bytes, corpus
+and MMEB files). (The checks through live HTTP are in tests/test_serve_app.py.)"""
 
 import io
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from unime_ray.serve.app import (
     allowed_hosts,
     build_app,
     check_exposure,
+    check_port_free,
     decode_image,
     image_pixels,
     is_loopback,
@@ -50,6 +55,63 @@ def test_allowed_host_names():
     assert allowed_hosts(ServeConfig(host="10.0.0.7")) == ["10.0.0.7", "127.0.0.1", "localhost", "::1"]
     named = ServeConfig(host="0.0.0.0", allowed_hosts=["search.example.org", "*.example.org"])
     assert allowed_hosts(named) == ["search.example.org", "*.example.org"]
+
+
+def listening_like_serve(host: str = "127.0.0.1") -> socket.socket:
+    """A socket listening on a free port of `host` with the options Serve's proxy sets (SO_REUSEPORT),
+    so a second server with them would share the port without an error."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind((host, 0))
+    held.listen()
+    return held
+
+
+def test_what_the_port_check_guards_against():
+    """A second socket with Serve's options binds the busy port without an error."""
+    with listening_like_serve() as held, socket.socket() as twin:
+        twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        twin.bind(("127.0.0.1", held.getsockname()[1]))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0"])
+def test_a_busy_port_is_refused_and_a_free_one_passes(host):
+    with listening_like_serve() as held:
+        port = held.getsockname()[1]
+        with pytest.raises(OSError) as refused:
+            check_port_free(host, port)
+    assert refused.value.strerror == (
+        f"{host}:{port} is in use (Address already in use): another server listens there; stop it, "
+        "or choose a free port with --set serve.port=N"
+    )
+    check_port_free(host, port)  # free once closed, and the probe itself holds nothing
+    check_port_free(host, port)
+
+
+def test_serve_on_a_busy_port_stops_before_ray_starts(tmp_path):
+    with listening_like_serve() as held:
+        port = held.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        res = subprocess.run(
+            [sys.executable, "-m", "unime_ray.cli", "serve", "--set", f"serve.port={port}"]
+            + ["--set", f"run.output_dir={tmp_path}"],  # no index there: the port check comes first
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
+            env=env,
+            timeout=120,
+        )
+        assert res.returncode == 1
+        assert res.stderr.strip().splitlines() == [
+            f"[serve] stopped: 127.0.0.1:{port} is in use (Address already in use): another server "
+            "listens there; stop it, or choose a free port with --set serve.port=N"
+        ]
+        assert res.stdout == ""  # not even Ray's "[ray] Ray's own logs" line: no Ray, no Serve
+        # the held socket still accepts, and is the only one on the port
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            held.accept()[0].close()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- image formats: only PNG, JPEG, WebP, GIF, BMP are ever tried ---------------------------------

@@ -3,6 +3,8 @@ Ray Train + DeepSpeed ZeRO-2 runs (1 and 2 workers, a killed worker, a rerun, ex
 
 import dataclasses
 import json
+import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from unime_ray.train.loop import (
     _start_or_resume,
     accumulation_steps,
     changed_keys,
+    load_state_file,
     lora_model,
     lr_lambda,
     run_inputs,
@@ -368,6 +371,59 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     (archived,) = (tmp_path / "archive").iterdir()
     assert (archived / "run/metrics.jsonl").read_text() == old_metrics
     assert (archived / "ray_train").is_dir() and not Path(rerun["checkpoint"]).exists()
+
+
+class MakesADirectoryWhenUnpickled:
+    """What a tampered checkpoint can carry: pickled as a call to os.mkdir, which plain unpickling runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def assert_same_state(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):  # DeepSpeed's loss scaler, fragment addresses
+        assert type(a) is type(b), where
+        assert_same_state(vars(a), vars(b), f"{where}.__dict__")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_resume_reads_checkpoints_as_data_only(one_worker, tmp_path):
+    """Every file of a real ZeRO-2 checkpoint loads through the weights-only unpickler exactly as
+    DeepSpeed's own torch.load(weights_only=False) loads it; a tampered file is refused, naming it and
+    the callable it carries, and nothing in it runs (plain unpickling runs it)."""
+    _, out, _ = one_worker
+    files = sorted(out.glob("ray_train/train_embed/checkpoint_*/state/*.pt"))
+    names = {f.name for f in files}
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= names, names
+    for f in files:
+        assert_same_state(load_state_file(str(f)), torch.load(f, weights_only=False))
+
+    optimizer_state = next(f for f in files if f.name.startswith("zero_pp_rank_0"))
+    state = torch.load(optimizer_state, weights_only=False)
+    marker = tmp_path / "code-ran"
+    state["extra"] = MakesADirectoryWhenUnpickled(marker)
+    tampered = tmp_path / optimizer_state.name
+    torch.save(state, tampered)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tampered))}: holds posix\.mkdir, which resume"):
+        load_state_file(str(tampered))
+    assert not marker.exists()
+    torch.load(tampered, weights_only=False)  # what DeepSpeed's loader would do
+    assert marker.is_dir()
 
 
 @pytest.mark.slow

@@ -92,7 +92,12 @@ class JudgeConfig:
         default="vllm", metadata={"help": "vllm (production), transformers (reference), precomputed (a file)"}
     )
     vllm_model_impl: Literal["auto", "vllm", "transformers"] = field(
-        default="auto", metadata={"help": "vLLM modeling backend; 'transformers' where torchvision is absent"}
+        default="auto",
+        metadata={
+            "help": "vLLM modeling backend; 'transformers' where torchvision is absent. Only then, and only "
+            "for a model folder carrying the installed unime_ray/models/processing_unime.py (make-tiny "
+            "folders), is vLLM let run code from the folder (trust_remote_code); never for others"
+        },
     )
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM memory fraction"})
     prefix_caching: bool = field(

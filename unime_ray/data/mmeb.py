@@ -39,16 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unime_ray.data.images import open_image
-from unime_ray.data.schemas import EVAL, PAIRS, QUARANTINE
+from unime_ray.data.schemas import EVAL, PAIRS, QUARANTINE, DataError
 from unime_ray.io import write_parquet
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 Problem = tuple[str, str]  # (field, reason)
-
-
-class DataError(ValueError):
-    """A file that cannot be read: the message names the file, the row and the field."""
 
 
 @dataclass

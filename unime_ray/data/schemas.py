@@ -7,8 +7,15 @@ a text is "" when the side has no text. Ids are strings, stable across re-runs o
 """
 
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class DataError(ValueError):
+    """A file that cannot be read: the message names the file, the row and the field."""
+
 
 # One MMEB-train style pair: a query, its positive, and an optional given negative.
 PAIRS = pa.schema(
@@ -165,6 +172,53 @@ HARD_NEGATIVES = pa.schema(
         ("fallback", pa.bool_()),
     ]
 )
+
+# ---- bring your own: the columns read from a user's file, as their readers cast them -------------------
+
+# embedder.backend=precomputed: one vector per query and pool id (mining/embed.py).
+USER_EMBEDDINGS = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+# judge.backend=precomputed: one score per judge request (mining/judge.py).
+USER_SCORES = pa.schema([("query_id", pa.string()), ("cand_id", pa.string()), ("score", pa.float32())])
+
+
+def type_kind(t: pa.DataType) -> str:
+    """The kind of values a column holds, as the readers of user files accept them: "string" (of any
+    width, dictionary-encoded too), "number" (any integer or float: cast to the schema's float),
+    "list of numbers" (any list layout), else Arrow's own name of the type."""
+    if pa.types.is_dictionary(t):
+        return type_kind(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    is_list = (
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+    )
+    if is_list and type_kind(t.value_type) == "number":
+        return "list of numbers"
+    return str(t)
+
+
+def check_parquet_types(path: str | Path, expected: pa.Schema) -> None:
+    """Raise DataError naming the file, the column, its type and the expected kind (`type_kind`) for the
+    first column of `expected` whose values in the Parquet file at `path` are of another kind. Reads the
+    footer only, so a wrong type is found before any work, not as an Arrow error deep in a task.
+    Columns absent from the file are left to the caller."""
+    found = pq.read_schema(path)
+    for field in expected:
+        if field.name not in found.names:
+            continue
+        have = found.field(field.name).type
+        if type_kind(have) != type_kind(field.type):
+            raise DataError(
+                f"{path}: column {field.name!r} holds {have}, expected {type_kind(field.type)} "
+                f"(read as {field.type})"
+            )
+
 
 # ---- serving ----------------------------------------------------------------------------------------
 

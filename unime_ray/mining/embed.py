@@ -26,7 +26,7 @@ import ray
 
 from unime_ray.config import EmbedderConfig, MiningConfig
 from unime_ray.data.mmeb import DataError
-from unime_ray.data.schemas import EMBEDDINGS
+from unime_ray.data.schemas import EMBEDDINGS, USER_EMBEDDINGS, check_parquet_types
 from unime_ray.engine.embed import embed_dataset
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
@@ -166,6 +166,7 @@ def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir:
     absent = {"id", "embedding"} - set(meta.schema_arrow.names)
     if absent:
         raise DataError(f"{path}: missing column(s) {sorted(absent)}; need id, embedding")
+    check_parquet_types(path, USER_EMBEDDINGS)
     items = _items(queries, pool, ["id", "dataset"])
     unused = _check_ids(path, items)
     dim = _first_dim(path)

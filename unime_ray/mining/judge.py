@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import JudgeConfig, MiningConfig, config_from_dict
-from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_REQUESTS, JUDGE_SCORES
+from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_REQUESTS, JUDGE_SCORES, USER_SCORES, check_parquet_types
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import write_parquet
@@ -164,7 +164,6 @@ def write_requests(
     return [path for paths in shards for path in paths]
 
 
-USER_SCORES = pa.schema([("query_id", pa.string()), ("cand_id", pa.string()), ("score", pa.float32())])
 BUCKET_ROWS = 2_000_000  # request rows joined at once against the user's scores (~0.5 GB in a task)
 CHUNK_ROWS = 1_000_000  # user rows per partitioning task
 
@@ -182,8 +181,10 @@ def _user_batches(path: str, row_groups: list[int] | None) -> Iterator[pa.Record
             reader = pajson.open_json(path, parse_options=options)
         for batch in reader:
             yield pa.Table.from_batches([batch]).select(USER_SCORES.names).cast(USER_SCORES).combine_chunks()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
-        raise ValueError(f"{path}: not a score file of query_id, cand_id, score: {e}") from e
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError) as e:
+        raise ValueError(
+            f"{path}: not a score file of query_id (string), cand_id (string), score (number): {e}"
+        ) from e
 
 
 def _check_user_scores(path: str) -> list[list[int] | None]:
@@ -206,6 +207,8 @@ def _check_user_scores(path: str) -> list[list[int] | None]:
     missing = {"query_id", "cand_id", "score"} - names
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}; need query_id, cand_id, score")
+    if p.suffix == ".parquet":
+        check_parquet_types(path, USER_SCORES)
     return chunks
 
 

@@ -26,6 +26,7 @@ import torch
 
 from unime_ray.config import JudgeConfig, ModelConfig
 from unime_ray.data.schemas import JUDGE_COSTS
+from unime_ray.models import processing_unime
 from unime_ray.models.backbone import load_model, load_processor, resolve_dtype
 from unime_ray.models.embedder import PHI3_IMAGE_TOKEN, load_image
 from unime_ray.models.prompts import answer_token_ids, judge_content, render
@@ -126,6 +127,27 @@ class TransformersJudge(_PromptBuilder):
         return np.concatenate(out).astype(np.float32), np.asarray(tokens, np.int64)
 
 
+def remote_code_needed(cfg: JudgeConfig) -> bool:
+    """Whether vLLM must be let run code from the model folder (`trust_remote_code`): only with its
+    transformers backend (`vllm_model_impl=transformers`) over a folder that carries this package's
+    `processing_unime.py` (the processor without a video half that `make-tiny` folders name in their
+    `auto_map`, for machines without torchvision), and only when that file is byte for byte the
+    installed one, so what vLLM runs is code already installed here. Every other folder loads without
+    remote code. Raises ValueError for a folder whose copy differs (stale, or changed by someone)."""
+    if cfg.vllm_model_impl != "transformers":
+        return False
+    own = Path(processing_unime.__file__)
+    copy = Path(cfg.model.path) / own.name
+    if not copy.is_file():
+        return False
+    if copy.read_bytes() != own.read_bytes():
+        raise ValueError(
+            f"{copy} differs from the installed {own}: vLLM would run it as remote code; copy the "
+            "installed file over it (or rebuild the folder with make-tiny)"
+        )
+    return True
+
+
 class VLLMJudge(_PromptBuilder):
     def __init__(self, cfg: JudgeConfig, image_root: str | Path = ""):
         from transformers import AutoTokenizer
@@ -142,8 +164,8 @@ class VLLMJudge(_PromptBuilder):
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
         self.llm = LLM(
             model=cfg.model.path,
-            # the model folder's processor class (auto_map) is loaded only with remote code allowed
-            trust_remote_code=cfg.vllm_model_impl == "transformers",
+            # a make-tiny folder's processor class (auto_map) loads only with remote code allowed
+            trust_remote_code=remote_code_needed(cfg),
             dtype=dtype[resolve_dtype(cfg.model.dtype)],
             max_model_len=cfg.model.max_length,
             gpu_memory_utilization=cfg.gpu_memory_utilization,

@@ -53,6 +53,7 @@ import io
 import ipaddress
 import os
 import signal
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -143,6 +144,31 @@ def check_exposure(cfg: ServeConfig) -> None:
         "variable holding one in serve.api_key_env, or set serve.allow_public_without_key=true to serve "
         "everyone without a key"
     )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse (OSError) a `host:port` where something already listens. Serve's HTTP proxy binds with
+    SO_REUSEPORT, so a second server on a busy port would start without an error and the kernel would
+    share the connections between the two (a keyless one would answer half the requests meant for a
+    keyed one). The probe binds every address `host` resolves to without SO_REUSEPORT, which fails
+    while any socket listens there; with SO_REUSEADDR, as the proxy sets, so the closed connections of
+    a server just stopped (TIME_WAIT) do not count. A check, not a lock: a server starting in between
+    is not seen."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(e.errno, f"serve.host {host!r} does not resolve here ({e.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"{host}:{port} is in use ({e.strerror}): another server listens there; stop it, or "
+                    "choose a free port with --set serve.port=N",
+                ) from None
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -843,6 +869,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_args(p, default="jobs/configs/tiny.yaml", run=True)
     cfg = config_from_args(p.parse_args(argv))
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray: its Serve proxy will listen here. (On a cluster it listens on the cluster's
+        # nodes, where a running Serve is updated in place.)
+        try:
+            check_port_free(cfg.serve.host, cfg.serve.port)
+        except OSError as e:
+            raise SystemExit(f"[serve] stopped: {e.strerror}") from None
     try:
         app = build_app(cfg)  # a missing or mismatched index fails here, in a second, before any deploy
     except (FileNotFoundError, ValueError) as e:  # IndexMismatchError too; the message says the fix

@@ -15,7 +15,9 @@ into a loss; everything else lives here once:
   each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller.
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
   checkpoint with `ray.train.get_checkpoint()` and continues from its step; its data stream starts a
-  new pass (the optimizer state is restored, the position within an epoch is not).
+  new pass (the optimizer state is restored, the position within an epoch is not). Its files are read
+  as data only (`load_state_file`: torch's weights_only unpickler), not with DeepSpeed's own
+  `torch.load(weights_only=False)`, which would run whatever code a tampered file carries.
 - Resume is keyed on every input (`run_training`): only a rerun whose data, model and settings equal
   the run's own, the step budget aside, continues it; anything else starts a fresh run and archives the
   old one, so new hard negatives never return the old model.
@@ -26,15 +28,18 @@ into a loss; everything else lives here once:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import pickle
+import re
 import resource
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import ray
 import ray.train
@@ -47,6 +52,14 @@ from unime_ray.train.export import save_model_folder
 
 STATE_TAG = "state"
 SECTIONS = {"embed": "train", "rerank": "reranker"}  # training kind -> its config section
+# The classes DeepSpeed pickles into a ZeRO-2 checkpoint besides tensors and plain containers (found by
+# loading fp32 and bf16 checkpoints of DeepSpeed 0.19 with weights_only=True); each is rebuilt from
+# plain fields, without running code.
+CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 class Task(Protocol):
@@ -134,6 +147,27 @@ def weights_dir(tcfg: TrainConfig) -> str:
     return "adapter" if tcfg.lora.enabled else "model"
 
 
+def load_state_file(path: str, map_location: Any = None) -> Any:
+    """One file of a DeepSpeed checkpoint, read with `torch.load(weights_only=True)`: tensors, plain
+    containers and the CHECKPOINT_CLASSES only, so a tampered checkpoint cannot run code when a run
+    resumes (DeepSpeed's own loader passes weights_only=False, which unpickles anything). Raises
+    ValueError naming the file and the first other class it holds."""
+    allowed = [
+        getattr(importlib.import_module(m), n)
+        for m, _, n in (name.rpartition(".") for name in CHECKPOINT_CLASSES)
+    ]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(
+            f"{path}: holds {found[1] if found else 'a Python object'}, which resume does not unpickle "
+            "(only tensors, plain data and train/loop.py's CHECKPOINT_CLASSES). A checkpoint from another "
+            "DeepSpeed version may: add the class there once you have checked it holds plain data only"
+        ) from None
+
+
 def _save(engine, tmp: Path, step: int, rank: int, tcfg: TrainConfig) -> None:
     engine.save_checkpoint(str(tmp), tag=STATE_TAG, exclude_frozen_parameters=True)
     if rank == 0:
@@ -166,6 +200,7 @@ def worker_loop(config: dict) -> None:
         model=task.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
     )
     task.model = engine  # forward through the engine
+    engine.checkpoint_engine.load = load_state_file  # resume reads data only, never runs pickled code
 
     step = 0  # the step this attempt starts from: a checkpoint's after a restart or a rerun
     checkpoint = ray.train.get_checkpoint()
