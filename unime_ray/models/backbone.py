@@ -1,9 +1,10 @@
-"""Loading the MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) from a local folder.
+"""Loading the MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, FastVLM) from a local folder.
 
 One loader for real checkpoints and the tiny test models alike. The processor is assembled from its
 parts (tokenizer + PIL image processor + our video-less processor class) rather than through
 `AutoProcessor`, because the stock processors insist on a video processor that needs torchvision,
-which CPU installs lack; the parts are the same files a real checkpoint ships.
+which CPU installs lack; the parts are the same files a real checkpoint ships. FastVLM's processor is
+LLaVA's, which has no video half; its timm vision tower is loaded through `fastvlm.import_timm`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Literal
 
 import torch
 
-Arch = Literal["qwen2-vl", "qwen2.5-vl", "llava-ov"]
+Arch = Literal["qwen2-vl", "qwen2.5-vl", "llava-ov", "fast-vlm"]
 
 _MODEL_TYPES: dict[str, Arch] = {
     "qwen2_vl": "qwen2-vl",
     "qwen2_5_vl": "qwen2.5-vl",
     "llava_onevision": "llava-ov",
+    "fast_vlm": "fast-vlm",
 }
 
 # What each backbone's text uses to mark where an image goes (MMEB texts carry Phi-3.5-V's token).
@@ -27,6 +29,7 @@ IMAGE_PLACEHOLDER: dict[Arch, str] = {
     "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava-ov": "<image>",
+    "fast-vlm": "<image>",
 }
 
 
@@ -59,6 +62,9 @@ def load_processor(path: str | Path, padding_side: str = "left"):
         from transformers import LlavaOnevisionImageProcessorPil as ImageProcessor
 
         cls = processing_unime.UnimeLlavaOnevisionProcessor
+    elif arch == "fast-vlm":
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+        from transformers import LlavaProcessor as cls
     else:
         from transformers import Qwen2VLImageProcessorPil as ImageProcessor
 
@@ -80,7 +86,10 @@ def load_model(path: str | Path, dtype: str = "auto", adapter: str = "", device:
     with an optional peft adapter applied on top, in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    detect_arch(path)
+    if detect_arch(path) == "fast-vlm":
+        from unime_ray.models.fastvlm import import_timm
+
+        import_timm()  # before transformers imports timm for the vision tower
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype), local_files_only=True, use_safetensors=True
     )
