@@ -307,7 +307,7 @@ def make_tiny(
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
     if text_model == "smollm2" and arch == "qwen2-vl":
-        raise ValueError("text_model='smollm2' is built as arch='llava-ov' or 'fast-vlm' (see models/smol.py)")
+        raise ValueError("text_model='smollm2' is built as arch='llava-ov' or 'fast-vlm', not qwen2-vl")
     if arch == "fast-vlm" and text_model != "smollm2":
         raise ValueError("arch='fast-vlm' is built with text_model='smollm2' only (see models/fastvlm.py)")
     out = Path(out)
