@@ -1,7 +1,9 @@
 """What the pretrained FastVLM (EfficientNet-Lite0 + SmolLM2-135M, models/fastvlm.py) costs on this machine
 per image size, against the random ~3M "mid" Qwen2-VL: seconds per embedder training micro-step (forward
 + backward of `EmbedTask.loss`, LoRA on the language model), seconds per embedded image record and per
-embedded text record (`Embedder.embed`), and each process's peak RSS.
+embedded text record (`Embedder.embed`), and each process's peak RSS. Each time is given as wall time
+and as the process's CPU time (user + system, both cores): on a machine shared with other jobs the
+wall time varies with their load (recorded as the 1-minute load average), the CPU time much less.
 
     python bench/fastvlm_cost.py                          # mid, fast-vlm at 224 / 160 / 96 px
     python bench/fastvlm_cost.py --sizes 224 128 --steps 3
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -69,14 +72,15 @@ def measure(overrides: list[str], world: Path, steps: int, queue) -> None:
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [*overrides, f"data.image_root={world / 'images'}"])
     rows = mined_rows(world)
     task = EmbedTask(cfg)
-    times = []
+    times, cpu = [], []
     for step in range(steps + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss, _ = task.loss(rows)
         loss.backward()
         task.model.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     del task
     embedder = Embedder(cfg.embedder, image_root=world / "images")
     records = [{"text": r["qry_text"], "image": r["qry_image"]} for r in rows]
@@ -85,15 +89,20 @@ def measure(overrides: list[str], world: Path, steps: int, queue) -> None:
     per_item = {}
     for name, recs in (("image", image_records), ("text", text_records)):
         embedder.embed(recs[: cfg.embedder.batch_size])  # warm-up
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         embedder.embed(recs)
         per_item[name] = (time.perf_counter() - start) / len(recs)
+        per_item[name + "_cpu"] = (time.process_time() - start_cpu) / len(recs)
     queue.put(
         dict(
             step_s=statistics.median(times),
+            step_cpu_s=statistics.median(cpu),
             records_per_step=len(rows) * (2 + NEGATIVES),
             embed_image_s=per_item["image"],
+            embed_image_cpu_s=per_item["image_cpu"],
             embed_text_s=per_item["text"],
+            embed_text_cpu_s=per_item["text_cpu"],
+            load_average=os.getloadavg()[0],
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
     )

@@ -110,21 +110,30 @@ def test_missing_tower_file_says_how_to_install(tmp_path):
 
 
 def test_folder_sees_photos_as_the_wheels_network(loaded, wheel):
-    """The folder's tower (its feature map, average-pooled, through the wheel's classifier) and its
-    processor give the wheel's network's ImageNet logits on real photos, and the right classes."""
+    """On real photos through the folder's processor, the folder's tower (its feature map, average-pooled,
+    through the wheel's classifier) gives the wheel's network's ImageNet logits, and the right classes."""
     processor, model = loaded
     net = wheel_network(wheel)
     for name, img in photos().items():
         with torch.no_grad():
-            expected = net(imagenet_pixels(img))[0]
             pixels = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"]
-            fmap = model.model.vision_tower(pixels).last_hidden_state  # [1, 1280, 7, 7]
+            expected = net(pixels)[0]
+            fmap = model.model.vision_tower(pixels).last_hidden_state
             got = fmap.mean((2, 3))[0] @ wheel["_fc.weight"].T + wheel["_fc.bias"]
         assert fmap.shape == (1, 1280, 7, 7)
         top = int(expected.argmax())
         assert top in (CATS if name == "cat" else {ESPRESSO}), (name, top)
         assert int(got.argmax()) == top, name
-        assert torch.allclose(got, expected, atol=0.05), (name, (got - expected).abs().max())
+        assert torch.allclose(got, expected, atol=1e-4), (name, (got - expected).abs().max())
+
+
+def test_processor_resizes_crops_and_normalises_for_imagenet(loaded):
+    """The coffee photo (600 x 400: its resize to 224 px is exact) gives the pixels of a plain numpy
+    ImageNet preprocessing, the one the tower was trained with."""
+    processor, _ = loaded
+    coffee = photos()["coffee"]
+    pixels = processor.image_processor(images=[coffee], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, imagenet_pixels(coffee), atol=1e-5)
 
 
 def test_chat_template_places_the_image_tokens(loaded):

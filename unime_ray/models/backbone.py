@@ -43,6 +43,17 @@ def detect_arch(path: str | Path) -> Arch:
     return _MODEL_TYPES[model_type]
 
 
+def _prepare(path: str | Path) -> Arch:
+    """The folder's arch, after what loading it needs: FastVLM's config names a timm vision tower, and
+    transformers imports timm for it (`fastvlm.import_timm` makes that work without torchvision)."""
+    arch = detect_arch(path)
+    if arch == "fast-vlm":
+        from unime_ray.models.fastvlm import import_timm
+
+        import_timm()
+    return arch
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bfloat16 where CUDA is present and float32 on CPU (CPU bf16 matmuls are slow)."""
     if name == "auto":
@@ -55,7 +66,7 @@ def load_processor(path: str | Path, padding_side: str = "left"):
 
     from unime_ray.models import processing_unime
 
-    arch = detect_arch(path)
+    arch = _prepare(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = padding_side
     if arch == "llava-ov":
@@ -86,10 +97,7 @@ def load_model(path: str | Path, dtype: str = "auto", adapter: str = "", device:
     with an optional peft adapter applied on top, in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    if detect_arch(path) == "fast-vlm":
-        from unime_ray.models.fastvlm import import_timm
-
-        import_timm()  # before transformers imports timm for the vision tower
+    _prepare(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype), local_files_only=True, use_safetensors=True
     )
