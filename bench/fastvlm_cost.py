@@ -10,9 +10,10 @@ wall time varies with their load (recorded as the 1-minute load average), the CP
 
 A micro-step is the real one of the training job without Ray or DeepSpeed: 8 queries of the synthetic
 world's train files (2 from each of its 4 datasets, image and text queries mixed), each with its positive
-and 8 negatives (other rows' positives of its dataset), so 80 records in one forward. Each model runs in
-a fresh process (its peak RSS is its own); the first step and the first embedding batch are warm-up and
-not timed. Writes bench/results/fastvlm_cost.json.
+and 8 negatives (other rows' positives of its dataset), so 80 records in one forward. One FastVLM
+folder is built (or `--base` reused); each size is a copy of it with that size's processor files.
+Each model runs in a fresh process (its peak RSS is its own); the first step and the first embedding
+batch are warm-up and not timed. Writes bench/results/fastvlm_cost.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import make_world
 from unime_ray.models.embedder import Embedder
+from unime_ray.models.fastvlm import TOWER_STRIDE, save_fast_vlm_processing
 from unime_ray.models.tiny import make_tiny
 from unime_ray.train.embed import EmbedTask
 
@@ -126,6 +129,23 @@ def run(name: str, overrides: list[str], world: Path, steps: int) -> dict:
     return result
 
 
+def sized_copy(base: Path, size: int, out: Path) -> Path:
+    """The `base` FastVLM folder for images of `size` px: the same weights (linked: they do not depend on
+    the image size), the processor files and `image_seq_length` of that size."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).symlink_to(f.resolve())
+        else:
+            shutil.copy(f, out / f.name)
+    save_fast_vlm_processing(out, size, (base / "chat_template.jinja").read_text())
+    config = json.loads((out / "config.json").read_text())
+    config["image_seq_length"] = (size // TOWER_STRIDE) ** 2
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def model_overrides(path: Path, image_size: int, lora: tuple[int, int]) -> list[str]:
     out = [f"{s}.path={path}" for s in ("embedder", "train.model")]
     out += [f"{s}.image_size={image_size}" for s in ("embedder", "train.model")]
@@ -136,6 +156,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 160, 96])
     p.add_argument("--steps", type=int, default=3, help="timed micro-steps per model (after one warm-up)")
+    p.add_argument("--base", default="", help="an existing `make-tiny --arch fast-vlm` folder to reuse")
     a = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     world = WORK / "world"
@@ -144,11 +165,12 @@ def main() -> None:
     results = {}
     mid = make_tiny(WORK / "mid", "qwen2-vl", "mid")
     results["mid qwen2-vl, 56 px"] = run("mid", model_overrides(mid, 56, (8, 16)), world, a.steps)
+    base = Path(a.base) if a.base else WORK / "fast-vlm"
+    if not (base / "config.json").is_file():
+        make_tiny(base, "fast-vlm", text_model="smollm2")
     for size in a.sizes:
-        path = WORK / f"fast-vlm-{size}"
-        if not (path / "config.json").is_file():
-            make_tiny(path, "fast-vlm", text_model="smollm2", image_size=size)
-        tokens = (size // 32) ** 2
+        path = sized_copy(base, size, WORK / f"fast-vlm-{size}")
+        tokens = (size // TOWER_STRIDE) ** 2
         name = f"fast-vlm, {size} px ({tokens} image tokens)"
         results[name] = run(name, model_overrides(path, size, (16, 32)), world, a.steps)
     info = dict(
