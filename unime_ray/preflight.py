@@ -101,6 +101,13 @@ def check_job(cfg: Config, job: str) -> None:
             raise PreflightError(f"embedder.embeddings_path: no file {cfg.embedder.embeddings_path!r}")
         if cfg.judge.backend != "precomputed":
             check_model_folder(cfg.judge.model.path, "judge.model.path")
+        if cfg.judge.backend == "vllm":
+            from unime_ray.models.judge import check_vllm_backbone
+
+            try:
+                check_vllm_backbone(cfg.judge.model.path)
+            except ValueError as e:
+                raise PreflightError(str(e)) from None
     elif job in ("train_embed", "train_rerank"):
         section = "train" if job == "train_embed" else "reranker"
         check_model_folder(getattr(cfg, section).model.path, f"{section}.model.path")

@@ -1,9 +1,10 @@
-"""Loading the MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) from a local folder.
+"""Loading the MLLM backbones (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, FastVLM) from a local folder.
 
 One loader for real checkpoints and the tiny test models alike. The processor is assembled from its
 parts (tokenizer + PIL image processor + our video-less processor class) rather than through
 `AutoProcessor`, because the stock processors insist on a video processor that needs torchvision,
-which CPU installs lack; the parts are the same files a real checkpoint ships.
+which CPU installs lack; the parts are the same files a real checkpoint ships. FastVLM's processor is
+LLaVA's, which has no video half; its timm vision tower is loaded through `fastvlm.import_timm`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Literal
 
 import torch
 
-Arch = Literal["qwen2-vl", "qwen2.5-vl", "llava-ov"]
+Arch = Literal["qwen2-vl", "qwen2.5-vl", "llava-ov", "fast-vlm"]
 
 _MODEL_TYPES: dict[str, Arch] = {
     "qwen2_vl": "qwen2-vl",
     "qwen2_5_vl": "qwen2.5-vl",
     "llava_onevision": "llava-ov",
+    "fast_vlm": "fast-vlm",
 }
 
 # What each backbone's text uses to mark where an image goes (MMEB texts carry Phi-3.5-V's token).
@@ -27,6 +29,7 @@ IMAGE_PLACEHOLDER: dict[Arch, str] = {
     "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2.5-vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava-ov": "<image>",
+    "fast-vlm": "<image>",
 }
 
 
@@ -38,6 +41,17 @@ def detect_arch(path: str | Path) -> Arch:
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"{cfg_file}: model_type {model_type!r} is not one of {sorted(_MODEL_TYPES)}")
     return _MODEL_TYPES[model_type]
+
+
+def _prepare(path: str | Path) -> Arch:
+    """The folder's arch, after what loading it needs: FastVLM's config names a timm vision tower, and
+    transformers imports timm for it (`fastvlm.import_timm` makes that work without torchvision)."""
+    arch = detect_arch(path)
+    if arch == "fast-vlm":
+        from unime_ray.models.fastvlm import import_timm
+
+        import_timm()
+    return arch
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -52,13 +66,16 @@ def load_processor(path: str | Path, padding_side: str = "left"):
 
     from unime_ray.models import processing_unime
 
-    arch = detect_arch(path)
+    arch = _prepare(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = padding_side
     if arch == "llava-ov":
         from transformers import LlavaOnevisionImageProcessorPil as ImageProcessor
 
         cls = processing_unime.UnimeLlavaOnevisionProcessor
+    elif arch == "fast-vlm":
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+        from transformers import LlavaProcessor as cls
     else:
         from transformers import Qwen2VLImageProcessorPil as ImageProcessor
 
@@ -80,7 +97,7 @@ def load_model(path: str | Path, dtype: str = "auto", adapter: str = "", device:
     with an optional peft adapter applied on top, in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    detect_arch(path)
+    _prepare(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype), local_files_only=True, use_safetensors=True
     )

@@ -27,7 +27,7 @@ import torch
 from unime_ray.config import JudgeConfig, ModelConfig
 from unime_ray.data.schemas import JUDGE_COSTS
 from unime_ray.models import processing_unime
-from unime_ray.models.backbone import load_model, load_processor, resolve_dtype
+from unime_ray.models.backbone import detect_arch, load_model, load_processor, resolve_dtype
 from unime_ray.models.embedder import PHI3_IMAGE_TOKEN, load_image
 from unime_ray.models.prompts import answer_token_ids, judge_content, render
 
@@ -38,6 +38,25 @@ Pair = tuple[str, object, str, object]
 TOKEN_COLUMNS = tuple(n for n in JUDGE_COSTS.names if n.endswith("_tokens"))
 # The placeholder a processor repeats once per image token: Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision.
 IMAGE_PLACEHOLDERS = ("<|image_pad|>", "<image>")
+
+
+# Backbones the vLLM backend refuses, and why. FastVLM: vLLM (0.32) has no FastVLM model of its own, and
+# its transformers backend would need timm, hence torchvision, importable in every engine process it
+# spawns, which CPU machines lack (`fastvlm.import_timm` works only inside our own processes).
+VLLM_UNSUPPORTED = {
+    "fast-vlm": "vLLM has no FastVLM implementation, and its transformers backend cannot import the timm "
+    "vision tower in its engine processes",
+}
+
+
+def check_vllm_backbone(path: str | Path) -> None:
+    """Raise a ValueError naming the architecture and the alternative when vLLM cannot serve `path`."""
+    arch = detect_arch(path)
+    if arch in VLLM_UNSUPPORTED:
+        raise ValueError(
+            f"judge.backend=vllm: {path} is a {arch} model; {VLLM_UNSUPPORTED[arch]}. "
+            "Use judge.backend=transformers for it"
+        )
 
 
 def image_token_id(tokenizer) -> int | None:
@@ -151,6 +170,8 @@ def remote_code_needed(cfg: JudgeConfig) -> bool:
 class VLLMJudge(_PromptBuilder):
     def __init__(self, cfg: JudgeConfig, image_root: str | Path = ""):
         from transformers import AutoTokenizer
+
+        check_vllm_backbone(cfg.model.path)
         from vllm import LLM, SamplingParams
 
         # The engine lives in this actor, on one node: its processes talk over loopback. Unset, vLLM takes

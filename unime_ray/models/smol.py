@@ -83,16 +83,15 @@ def load_smollm2(gguf: str | Path | None = None):
     return lm, tokenizer
 
 
-def build_smollm2_llava_ov(out: Path, size: str = "tiny", gguf: str | Path | None = None) -> None:
-    """Write the model folder into the (existing, empty) folder `out`; `size` sizes the vision tower."""
-    from transformers import LlavaOnevisionForConditionalGeneration
-
+def smollm2_language_model(specials: list[str], chat_template: str, gguf: str | Path | None = None):
+    """What every MLLM built around SmolLM2 takes from it: (the pretrained LlamaModel's state dict with one
+    new embedding row per added special token, its text config as a dict, the tokenizer with `specials`
+    and `chat_template`). The new rows are the mean of the pretrained rows: a neutral start that keeps
+    the rows' scale (zeros would be an outlier). Raises unless "Yes" and "No" are one token each."""
     lm, tok = load_smollm2(gguf)
-    tok.add_special_tokens({"additional_special_tokens": LLAVA_SPECIALS})
-    tok.chat_template = SMOL_CHAT_TEMPLATE
-    answer_token_ids(tok)  # raises unless "Yes" and "No" are one token each
-    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
-
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = chat_template
+    answer_token_ids(tok)
     # The LM's own config, minus what described the GGUF source (a saved folder is plain float32).
     text_config = {
         k: v
@@ -100,19 +99,33 @@ def build_smollm2_llava_ov(out: Path, size: str = "tiny", gguf: str | Path | Non
         if k not in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "dtype")
     }
     text_config["vocab_size"] = len(tok)
-    model = LlavaOnevisionForConditionalGeneration(llava_ov_config(text_config, ids, size, tie=True))
-
     state = lm.model.state_dict()
     embed = state["embed_tokens.weight"]
     added = len(tok) - embed.shape[0]
     state["embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True).expand(added, -1)])
-    model.model.language_model.load_state_dict(state)  # strict: every pretrained tensor has its place
+    return state, text_config, tok
+
+
+def save_with_smollm2(model, state: dict, tok, out: Path) -> None:
+    """Put the pretrained `state` (from `smollm2_language_model`) into `model`'s language model, strictly
+    (every pretrained tensor has its place), check the LM head is tied to those embeddings (as in
+    SmolLM2: the added rows are also the new output logits), and save the model and tokenizer to `out`."""
+    model.model.language_model.load_state_dict(state)
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         raise RuntimeError("the LM head is not tied to the pretrained embeddings")
-
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def build_smollm2_llava_ov(out: Path, size: str = "tiny", gguf: str | Path | None = None) -> None:
+    """Write the model folder into the (existing, empty) folder `out`; `size` sizes the vision tower."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    state, text_config, tok = smollm2_language_model(LLAVA_SPECIALS, SMOL_CHAT_TEMPLATE, gguf)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    model = LlavaOnevisionForConditionalGeneration(llava_ov_config(text_config, ids, size, tie=True))
+    save_with_smollm2(model, state, tok, out)
     save_llava_ov_processing(out, SMOL_CHAT_TEMPLATE)
     (out / "README.md").write_text(_README)

