@@ -44,7 +44,7 @@ from unime_ray.models.prompts import (
     listwise_content,
     render,
 )
-from unime_ray.train.loop import lora_model
+from unime_ray.train.loop import keep_batch_norm_frozen, lora_model
 from unime_ray.train.monitor import rank_p_at_1
 
 END = "<|im_end|>"  # the answer is followed by the end-of-turn token, so the model learns to stop
@@ -153,6 +153,7 @@ class RerankTask:
             }
         finally:
             module.train()
+            keep_batch_norm_frozen(module)  # a frozen BatchNorm tower stays in eval mode (FastVLM)
 
 
 class AnswerLosses(NamedTuple):
