@@ -382,10 +382,10 @@ def write_oracle_scores(candidate_files: list[Path], ingest_dir: Path, world: Pa
     """A stand-in for a capable judge on this world, where a random-weight tiny judge knows nothing:
     score 1.0 for each query's own positive and for every retrieved candidate that is TRUE of the query
     (`oracle_truth`: the other object's label, a caption of part of the image), 0.0 for the rest. The
-    mining's false-negative filter then drops the true ones, as it would with a real judge; before
-    2026-12-01 they were scored 0 and trained on as negatives (5% of the classification negatives, 1% of
-    the caption ones). Input: the mining run's `retrieve/*.parquet`, its ingest folder (QUERIES and POOL)
-    and the world's `world.json`; feed the output to the judge stage with `judge.backend=precomputed`."""
+    mining's false-negative filter then drops the true ones, as it would with a real judge (scored 0,
+    they would be trained on as negatives: docs/experiment-log.md). Input: the mining run's
+    `retrieve/*.parquet`, its ingest folder (QUERIES and POOL) and the world's `world.json`; feed the
+    output to the judge stage with `judge.backend=precomputed`."""
     true_of = oracle_truth(json.loads(Path(world).read_text()))
     return write_truth_scores(true_of, candidate_files, ingest_dir, out)
 

@@ -201,8 +201,7 @@ def worker_loop(config: dict) -> None:
     kind = config["task"]
     tcfg = getattr(cfg, SECTIONS[kind])
     task: Task = {"embed": EmbedTask, "rerank": RerankTask}[kind](cfg)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.run.seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
@@ -212,22 +211,12 @@ def worker_loop(config: dict) -> None:
     )
     task.model = engine  # forward through the engine
     engine.checkpoint_engine.load = load_state_file  # resume reads data only, never runs pickled code
-
-    step = 0  # the step this attempt starts from: a checkpoint's after a restart or a rerun
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=STATE_TAG, load_module_strict=False)
-            step = json.loads((Path(d) / "progress.json").read_text())["step"]
-        print(f"[train-{kind}] resumed at step {step}", flush=True)
-
-    resumed_from = step
+    step = resumed_from = _resume(engine, kind)  # 0, or a checkpoint's step after a restart or a rerun
     metrics_file = Path(config["metrics_path"])
     samples = config.get("monitor") or {}  # rows whose ranking rank 0 checks (train/monitor.py)
     check = (lambda: task.monitor(samples)) if samples and rank == 0 else dict
     if step == 0 and rank == 0 and samples:  # the untrained model's figures, as step 0
-        with metrics_file.open("a") as f:
-            f.write(json.dumps({"step": 0, **check()}) + "\n")
+        _append(metrics_file, {"step": 0, **check()})
     shard = ray.train.get_dataset_shard("train")
     epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
     while step < tcfg.steps:
@@ -256,8 +245,7 @@ def worker_loop(config: dict) -> None:
             if checkpoint:
                 report.update(check())
             if rank == 0:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(report) + "\n")
+                _append(metrics_file, report)
             if checkpoint:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save(engine, Path(tmp), step, rank, tcfg)
@@ -278,6 +266,23 @@ def worker_loop(config: dict) -> None:
         "peak_mem_mb": peak_mem_mb(),
     }
     final.write_text(json.dumps(summary))
+
+
+def _resume(engine, kind: str) -> int:
+    """Load Ray Train's latest checkpoint of this run into `engine`, if there is one; its step, else 0."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(d, tag=STATE_TAG, load_module_strict=False)
+        step = json.loads((Path(d) / "progress.json").read_text())["step"]
+    print(f"[train-{kind}] resumed at step {step}", flush=True)
+    return step
+
+
+def _append(metrics_file: Path, row: dict) -> None:
+    with metrics_file.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def peak_mem_mb() -> float:
