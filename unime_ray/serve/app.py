@@ -882,10 +882,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     start_serve(cfg.serve.host, cfg.serve.port, cfg.ray.verbose)
-    serve.run(app, name="unime", route_prefix="/")
-    print(f"serving http://{cfg.serve.host}:{cfg.serve.port} (OpenAPI: /docs); Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
-    try:
+    try:  # Ctrl-C stops it cleanly at any point, also while serve.run still waits for the app to run
+        serve.run(app, name="unime", route_prefix="/")
+        print(f"serving http://{cfg.serve.host}:{cfg.serve.port} (OpenAPI: /docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
