@@ -84,7 +84,9 @@ class Embedder:
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward with gradients (training): [b, d] L2-normalised float32."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**batch, output_hidden_states=True, return_dict=True)
+        # logits_to_keep=1: pooling reads hidden states only, and full-vocabulary logits for every
+        # position were most of a large-vocabulary model's activation memory (docs/benchmarks.md)
+        out = self.model(**batch, output_hidden_states=True, return_dict=True, logits_to_keep=1)
         pooled = last_token_pool(out.hidden_states[-1], batch["attention_mask"])
         return F.normalize(pooled.float(), dim=-1)
 
