@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from unime_ray.assets import mine_with_oracle
-from unime_ray.config import ModelConfig, TrainConfig, load_config
+from unime_ray.config import ModelConfig, load_config
 from unime_ray.data.mmeb import data_files, read_eval
 from unime_ray.data.synthetic import PHRASES, caption, make_world, paraphrases
 from unime_ray.eval.metrics import precision_at_1
@@ -57,13 +57,12 @@ from unime_ray.models.prompts import render
 from unime_ray.models.reranker import Reranker
 from unime_ray.models.tiny import make_tiny
 from unime_ray.ray_utils import init_ray
+from unime_ray.train.align import CAPTION_PROMPT, AlignSettings, held_out_captions, train_projector
 from unime_ray.train.export import save_model_folder
-from unime_ray.train.loop import LANGUAGE_PARAMS, lr_lambda, run_training
-from unime_ray.train.rerank import answer_batch, answer_losses
+from unime_ray.train.loop import run_training
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "jobs/configs/tiny.yaml"
-CAPTION_PROMPT = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,31 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ stage 1
-
-
-def caption_loss(
-    model, processor, pairs: list[tuple[Path, str]], size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair (image file, caption): the mean cross-entropy of the caption's tokens after the image and
-    "Describe the image.", and whether every caption token is the model's argmax (teacher forced)."""
-    prompt = render(processor.tokenizer, CAPTION_PROMPT)
-    inputs, labels = answer_batch(
-        processor,
-        [prompt] * len(pairs),
-        [c for _, c in pairs],
-        [load_image(str(p), "", size) for p, _ in pairs],
-    )
-    out = answer_losses(model, inputs, labels)
-    return out.mean, out.correct
-
-
-@torch.no_grad()
-def held_out_captions(model, processor, pairs: list[tuple[Path, str]], size: int) -> dict:
-    losses, exact = zip(
-        *(caption_loss(model, processor, pairs[i : i + 16], size) for i in range(0, len(pairs), 16)),
-        strict=True,
-    )
-    return {"loss": float(torch.cat(losses).mean()), "exact": float(torch.cat(exact).float().mean() * 100)}
 
 
 @torch.no_grad()
@@ -184,38 +158,22 @@ def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
     held = [(path, caption(s)) for path, s in held_scenes]
     processor = load_processor(base, padding_side="left")
     model = load_model(base, "float32")
-    for name, param in model.named_parameters():
-        param.requires_grad = not name.startswith(LANGUAGE_PARAMS) and not (
-            args.freeze_tower and "vision_tower" in name
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    before = held_out_captions(model, processor, held, args.image_size)
-    schedule = TrainConfig(
-        lr=args.align_lr, warmup_steps=max(1, args.align_steps // 10), steps=args.align_steps
+    before = held_out_captions(model, processor, held, "", args.image_size)
+    settings = AlignSettings(
+        steps=args.align_steps,
+        batch=args.align_batch,
+        lr=args.align_lr,
+        train_tower=not args.freeze_tower,
+        seed=args.seed,
     )
-    optimizer = torch.optim.AdamW(params, lr=args.align_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule))
-    rng = np.random.default_rng(args.seed)
-    curve, start = [], time.perf_counter()
-    model.train()
-    for step in range(args.align_steps):
-        batch = [train[i] for i in rng.choice(len(train), args.align_batch, replace=False)]
-        loss = caption_loss(model, processor, batch, args.image_size)[0].mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        curve.append(loss.item())
-        if step % 10 == 0 or step == args.align_steps - 1:
-            print(f"[align] step {step + 1}/{args.align_steps} loss {loss.item():.3f}", flush=True)
+    start = time.perf_counter()
+    curve = train_projector(model, processor, train, settings, "", args.image_size)
     seconds = time.perf_counter() - start
-    model.eval()
-    after = held_out_captions(model, processor, held, args.image_size)
+    after = held_out_captions(model, processor, held, "", args.image_size)
     greedy = greedy_captions(model, processor, held_scenes, args.image_size)
     save_model_folder(model, base, out)
     return {
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": args.align_steps,
         "batch": args.align_batch,
         "seconds": seconds,

@@ -14,6 +14,7 @@ COMMANDS = {
         "unime_ray.mining.agree",
         "two judge settings on a sample of mined queries: agreement, tokens, projected GPU-hours",
     ),
+    "align": ("unime_ray.train.align", "LLaVA stage 1: align a new projector on image-text pairs"),
     "train-embed": ("unime_ray.train.run", "train the embedder (Ray Train, DeepSpeed ZeRO-2, LoRA)"),
     "train-rerank": ("unime_ray.train.run:main_rerank", "train the reranker (pairwise + listwise)"),
     "export": ("unime_ray.train.export", "merge a LoRA adapter into a standalone model folder"),
