@@ -20,21 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "unime_ray.cli"]
-
-
-def run(*args: str) -> float:
-    """One project command; returns its wall time, stops the bench when it fails."""
-    start = time.perf_counter()
-    print("$ unime-ray", " ".join(args), flush=True)
-    subprocess.run([*CLI, *args], check=True, cwd=ROOT)
-    return time.perf_counter() - start
+from commands import overrides, run, scores, weights
 
 
 def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
@@ -81,27 +69,13 @@ def settings(out: Path, model: Path, world: Path, args) -> list[str]:
                 f"{section}.checkpoint_every": args.steps,
             }
         )
-    return [x for k, v in s.items() for x in ("--set", f"{k}={v}")] + [
-        x for kv in args.set for x in ("--set", kv)
-    ]
-
-
-def p_at_1(results: Path) -> dict:
-    """P@1 (%) of the embedding and of each reranking mode, and the listwise answers that named no
-    candidate, from an eval folder's results.json."""
-    (dataset,) = json.loads((results / "results.json").read_text())["mmeb"]["datasets"].values()
-    return {**{mode: round(v, 2) for mode, v in dataset["scores"].items()}, "unparsed": dataset["unparsed"]}
+    return overrides(s) + [x for kv in args.set for x in ("--set", kv)]
 
 
 def ranking_checks(out: Path) -> list[dict]:
     """The reranker job's own ranking checks (`reranker.monitor_queries`), step by step."""
     lines = (out / "train_rerank/metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if any(k.endswith("p@1") and "_" in k for k in r)]
-
-
-def weights(out: Path, kind: str) -> str:
-    """The final weights of a finished training run, as its _SUCCESS.json names them."""
-    return json.loads((out / f"train_{kind}/_SUCCESS.json").read_text())["summary"]["weights"]
 
 
 def main() -> None:
@@ -141,7 +115,7 @@ def main() -> None:
             "eval", *cfg, "--set", f"data.eval_dir={eval_dir}", "--out", str(res),
             "--model", weights(out, "embed"), "--reranker", weights(out, "rerank"),
         )  # fmt: skip
-        figures[split] = p_at_1(res)
+        (figures[split],) = scores(res).values()
     summary = {"settings": vars(args), "seconds": times, "p@1": figures, "checks": ranking_checks(out)}
     print(json.dumps(summary, indent=1))
     if args.results:

@@ -463,3 +463,15 @@ def test_without_lora_the_language_model_trains_and_vision_stays_frozen(mined, t
     image = {"text": "", "image": "train/00001.png"}
     p_yes = reranker.pointwise({"text": "a red circle", "image": ""}, [image])
     assert p_yes.shape == (1,) and 0 < p_yes[0] < 1
+
+
+def test_workers_that_take_every_cpu_are_warned_about(local_ray, capsys):
+    """On the 2-CPU test cluster, 2 workers x 1 CPU leave Ray Data's readers none (the job would wait
+    silently); 2 x 0.5 leave one."""
+    from unime_ray.config import TrainConfig
+    from unime_ray.train.loop import _warn_if_no_cpu_left
+
+    _warn_if_no_cpu_left(TrainConfig(num_workers=2, cpus_per_worker=1.0), "embed")
+    assert "take 2 of the cluster's 2" in capsys.readouterr().out
+    _warn_if_no_cpu_left(TrainConfig(num_workers=2, cpus_per_worker=0.5), "embed")
+    assert capsys.readouterr().out == ""

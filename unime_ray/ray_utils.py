@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,11 @@ def init_ray(address: str = "", num_cpus: int | None = None, verbose: bool = Fal
         return
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
+        # Importing Ray Data configures its logger (level DEBUG, an INFO console handler): import it
+        # first, or a job that imports it after this point prints its execution plans and, with stdout
+        # not a terminal (`ray job submit`, a log file), a progress report every 10 s.
+        importlib.import_module("ray.data")
+
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         for handler in logging.getLogger("ray").handlers:

@@ -352,6 +352,7 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     metrics_path = out / name / "metrics.jsonl"
     samples = monitor_samples(cfg, kind, data)
     held_out = {r["id"] for r in samples.get("held_out", [])}
+    _warn_if_no_cpu_left(tcfg, kind)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -383,6 +384,21 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     }
     write_json({"fingerprint": fingerprint, "summary": summary}, marker)
     return summary
+
+
+def _warn_if_no_cpu_left(tcfg: TrainConfig, kind: str) -> None:
+    """The workers' CPUs leave none of the cluster's free: Ray Data's readers, which feed the workers,
+    then never get a CPU and the job waits without an error. A warning, not a stop: an autoscaling
+    cluster may add the CPUs later."""
+    total, taken = ray.cluster_resources().get("CPU", 0), tcfg.num_workers * tcfg.cpus_per_worker
+    if taken > total - 1:
+        section = "train" if kind == "embed" else "reranker"
+        print(
+            f"[train-{kind}] warning: {tcfg.num_workers} workers x {tcfg.cpus_per_worker} CPUs take "
+            f"{taken:g} of the cluster's {total:g}; Ray Data's readers need one free CPU or the job "
+            f"waits for it (lower {section}.cpus_per_worker, e.g. 0.5 on a 2-core machine)",
+            flush=True,
+        )
 
 
 def _check_settings(cfg: Config, kind: str) -> str:
