@@ -50,7 +50,7 @@ from unime_ray.data.mmeb import data_files, read_eval
 from unime_ray.data.synthetic import PHRASES, caption, make_world, paraphrases
 from unime_ray.eval.metrics import precision_at_1
 from unime_ray.io import write_json
-from unime_ray.mining.agree import average_ranks, judge_agree
+from unime_ray.mining.agree import auc, judge_agree
 from unime_ray.models.backbone import load_model, load_processor
 from unime_ray.models.embedder import load_image
 from unime_ray.models.prompts import render
@@ -186,16 +186,6 @@ def align(base: Path, out: Path, world: Path, args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ held out
-
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Probability that a positive outscores a negative (ties count half): Mann-Whitney's U / (n+ n-)."""
-    positive = np.asarray(positive, bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
-        return None
-    ranks = average_ranks(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def held_out(model: ModelConfig, world: Path, rows: int, seed: int) -> dict:

@@ -18,6 +18,7 @@ from mined import BETA, DATASETS, expected_outcomes
 from unime_ray.config import load_config
 from unime_ray.mining.agree import (
     Rules,
+    auc,
     average_ranks,
     compare,
     jaccard,
@@ -298,3 +299,10 @@ def test_reversed_judge_is_anticorrelated_with_the_drops_of_the_sampling_rules(
     judged = scores.filter(pc.is_in(scores["query_id"], value_set=tables[0]["query_id"]))
     assert tables[0].num_rows == judged.num_rows  # each query with its positive and all its candidates
     assert set(tables[0]["query_id"].to_pylist()) != set(tables[2]["query_id"].to_pylist())
+
+
+def test_auc_counts_pairs_won_with_ties_half():
+    # positives {0.9, 0.5} against negatives {0.1, 0.5}: three pairs won, one tied -> 3.5 / 4
+    assert auc(np.array([0.9, 0.1, 0.5, 0.5]), np.array([True, False, True, False])) == 0.875
+    assert auc(np.array([0.2, 0.8]), np.array([True, False])) == 0.0
+    assert auc(np.array([0.2, 0.8]), np.array([True, True])) is None  # no negative: undefined

@@ -87,6 +87,16 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Probability that a positive outscores a negative (ties count half): Mann-Whitney's U / (n+ n-)."""
+    positive = np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho: Pearson's correlation of the average ranks; NaN when a side is constant."""
     ra, rb = average_ranks(a), average_ranks(b)
