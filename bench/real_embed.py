@@ -23,9 +23,9 @@ from pathlib import Path
 
 from commands import overrides, run, scores, weights
 
-MODELS = {  # name -> (config, image size, learning rate)
-    "fast-vlm": ("jobs/configs/fastvlm.yaml", 96, 2e-4),
-    "mid": ("jobs/configs/tiny.yaml", 56, 2e-3),
+MODELS = {  # name -> (config, image size)
+    "fast-vlm": ("jobs/configs/fastvlm.yaml", 96),
+    "mid": ("jobs/configs/tiny.yaml", 56),
 }
 
 
@@ -73,7 +73,7 @@ def build(out: Path, args) -> dict[str, Path]:
 
 def one_model(name: str, model: Path, out: Path, world: Path, args) -> dict:
     """mine -> eval before -> train-embed -> eval after for one model; P@1 per dataset and the times."""
-    config, size, lr = MODELS[name]
+    (config, size), lr = MODELS[name], getattr(args, f"lr_{name.replace('-', '_')}")
     run_dir = out / name
     cfg = ["--config", config, *settings(run_dir, model, world, size, lr, args)]
     times = {}
@@ -109,6 +109,8 @@ def main() -> None:
     p.add_argument("--align-steps", type=int, default=120)
     p.add_argument("--steps", type=int, default=60, help="train-embed steps (global batch 8)")
     p.add_argument("--models", default="fast-vlm,mid")
+    p.add_argument("--lr-fast-vlm", type=float, default=1e-3, help="LoRA learning rate of the FastVLM")
+    p.add_argument("--lr-mid", type=float, default=2e-3, help="LoRA learning rate of the mid model")
     args = p.parse_args()
     out = Path(args.out).resolve()
     start = time.perf_counter()
