@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import make_world
 from unime_ray.models.embedder import Embedder
-from unime_ray.models.fastvlm import TOWER_STRIDE, save_fast_vlm_processing
+from unime_ray.models.fastvlm import TOWER_STRIDE, sized_copy
 from unime_ray.models.tiny import make_tiny
 from unime_ray.train.embed import EmbedTask
 
@@ -127,23 +126,6 @@ def run(name: str, overrides: list[str], world: Path, steps: int) -> dict:
     proc.join()
     print(name, result, flush=True)
     return result
-
-
-def sized_copy(base: Path, size: int, out: Path) -> Path:
-    """The `base` FastVLM folder for images of `size` px: the same weights (linked: they do not depend on
-    the image size), the processor files and `image_seq_length` of that size."""
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.suffix == ".safetensors":
-            (out / f.name).symlink_to(f.resolve())
-        else:
-            shutil.copy(f, out / f.name)
-    save_fast_vlm_processing(out, size, (base / "chat_template.jinja").read_text())
-    config = json.loads((out / "config.json").read_text())
-    config["image_seq_length"] = (size // TOWER_STRIDE) ** 2
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 def model_overrides(path: Path, image_size: int, lora: tuple[int, int]) -> list[str]:

@@ -81,6 +81,7 @@ def test_a_run_that_did_not_finish_is_one_line(tmp_path):
     for command in (
         ["export", "--run", str(tmp_path / "run"), str(tmp_path / "out")],
         ["serve", "--run", str(tmp_path / "run")],
+        ["eval", "--run", str(tmp_path / "run")],
     ):
         res = subprocess.run(
             [sys.executable, "-m", "unime_ray.cli", *command], capture_output=True, text=True

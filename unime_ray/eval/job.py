@@ -152,7 +152,7 @@ def run_eval(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="unime-ray eval", description=__doc__.split("\n")[0])
-    add_config_args(p, default="jobs/configs/tiny.yaml")
+    add_config_args(p, default="jobs/configs/tiny.yaml", run=True)
     p.add_argument("--model", help="embedder checkpoint: a model folder or a peft adapter (embedder.path)")
     p.add_argument("--adapter", help="peft adapter on the embedder (embedder.adapter)")
     p.add_argument(

@@ -28,6 +28,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -204,3 +205,20 @@ def build_smollm2_fast_vlm(
     save_with_smollm2(model, state, tok, out)
     save_fast_vlm_processing(out, image_size, SMOL_CHAT_TEMPLATE)
     (out / "README.md").write_text(_README)
+
+
+def sized_copy(base: Path, size: int, out: Path) -> Path:
+    """The `base` FastVLM folder for images of `size` px: the same weights (linked: they do not depend on
+    the image size), the processor files and `image_seq_length` of that size."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).symlink_to(f.resolve())
+        else:
+            shutil.copy(f, out / f.name)
+    save_fast_vlm_processing(out, size, (base / "chat_template.jinja").read_text())
+    config = json.loads((out / "config.json").read_text())
+    config["image_seq_length"] = (size // TOWER_STRIDE) ** 2
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
