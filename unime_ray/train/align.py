@@ -199,7 +199,9 @@ def align(cfg: Config, out: str | Path, s: AlignSettings) -> dict:
         "train_loss_last10": float(np.mean(curve[-10:])),
         "held_out_before": before,
         "held_out_after": held_out_captions(model, processor, held, root, size),
-        "greedy_captions": greedy_captions(model, processor, held[: s.greedy], root, size),
+        "greedy_captions": greedy_captions(model, processor, held[: s.greedy], root, size)
+        if s.greedy
+        else [],
     }
     save_model_folder(model, base, out)
     write_json(report, report_path)
