@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--align-steps", type=int, default=120)
     p.add_argument("--steps", type=int, default=60, help="train-embed steps (global batch 8)")
     p.add_argument("--models", default="fast-vlm,mid")
-    p.add_argument("--lr-fast-vlm", type=float, default=1e-3, help="LoRA learning rate of the FastVLM")
+    p.add_argument("--lr-fast-vlm", type=float, default=2e-4, help="LoRA learning rate of the FastVLM")
     p.add_argument("--lr-mid", type=float, default=2e-3, help="LoRA learning rate of the mid model")
     args = p.parse_args()
     out = Path(args.out).resolve()

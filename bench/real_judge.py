@@ -4,7 +4,9 @@ real-data world, measured against the world's ground truth (its labels: same lab
 The judge is a model folder (`--judge`; the reranker's adapter on it with `--judge-adapter`), e.g.
 the FastVLM aligned by `unime-ray align` (zero-shot: the paper's judge is a pretrained MLLM that never
 saw the training pairs) or that model plus a reranker adapter trained on the TRAIN split only.
-Candidates are retrieved by `--embedder` (default: the judge's model).
+Candidates are retrieved by `--embedder` (default: the judge's model). With `--world W --held-out N`
+the judged pairs are the first N held-out rows per dataset of an existing world W (written as training
+pairs: what a judge trained on W's train split has never seen); otherwise a new world is built.
 
 Figures, from the mined judge scores and `oracle_scores`' truth:
 - AUC of each query's positive against its retrieved candidates that are not true matches;
@@ -52,6 +54,30 @@ def settings(out: Path, world: Path, args) -> list[str]:
         "mining.num_actors": 2,
     }
     return overrides(s)
+
+
+def held_out_world(world: Path, out: Path, n: int) -> Path:
+    """A world whose training pairs are the first `n` held-out rows per dataset of `world` (query and
+    its correct target), with `world`'s images and labels (`world.json`), for mining them."""
+    import shutil
+
+    from unime_ray.data.mmeb import data_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train").mkdir(exist_ok=True)
+    for name, path in data_files(world / "eval").items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()][:n]
+        pairs = [
+            {"qry": r["qry_text"], "qry_image_path": r["qry_img_path"], "pos_text": r["tgt_text"][0],
+             "pos_image_path": r["tgt_img_path"][0]}
+            for r in rows
+        ]  # fmt: skip
+        (out / "train" / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    shutil.copy(world / "world.json", out / "world.json")
+    if not (out / "images").exists():
+        (out / "images").symlink_to((world / "images").resolve())
+    shutil.copytree(world / "eval", out / "eval", dirs_exist_ok=True)
+    return out
 
 
 def judged(out: Path, world: Path) -> pa.Table:
@@ -105,10 +131,14 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=100)
     p.add_argument("--eval-size", type=int, default=50)
     p.add_argument("--top-n", type=int, default=9, help="candidates judged per query (+ its positive)")
+    p.add_argument("--world", default="", help="an existing world whose held-out rows are judged")
+    p.add_argument("--held-out", type=int, default=100, help="with --world: held-out rows per dataset")
     args = p.parse_args()
     out = Path(args.out).resolve()
     world = out / "world"
-    if not (world / "world.json").is_file():
+    if args.world:
+        world = held_out_world(Path(args.world).resolve(), out / "held_out_world", args.held_out)
+    elif not (world / "world.json").is_file():
         run("make-world", str(world), "--source", args.source, "--train-size", str(args.train_size),
             "--eval-size", str(args.eval_size))  # fmt: skip
     sets = settings(out, world, args)
