@@ -26,6 +26,17 @@ def overrides(settings: dict) -> list[str]:
     return [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
 
 
+def world_settings(out: Path, world: Path) -> dict:
+    """The settings that point a run at `out` and at the MMEB files of a world folder (`make-world`)."""
+    return {
+        "run.output_dir": out,
+        "data.synthetic": "false",
+        "data.train_dir": world / "train",
+        "data.eval_dir": world / "eval",
+        "data.image_root": world / "images",
+    }
+
+
 def weights(out: Path, kind: str) -> str:
     """The final weights of a finished training run, as its _SUCCESS.json names them."""
     return json.loads((out / f"train_{kind}/_SUCCESS.json").read_text())["summary"]["weights"]

@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from commands import overrides, run, scores, weights
+from commands import overrides, run, scores, weights, world_settings
 
 MODELS = {  # name -> (config, image size)
     "fast-vlm": ("jobs/configs/fastvlm.yaml", 96),
@@ -31,11 +31,7 @@ MODELS = {  # name -> (config, image size)
 
 def settings(out: Path, model: Path, world: Path, size: int, lr: float, args) -> list[str]:
     s = {
-        "run.output_dir": out,
-        "data.synthetic": "false",
-        "data.train_dir": world / "train",
-        "data.eval_dir": world / "eval",
-        "data.image_root": world / "images",
+        **world_settings(out, world),
         "embedder.path": model,
         "embedder.image_size": size,
         "judge.model.path": model,

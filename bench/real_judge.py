@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from commands import overrides, run
+from commands import overrides, run, world_settings
 
 from unime_ray.config import load_config
 from unime_ray.mining.agree import auc
@@ -38,11 +38,7 @@ from unime_ray.mining.agree import auc
 def settings(out: Path, world: Path, args) -> list[str]:
     embedder = args.embedder or args.judge
     s = {
-        "run.output_dir": out,
-        "data.synthetic": "false",
-        "data.train_dir": world / "train",
-        "data.eval_dir": world / "eval",
-        "data.image_root": world / "images",
+        **world_settings(out, world),
         "embedder.path": embedder,
         "embedder.image_size": args.image_size,
         "judge.backend": "transformers",

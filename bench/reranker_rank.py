@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from commands import overrides, run, scores, weights
+from commands import overrides, run, scores, weights, world_settings
 
 
 def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
@@ -51,11 +51,7 @@ def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
 
 def settings(out: Path, model: Path, world: Path, args) -> list[str]:
     s = {
-        "run.output_dir": out,
-        "data.synthetic": "false",
-        "data.train_dir": world / "train",
-        "data.eval_dir": world / "eval",
-        "data.image_root": world / "images",
+        **world_settings(out, world),
         "embedder.path": model,
         "judge.model.path": model,
     }
