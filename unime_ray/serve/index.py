@@ -441,6 +441,7 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
 def main(argv: list[str] | None = None) -> None:
     from unime_ray.assets import prepare_synthetic
     from unime_ray.ray_utils import init_ray
+    from unime_ray.runlock import command_lock
 
     p = argparse.ArgumentParser(
         prog="unime-ray build-index",
@@ -453,10 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rebuild", action="store_true", help="replace the index instead of adding new records")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    prepare_synthetic(cfg)
-    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-    try:
-        report = build_index(cfg, args.corpus, rebuild=args.rebuild)
-    except IndexMismatchError as e:
-        raise SystemExit(f"error: {e}") from None
+    with command_lock(cfg.run.output_dir, "build-index"):
+        prepare_synthetic(cfg)
+        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+        try:
+            report = build_index(cfg, args.corpus, rebuild=args.rebuild)
+        except IndexMismatchError as e:
+            raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, indent=2))
