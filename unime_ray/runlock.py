@@ -201,13 +201,19 @@ class RunLock:
 
 @contextlib.contextmanager
 def command_lock(run_dir: str | Path, name: str) -> Iterator[RunLock]:
-    """`RunLock` for the CLI command `name`: a refusal stops it with one line (no traceback), a takeover
-    of a stale lock is said on stderr. The command recorded is this process's command line."""
+    """`RunLock` for the CLI command `name`: a refusal stops it with one line (no traceback), and so
+    does a run folder that cannot be written (the preflight's message); a takeover of a stale lock is
+    said on stderr. The command recorded is this process's command line."""
+    from unime_ray.preflight import PreflightError, check_output
+
     try:
+        check_output(str(run_dir))
         lock = RunLock(run_dir, " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
         lock.acquire()
     except RunLockedError as e:
         raise SystemExit(f"[{name}] refused: {e}") from None
+    except PreflightError as e:
+        raise SystemExit(f"[{name}] stopped: {e}") from None
     if lock.message:
         print(f"[{name}] {lock.message}", file=sys.stderr, flush=True)
     try:
