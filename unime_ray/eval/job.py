@@ -84,6 +84,7 @@ def load_collections(cfg: Config, out: Path) -> tuple[list[Collection], dict[str
             datasets=cfg.data.datasets or None,
             image_root=cfg.data.image_root,
             check_images=cfg.data.check_images,
+            allow_absolute_images=cfg.data.allow_absolute_images,
         )
         if res.quarantine.num_rows:
             res.write_quarantine(out / "quarantine_mmeb.parquet")

@@ -412,7 +412,13 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
             f"{directory}: the index is {meta['requested_type']!r}, the config asks for {cfg.index.type!r}; "
             "rebuild it (--rebuild) to change the type"
         )
-    read = read_corpus(corpus, cfg.data.image_root, cfg.index, check_images=cfg.data.check_images)
+    read = read_corpus(
+        corpus,
+        cfg.data.image_root,
+        cfg.index,
+        check_images=cfg.data.check_images,
+        allow_absolute_images=cfg.data.allow_absolute_images,
+    )
     records = read.table
     if meta is not None:
         records = records.filter(
