@@ -138,16 +138,24 @@ def test_many_jobs_racing_for_one_stale_lock_one_wins(tmp_path):
     refused naming it (the break happens under a guard, so no two can both remove and create)."""
     run = tmp_path / "run"
     _foreign_lock(run, age_s=runlock.STALE_S + 30)
-    cmd = [sys.executable, "-c", HOLD, str(run), "3"]
+    cmd = [sys.executable, "-c", HOLD, str(run), "600"]  # the winner holds until stopped below
     procs = [
         subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
+    deadline = time.time() + 120
+    while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.send_signal(signal.SIGINT)
     outs = [(p.wait(timeout=60), *p.communicate()) for p in procs]
-    won = [o for o in outs if o[0] == 0]
-    assert len(won) == 1, outs
-    assert "took over the stale lock" in won[0][2]
-    assert all("refused" in err and "Traceback" not in err for rc, _, err in outs if rc != 0)
+    assert len(running) == 1, outs
+    winner = procs.index(running[0])
+    assert outs[winner][1].startswith("held") and "took over the stale lock" in outs[winner][2]
+    losers = [o for i, o in enumerate(outs) if i != winner]
+    assert all(rc != 0 and "refused" in err and "Traceback" not in err for rc, _, err in losers), losers
+    assert not (run / LOCK_NAME).exists()
 
 
 @pytest.mark.slow
