@@ -49,6 +49,13 @@ class DataConfig:
     check_images: bool = field(
         default=True, metadata={"help": "open every image when reading (quarantines corrupt files up front)"}
     )
+    allow_absolute_images: bool = field(
+        default=False,
+        metadata={
+            "help": "accept absolute image paths in the records (default: quarantined as bad_image_path, "
+            "like paths that leave data.image_root)"
+        },
+    )
     max_quarantined_fraction: float = field(
         default=0.5,
         metadata={

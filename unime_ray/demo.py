@@ -34,6 +34,7 @@ from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
 from unime_ray.mining.pipeline import run_mining
 from unime_ray.ray_utils import init_ray, start_serve, stop_serve
+from unime_ray.runlock import command_lock
 from unime_ray.train import run
 
 
@@ -209,4 +210,6 @@ def serve_command(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="unime-ray demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     add_config_args(p, default="jobs/configs/tiny.yaml")
-    run_demo(config_from_args(p.parse_args(argv)))
+    cfg = config_from_args(p.parse_args(argv))
+    with command_lock(cfg.run.output_dir, "demo"):
+        run_demo(cfg)

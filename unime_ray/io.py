@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def finished_parquet(path: str | Path) -> bool:
+    """Whether a stage output found on resume counts as done: the file exists and its Parquet footer
+    reads. Atomic writes never leave a partial file, but a copy cut short or a damaged disk can; such a
+    file is removed (said on stderr) so the stage redoes that shard instead of failing on it later."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        pq.read_metadata(path)
+        return True
+    except (pa.ArrowInvalid, OSError) as e:
+        print(f"{path}: unreadable ({e}); removed, its shard is redone", file=sys.stderr, flush=True)
+        path.unlink()
+        return False
 
 
 def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> Path:

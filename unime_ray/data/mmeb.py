@@ -18,8 +18,10 @@ Error policy. A file that cannot be read as a whole raises `DataError` naming th
 object, a missing required field, a field of the wrong type. Nulls in optional fields read as "".
 A readable row whose data is unusable is never dropped silently: it goes to the quarantine table
 (QUARANTINE schema) with the first offending field and one reason:
-`bad_image_path` (absolute, or escaping the image root with `..`), `missing_image` (no file at
-image_root/path), `corrupt_image` (PIL cannot open and verify it; only with `check_images`),
+`bad_image_path` (absolute, unless allowed, or escaping the image root with `..`),
+`image_outside_root` (inside the root by name, but a symlink on the way leads out of it),
+`missing_image` (no file at image_root/path), `corrupt_image` (PIL cannot open and verify it; only
+with `check_images`),
 `empty_query` / `empty_positive` (no image and blank text; `empty_positive` also for any eval target),
 `length_mismatch` (eval: no targets, or `tgt_text` and `tgt_img_path` differ in length),
 `duplicate_id` (an id already seen earlier in the same read).
@@ -27,10 +29,11 @@ image_root/path), `corrupt_image` (PIL cannot open and verify it; only with `che
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +46,7 @@ from unime_ray.data.schemas import EVAL, PAIRS, QUARANTINE, DataError
 from unime_ray.io import write_parquet
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+MAX_LINE_BYTES = 16 << 20  # a JSONL record longer than this is refused (records hold paths and texts)
 
 Problem = tuple[str, str]  # (field, reason)
 
@@ -75,12 +79,15 @@ class ReadState:
 
     Share one instance across every file of a read (as `read_folder` does) so ids are unique across
     them and each image path is checked once. `image_root` is the folder image paths are relative to;
-    with `check_images`, an existing image must also open and verify with PIL.
+    with `check_images`, an existing image must also open and verify with PIL. A path that leaves the
+    root (`..`, a symlink pointing out) is refused before anything is opened, so a data file cannot
+    make the tools read other files of the machine; absolute paths only with `allow_absolute`.
     """
 
-    def __init__(self, image_root: str | Path, check_images: bool) -> None:
+    def __init__(self, image_root: str | Path, check_images: bool, allow_absolute: bool = False) -> None:
         self.image_root = Path(image_root)
         self.check_images = check_images
+        self.allow_absolute = allow_absolute
         self.seen_ids: set[str] = set()
         self.image_problems: dict[str, str | None] = {}
 
@@ -92,8 +99,13 @@ class ReadState:
         return self.image_problems[rel]
 
     def _find_image_problem(self, rel: str) -> str | None:
-        if Path(rel).is_absolute() or os.path.normpath(rel).split(os.sep)[0] == "..":
+        if Path(rel).is_absolute():
+            if not self.allow_absolute:
+                return "bad_image_path"
+        elif os.path.normpath(rel).split(os.sep)[0] == "..":
             return "bad_image_path"
+        elif not (self.image_root / rel).resolve().is_relative_to(self.image_root.resolve()):
+            return "image_outside_root"
         full = self.image_root / rel
         if not full.is_file():
             return "missing_image"
@@ -127,16 +139,17 @@ def read_folder(
     datasets: list[str] | None = None,
     image_root: str | Path = "",
     check_images: bool = True,
+    allow_absolute_images: bool = False,
 ) -> ReadResult:
     """Read every data file of `folder`, one dataset per file named by its stem (`datasets`: a subset).
 
     Ids must be unique across the whole folder; generated ids contain the dataset, so only explicit ids
-    can collide.
+    can collide. Absolute image paths are quarantined unless `allow_absolute_images`.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be 'pairs' or 'eval', got {kind!r}")
     files = data_files(folder, datasets)
-    state = ReadState(image_root, check_images)
+    state = ReadState(image_root, check_images, allow_absolute_images)
     return ReadResult.concat([read_file(path, kind, name, state) for name, path in files.items()])
 
 
@@ -198,11 +211,7 @@ def load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if path.suffix == ".parquet":
             items = [(f"{path}: row {i}", item) for i, item in enumerate(pq.read_table(path).to_pylist())]
         elif path.suffix == ".jsonl":
-            items = []
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        items.append((f"{path}: line {number}", parse_json(line, f"{path}: line {number}")))
+            items = [(where, parse_json(line, where)) for where, line in jsonl_lines(path) if line.strip()]
         elif path.suffix == ".json":
             document = parse_json(path.read_text(encoding="utf-8"), str(path))
             if not isinstance(document, list):
@@ -218,6 +227,25 @@ def load_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected a JSON object, got {_type_name(item)}")
     return items
+
+
+def jsonl_lines(path: Path, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, str]]:
+    """(`<file>: line N`, text) of each line of a JSONL file, decoded one line at a time: a line that
+    is not UTF-8 raises DataError naming it, and so does a line longer than `max_bytes`, found after
+    reading at most `max_bytes` of it (a 100 MB line, or a binary file without newlines, never sits in
+    memory whole)."""
+    with path.open("rb") as f:
+        for number in itertools.count(1):
+            line = f.readline(max_bytes + 1)
+            if not line:
+                return
+            where = f"{path}: line {number}"
+            if len(line) > max_bytes:
+                raise DataError(f"{where}: longer than {max_bytes} bytes; not a JSONL record of this format")
+            try:
+                yield where, line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text ({error})") from error
 
 
 def parse_json(text: str, where: str) -> Any:

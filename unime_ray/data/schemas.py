@@ -6,7 +6,9 @@ a text is "" when the side has no text. Ids are strings, stable across re-runs o
 (the source's own `id` column when it has one, else `<dataset>/<row number>`).
 """
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -203,12 +205,24 @@ def type_kind(t: pa.DataType) -> str:
     return str(t)
 
 
+@contextlib.contextmanager
+def parquet_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise what Arrow says about an unreadable Parquet file (a truncated copy: "magic bytes not
+    found in footer"; corrupt pages: "Corrupt snappy compressed data"), neither of which names the file,
+    as a DataError that does."""
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: unreadable Parquet, truncated or corrupted? ({e})") from e
+
+
 def check_parquet_types(path: str | Path, expected: pa.Schema) -> None:
     """Raise DataError naming the file, the column, its type and the expected kind (`type_kind`) for the
     first column of `expected` whose values in the Parquet file at `path` are of another kind. Reads the
     footer only, so a wrong type is found before any work, not as an Arrow error deep in a task.
     Columns absent from the file are left to the caller."""
-    found = pq.read_schema(path)
+    with parquet_errors(path):
+        found = pq.read_schema(path)
     for field in expected:
         if field.name not in found.names:
             continue

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.io import write_parquet
+from unime_ray.io import finished_parquet, write_parquet
 
 PATH_COL = "path"
 
@@ -96,7 +96,7 @@ def run_shards(
     `transform` maps the request dataset (plus a `path` column it must keep) to result rows carrying the
     columns of `schema`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = [p for p in requests if not (out_dir / p.name).exists()]
+    pending = [p for p in requests if not finished_parquet(out_dir / p.name)]
     report = {"shards": len(requests), "shards_done_before": len(requests) - len(pending), "rows": 0}
     expected = {p.name: pq.ParquetFile(p).metadata.num_rows for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:

@@ -37,6 +37,7 @@ from unime_ray.eval.rerank import MODES, rerank
 from unime_ray.eval.retrieval import load_retrieval
 from unime_ray.io import atomic_path, write_json
 from unime_ray.ray_utils import init_ray
+from unime_ray.runlock import command_lock
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
@@ -83,6 +84,7 @@ def load_collections(cfg: Config, out: Path) -> tuple[list[Collection], dict[str
             datasets=cfg.data.datasets or None,
             image_root=cfg.data.image_root,
             check_images=cfg.data.check_images,
+            allow_absolute_images=cfg.data.allow_absolute_images,
         )
         if res.quarantine.num_rows:
             res.write_quarantine(out / "quarantine_mmeb.parquet")
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.eval.output_dir = args.out
     print("[eval] started", flush=True)
     start = time.perf_counter()
-    results = run_eval(cfg)
+    with command_lock(cfg.run.output_dir, "eval"):
+        results = run_eval(cfg)
     print(markdown(results))
     table = "; ".join(
         f"{mode} " + ", ".join(f"{col} {v:.1f}" for col, v in row.items() if v is not None)

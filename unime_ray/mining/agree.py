@@ -755,6 +755,7 @@ def _config_b(args) -> Config:
 def main(argv: list[str] | None = None) -> None:
     from unime_ray.assets import prepare_synthetic
     from unime_ray.ray_utils import init_ray
+    from unime_ray.runlock import command_lock
 
     p = argparse.ArgumentParser(
         prog="unime-ray judge-agree",
@@ -810,23 +811,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     cfg, cfg_b = config_from_args(args), _config_b(args)
-    prepare_synthetic(cfg)
-    prepare_synthetic(cfg_b)
-    px = args.project_image_size or [None]
-    sizes = (px[0], px[1] if len(px) > 1 else px[0])
-    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-    out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "judge_agree"
-    result = judge_agree(
-        cfg,
-        cfg_b.judge,
-        args.queries,
-        out,
-        seed=args.seed,
-        calls=args.calls,
-        image_sizes=sizes,
-        llm_params_b=args.llm_params_b,
-        vision_params_b=args.vision_params_b,
-        project_block=args.project_block_size,
-    )
+    with command_lock(cfg.run.output_dir, "judge-agree"):
+        prepare_synthetic(cfg)
+        prepare_synthetic(cfg_b)
+        px = args.project_image_size or [None]
+        sizes = (px[0], px[1] if len(px) > 1 else px[0])
+        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+        out = Path(args.out) if args.out else Path(cfg.run.output_dir) / "judge_agree"
+        result = judge_agree(
+            cfg,
+            cfg_b.judge,
+            args.queries,
+            out,
+            seed=args.seed,
+            calls=args.calls,
+            image_sizes=sizes,
+            llm_params_b=args.llm_params_b,
+            vision_params_b=args.vision_params_b,
+            project_block=args.project_block_size,
+        )
     print(markdown(result))
     print(f"[judge-agree] wrote {out / 'agree.json'}, {out / 'agree.md'}, {out / 'scatter.png'}")

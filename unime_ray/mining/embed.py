@@ -26,11 +26,11 @@ import ray
 
 from unime_ray.config import EmbedderConfig, MiningConfig
 from unime_ray.data.mmeb import DataError
-from unime_ray.data.schemas import EMBEDDINGS, USER_EMBEDDINGS, check_parquet_types
+from unime_ray.data.schemas import EMBEDDINGS, USER_EMBEDDINGS, check_parquet_types, parquet_errors
 from unime_ray.engine.embed import embed_dataset
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import write_parquet
+from unime_ray.io import finished_parquet, write_parquet
 
 PART_ROWS = 65536  # user rows per import task (whole row groups, so at least one row group)
 NORM_TOLERANCE = 1e-4
@@ -85,7 +85,8 @@ def run_embed(
 
 def _check_ids(path: str, items: pa.Table) -> int:
     """Every item's id in the user's file exactly once; return the number of rows the file has beyond."""
-    ids = pq.read_table(path, columns=["id"])["id"]
+    with parquet_errors(path):
+        ids = pq.read_table(path, columns=["id"])["id"]
     if ids.null_count:
         row = pc.index(pc.is_null(ids), True).as_py()
         raise DataError(f"{path}: row {row}: field 'id' is null")
@@ -104,7 +105,8 @@ def _check_ids(path: str, items: pa.Table) -> int:
 
 
 def _first_dim(path: str) -> int:
-    batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["embedding"]))
+    with parquet_errors(path):
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=["embedding"]))
     value = batch["embedding"][0]
     if not value.is_valid:
         raise DataError(f"{path}: row 0: field 'embedding' is null")
@@ -113,7 +115,8 @@ def _first_dim(path: str) -> int:
 
 def _import_part(path: str, row_groups: list[int], first_row: int, items: pa.Table, dim: int, out: Path):
     """One import task: the rows of `row_groups` (the first is file row `first_row`) -> a part file."""
-    table = pq.ParquetFile(path).read_row_groups(row_groups, columns=["id", "embedding"])
+    with parquet_errors(path):
+        table = pq.ParquetFile(path).read_row_groups(row_groups, columns=["id", "embedding"])
     lengths = pc.fill_null(pc.list_value_length(table["embedding"]), -1).to_numpy()
     bad = np.flatnonzero(lengths != dim)
     if bad.size:
@@ -162,7 +165,8 @@ def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir:
             f"embedder.embeddings_path: {path} is not Parquet; write it as Parquet with columns id, "
             "embedding (pandas: df.to_parquet(path); JSONL is not read at this size)"
         )
-    meta = pq.ParquetFile(path)
+    with parquet_errors(path):
+        meta = pq.ParquetFile(path)
     absent = {"id", "embedding"} - set(meta.schema_arrow.names)
     if absent:
         raise DataError(f"{path}: missing column(s) {sorted(absent)}; need id, embedding")
@@ -182,7 +186,7 @@ def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir:
     todo = [
         (path, groups, start, items_ref, dim, out_dir / f"part-{i:05d}.parquet")
         for i, (groups, start) in enumerate(parts)
-        if not (out_dir / f"part-{i:05d}.parquet").exists()
+        if not finished_parquet(out_dir / f"part-{i:05d}.parquet")
     ]
     report = {"rows": 0, "normalized": 0, "dim": dim, "unused": unused, "parts": len(parts)}
     report["parts_done_before"] = len(parts) - len(todo)

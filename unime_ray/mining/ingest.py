@@ -34,7 +34,7 @@ def _ingest_file(
 ) -> dict[str, int]:
     """One Ray task: read one dataset's file and write its queries, pool (sorted by id) and quarantine
     parts; `seen` are ids of earlier files (a second read after a collision). Returns the read counts."""
-    state = ReadState(data.image_root, data.check_images)
+    state = ReadState(data.image_root, data.check_images, data.allow_absolute_images)
     if seen is not None:
         state.seen_ids.update(seen.to_pylist())
     read = read_file(path, "pairs", dataset, state)

@@ -31,10 +31,17 @@ import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import JudgeConfig, MiningConfig, config_from_dict
-from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_REQUESTS, JUDGE_SCORES, USER_SCORES, check_parquet_types
+from unime_ray.data.schemas import (
+    JUDGE_COSTS,
+    JUDGE_REQUESTS,
+    JUDGE_SCORES,
+    USER_SCORES,
+    check_parquet_types,
+    parquet_errors,
+)
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import write_parquet
+from unime_ray.io import finished_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 TOKEN_COLUMNS = [n for n in JUDGE_COSTS.names if n.endswith("_tokens")]  # as models.judge.score_tokens
@@ -181,7 +188,7 @@ def _user_batches(path: str, row_groups: list[int] | None) -> Iterator[pa.Record
             reader = pajson.open_json(path, parse_options=options)
         for batch in reader:
             yield pa.Table.from_batches([batch]).select(USER_SCORES.names).cast(USER_SCORES).combine_chunks()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError, OSError) as e:
         raise ValueError(
             f"{path}: not a score file of query_id (string), cand_id (string), score (number): {e}"
         ) from e
@@ -196,8 +203,9 @@ def _check_user_scores(path: str) -> list[list[int] | None]:
         names = set(next(iter(pajson.open_json(path))).schema.names)
         chunks: list[list[int] | None] = [None]  # one streaming task: JSONL has no row groups
     else:
-        meta = pq.ParquetFile(path).metadata
-        names = set(pq.read_schema(path).names)
+        with parquet_errors(path):
+            meta = pq.ParquetFile(path).metadata
+        names = set(meta.schema.to_arrow_schema().names)
         chunks, rows = [[]], 0
         for rg in range(meta.num_row_groups):
             if rows >= CHUNK_ROWS:
@@ -295,7 +303,7 @@ def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) ->
     todo = [
         (shards, [f for f in fragments if f.name.startswith(f"b{b:05d}-")], out_dir, scores_path)
         for b, shards in enumerate(groups)
-        if any(not (out_dir / s.name).exists() for s in shards)
+        if any(not finished_parquet(out_dir / s.name) for s in shards)
     ]
     for _ in run_tasks(_attach_bucket, todo):
         pass

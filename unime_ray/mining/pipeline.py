@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     from unime_ray.assets import prepare_synthetic
     from unime_ray.config import add_config_args, config_from_args
     from unime_ray.ray_utils import init_ray
+    from unime_ray.runlock import command_lock
 
     p = argparse.ArgumentParser(
         prog="unime-ray mine", description="UniME-V2 hard-negative mining with an MLLM judge"
@@ -225,11 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--until", choices=STAGES, default="sample", help="last stage to run (default: all)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    prepare_synthetic(cfg)
-    try:
-        check_job(cfg, "mine")
-        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-        report = run_mining(cfg, stages=(args.until,))
-    except PreflightError as e:
-        raise SystemExit(f"[mine] stopped: {e}") from None
+    with command_lock(cfg.run.output_dir, "mine"):
+        prepare_synthetic(cfg)
+        try:
+            check_job(cfg, "mine")
+            init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+            report = run_mining(cfg, stages=(args.until,))
+        except PreflightError as e:
+            raise SystemExit(f"[mine] stopped: {e}") from None
     print(json.dumps({s: {k: v for k, v in r.items() if not isinstance(v, dict)} for s, r in report.items()}))

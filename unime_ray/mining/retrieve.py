@@ -45,7 +45,7 @@ from unime_ray.config import MiningConfig
 from unime_ray.data.schemas import CANDIDATES
 from unime_ray.engine.index import PoolIndex, blocks
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import write_parquet
+from unime_ray.io import finished_parquet, write_parquet
 
 SEARCH_MARGIN = 16  # neighbours searched beyond top_n: room for the own positive and near duplicates
 SEARCH_CELLS = 1 << 24  # (query, neighbour) cells searched at once: ~200 MB of scores and rows
@@ -237,7 +237,7 @@ def run_retrieve(
     todo = []
     for name in sorted(names):
         path = out_dir / f"{name}.parquet"
-        if path.exists():
+        if finished_parquet(path):
             report[name] = _resumed_stats(path, cfg)
         else:
             todo.append((paths, queries, name, path, cfg))

@@ -35,8 +35,7 @@ from unime_ray.data.mmeb import (
     ReadResult,
     ReadState,
     load_records,
-    read_eval,
-    read_pairs,
+    read_file,
     string,
     strings,
 )
@@ -46,9 +45,14 @@ CORPUS = pa.schema([f for f in INDEX_RECORDS if f.name != "embedding"])
 
 
 def read_corpus(
-    path: str | Path, image_root: str | Path, cfg: IndexConfig, check_images: bool = True
+    path: str | Path,
+    image_root: str | Path,
+    cfg: IndexConfig,
+    check_images: bool = True,
+    allow_absolute_images: bool = False,
 ) -> ReadResult:
-    """Every record of the corpus at `path` (a file or a folder of files), once, in file then row order."""
+    """Every record of the corpus at `path` (a file or a folder of files), once, in file then row order:
+    records of equal content (so of equal id) are one, the first."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such corpus file or folder")
@@ -59,7 +63,7 @@ def read_corpus(
     )
     if not files:
         raise DataError(f"{path}: no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})")
-    state = ReadState(image_root, check_images)
+    state = ReadState(image_root, check_images, allow_absolute_images)
     read = ReadResult.concat([_read_file(f, state, cfg) for f in files])
     # Equal content in two rows or files is one record: keep its first occurrence.
     first: dict[str, int] = {}
@@ -74,14 +78,14 @@ def _read_file(path: Path, state: ReadState, cfg: IndexConfig) -> ReadResult:
     if "captions" in fields:
         return _read_captions(path, records, state, cfg)
     if "tgt_text" in fields:
-        read = read_eval(path, image_root=state.image_root, check_images=state.check_images)
+        read = read_file(path, "eval", None, _file_state(state))
         sides = [
             (r["dataset"], t, i)
             for r in read.table.to_pylist()
             for t, i in zip(r["tgt_text"], r["tgt_image"], strict=True)
         ]
     elif "pos_text" in fields:
-        read = read_pairs(path, image_root=state.image_root, check_images=state.check_images)
+        read = read_file(path, "pairs", None, _file_state(state))
         sides = [(r["dataset"], r["pos_text"], r["pos_image"]) for r in read.table.to_pylist()]
     elif records:
         raise DataError(
@@ -91,6 +95,13 @@ def _read_file(path: Path, state: ReadState, cfg: IndexConfig) -> ReadResult:
     else:
         return ReadResult(CORPUS.empty_table(), QUARANTINE.empty_table())
     return ReadResult(_table([_record(*side) for side in sides]), read.quarantine)
+
+
+def _file_state(state: ReadState) -> ReadState:
+    """`state`'s image policy and verdicts with the explicit ids of one file only: the index keys
+    records by content, so an MMEB `id` need only be unique within its file (as `read_pairs` reads it)."""
+    state.seen_ids = set()
+    return state
 
 
 def _read_captions(

@@ -412,7 +412,13 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
             f"{directory}: the index is {meta['requested_type']!r}, the config asks for {cfg.index.type!r}; "
             "rebuild it (--rebuild) to change the type"
         )
-    read = read_corpus(corpus, cfg.data.image_root, cfg.index, check_images=cfg.data.check_images)
+    read = read_corpus(
+        corpus,
+        cfg.data.image_root,
+        cfg.index,
+        check_images=cfg.data.check_images,
+        allow_absolute_images=cfg.data.allow_absolute_images,
+    )
     records = read.table
     if meta is not None:
         records = records.filter(
@@ -441,6 +447,7 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
 def main(argv: list[str] | None = None) -> None:
     from unime_ray.assets import prepare_synthetic
     from unime_ray.ray_utils import init_ray
+    from unime_ray.runlock import command_lock
 
     p = argparse.ArgumentParser(
         prog="unime-ray build-index",
@@ -453,10 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rebuild", action="store_true", help="replace the index instead of adding new records")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    prepare_synthetic(cfg)
-    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-    try:
-        report = build_index(cfg, args.corpus, rebuild=args.rebuild)
-    except IndexMismatchError as e:
-        raise SystemExit(f"error: {e}") from None
+    with command_lock(cfg.run.output_dir, "build-index"):
+        prepare_synthetic(cfg)
+        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+        try:
+            report = build_index(cfg, args.corpus, rebuild=args.rebuild)
+        except IndexMismatchError as e:
+            raise SystemExit(f"error: {e}") from None
     print(json.dumps(report, indent=2))

@@ -12,6 +12,7 @@ from unime_ray.assets import prepare_synthetic
 from unime_ray.config import Config, add_config_args, config_from_args
 from unime_ray.preflight import PreflightError, check_job
 from unime_ray.ray_utils import init_ray
+from unime_ray.runlock import command_lock
 from unime_ray.train.loop import run_training
 
 
@@ -71,15 +72,16 @@ def main(argv: list[str] | None = None, kind: str = "embed") -> dict:
     )
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    prepare_synthetic(cfg)
-    try:
-        check_job(cfg, f"train_{kind}")
-    except PreflightError as e:
-        raise SystemExit(f"[train-{kind}] stopped: {e}") from None
-    init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
-    print(f"[train-{kind}] started", flush=True)
-    start = time.perf_counter()
-    summary = train(cfg, kind, args.restart)
+    with command_lock(cfg.run.output_dir, f"train-{kind}"):
+        prepare_synthetic(cfg)
+        try:
+            check_job(cfg, f"train_{kind}")
+        except PreflightError as e:
+            raise SystemExit(f"[train-{kind}] stopped: {e}") from None
+        init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
+        print(f"[train-{kind}] started", flush=True)
+        start = time.perf_counter()
+        summary = train(cfg, kind, args.restart)
     metrics = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["metrics"].items()
     )
