@@ -64,7 +64,7 @@ def hours(projection: dict, image_share: float | None = None) -> dict:
                 image, text = (kinds[k][f"{key}_per_call"] for k in ("image", "text"))
                 per_call[key] = image_share * image + (1 - image_share) * text
     return {
-        judge: project(per_call, PAPER_CALLS, llm_params_b=llm, vision_params_b=vision)["gpu_hours"]
+        judge: project(per_call, PAPER_CALLS, llm_params_b=llm, vision_params_b=vision).gpu_hours
         for judge, (llm, vision) in JUDGES.items()
     } | {"computed_tokens_per_call": per_call["computed_tokens"]}
 

@@ -170,22 +170,22 @@ def test_prompt_variant_and_candidate_cap(tiny_qwen):
     at their defaults leave it as it was before they existed."""
     from unime_ray.config import Config
     from unime_ray.mining.pipeline import fingerprints, stage_settings
-    from unime_ray.models.judge import _PromptBuilder
+    from unime_ray.models.judge import PromptBuilder
     from unime_ray.models.prompts import JUDGE_PROMPTS
 
     tok = load_processor(tiny_qwen).tokenizer
     model = _cfg(tiny_qwen).model
     long_text = "a red circle on the left and a blue square on the right"
     pair = ("what is at the top of the image", "", f"<|image_1|>\n{long_text}", "")
-    paper, _ = _PromptBuilder(model, "", tok).build(pair)
-    short, _ = _PromptBuilder(model, "", tok, prompt="short").build(pair)
+    paper, _ = PromptBuilder(model, "", tok).build(pair)
+    short, _ = PromptBuilder(model, "", tok, prompt="short").build(pair)
     assert JUDGE_PROMPTS["short"] in short and JUDGE_INSTRUCTION not in short
     assert short.replace(JUDGE_PROMPTS["short"], JUDGE_INSTRUCTION) == paper
-    capped, _ = _PromptBuilder(model, "", tok, max_candidate_tokens=3).build(pair)
+    capped, _ = PromptBuilder(model, "", tok, max_candidate_tokens=3).build(pair)
     kept = capped.split("\nCandidate: ")[1].split("<|im_end|>")[0]
     assert tok.encode(kept, add_special_tokens=False) == tok.encode(long_text, add_special_tokens=False)[:3]
     assert capped.split("\nCandidate: ")[0] == paper.split("\nCandidate: ")[0]  # the query is untouched
-    uncapped, _ = _PromptBuilder(model, "", tok, max_candidate_tokens=100).build(pair)
+    uncapped, _ = PromptBuilder(model, "", tok, max_candidate_tokens=100).build(pair)
     assert uncapped == paper
 
     base = Config()

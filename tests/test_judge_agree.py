@@ -5,6 +5,7 @@ drops and hard negatives it reports are the sampling rules applied by hand (test
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_rank_correlations_hand_worked():
 
 
 def test_decision_counts_overlap_and_spread_hand_worked():
-    d = two_way([True, True, False, False], [True, False, True, False])
+    d = asdict(two_way([True, True, False, False], [True, False, True, False]))
     # agreement 1/2, and by chance (rates 1/2, 1/2) also 1/2: kappa 0
     assert d == {
         "both": 1,
@@ -66,13 +67,13 @@ def test_decision_counts_overlap_and_spread_hand_worked():
         "agreement": 0.5,
         "kappa": 0.0,
     }
-    d = two_way([True, True, True, False], [True, True, False, False])
+    d = asdict(two_way([True, True, True, False], [True, True, False, False]))
     # agreement 3/4; chance 3/4 * 1/2 + 1/4 * 1/2 = 1/2; kappa (3/4 - 1/2) / (1 - 1/2) = 1/2
     assert (d["agreement"], d["kappa"]) == (0.75, 0.5)
-    assert two_way([False, False], [False, False])["kappa"] is None  # chance agrees fully: undefined
+    assert two_way([False, False], [False, False]).kappa is None  # chance agrees fully: undefined
     assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5 and jaccard(set(), set()) == 1.0
     v = spread([4.0, 1.0, None, 3.0, float("nan"), 2.0])
-    assert v == {"n": 4, "undefined": 2, "median": 2.5, "p25": 1.75, "p75": 3.25, "mean": 2.5}
+    assert asdict(v) == {"n": 4, "undefined": 2, "median": 2.5, "p25": 1.75, "p75": 3.25, "mean": 2.5}
 
 
 def _pairs(query: str, pos: float, cands: list[float], b_pos: float, b_cands: list[float]) -> list[dict]:
@@ -101,7 +102,8 @@ def test_compare_hand_worked():
     rows += _pairs("q2", 0.6, [0.2, 0.4, 0.3], 0.01, [0.2, 0.4, 0.3])
     rows += _pairs("q3", 0.6, [0.2, 0.4], 0.5, [float("nan"), 0.1])  # a failed call: left out, named
     per_query, s = compare(pa.Table.from_pylist(rows), Rules(0.1, 5, 2, 2, seed=0))
-    q1, q2 = per_query
+    q1, q2 = (asdict(r) for r in per_query)
+    s = asdict(s)
     assert (q1["dropped_a"], q1["dropped_b"]) == (["c0", "c1"], ["c0", "c1", "c2"])
     assert (q1["hard_negatives_a"], q1["hard_negatives_b"]) == (["c2", "c3"], ["c3"])
     assert q1["hard_negatives_jaccard"] == 0.5
@@ -127,13 +129,13 @@ def test_projection_hand_worked():
     """2 calls: 200 prompt tokens (20 image), 120 from the cache (10 image)."""
     tokens = {"calls": 2, "prompt_tokens": 200, "cached_tokens": 120, "image_tokens": 20}
     tokens |= {"cached_image_tokens": 10, "computed_tokens": 80, "computed_image_tokens": 10}
-    p = project(tokens, 1000, llm_params_b=1.0, vision_params_b=0.5, tflops=1.0, mfu=0.5)
+    p = asdict(project(tokens, 1000, llm_params_b=1.0, vision_params_b=0.5, tflops=1.0, mfu=0.5))
     # per call 40 tokens computed, 5 of them image: 2e9 * 40 + 2e9 * 0.5 * 4 patches * 5 = 1e11 FLOPs;
     # x 1000 calls at 0.5e12 FLOP/s = 200 s
     assert p["computed_tokens_per_call"] == 40 and p["gpu_hours"] == pytest.approx(200 / 3600)
     # docs/mining.md's earlier figure: 10.4B computed tokens at 7.6B parameters, no vision term: ~110 h
     text = {"calls": 1, "computed_tokens": 10_400, "computed_image_tokens": 0}
-    assert project(text, 1e6, vision_params_b=0)["gpu_hours"] == pytest.approx(111, abs=1)
+    assert project(text, 1e6, vision_params_b=0).gpu_hours == pytest.approx(111, abs=1)
     assert project({"calls": 0}, 1e6) is None
 
 

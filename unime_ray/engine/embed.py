@@ -1,15 +1,19 @@
-"""An actor pool of embedders on Ray Data: records stream through actors, each holding one embedder.
+"""An actor pool of embedders on Ray Data: records stream through actors, each holding one embedder
+(`engine.actors`), and the vectors they return as Arrow rows.
 
-Used by mining (queries and candidates), evaluation and index building. On a cluster each actor owns
-a GPU (`gpus_per_actor`); on a laptop one CPU actor does the same work.
+Used by mining (queries and candidates), evaluation and index building.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pyarrow as pa
 import ray
 
 from unime_ray.config import ModelConfig, model_dict
+from unime_ray.engine.actors import map_with_actors
 
 
 class EmbedActor:
@@ -41,14 +45,21 @@ def embed_dataset(
     gpus_per_actor: float = 0.0,
 ) -> ray.data.Dataset:
     """Lazily add an `embedding` column to `ds` using an actor pool of `num_actors` embedders."""
-    return ds.map_batches(
+    return map_with_actors(
+        ds,
         EmbedActor,
-        fn_constructor_kwargs=dict(
-            model=model_dict(model), image_root=str(image_root), text_col=text_col, image_col=image_col
-        ),
+        dict(model=model_dict(model), image_root=str(image_root), text_col=text_col, image_col=image_col),
         batch_size=model.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-        num_gpus=gpus_per_actor,
-        num_cpus=0 if gpus_per_actor else 1,
+        num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor,
     )
+
+
+def embeddings_table(batch: dict[str, np.ndarray], columns: Sequence[str]) -> pa.Table:
+    """A numpy batch of `embed_dataset` as Arrow: `columns` as strings, in that order, then `embedding`
+    as list<float32> (the layout of every embedding file the stages write)."""
+    emb = np.asarray(batch["embedding"], dtype=np.float32)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    cols = {n: pa.array(batch[n].tolist(), pa.string()) for n in columns}
+    return pa.table({**cols, "embedding": flat.cast(pa.list_(pa.float32()))})

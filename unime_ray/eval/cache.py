@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 from unime_ray.config import ModelConfig
-from unime_ray.engine.embed import embed_dataset
+from unime_ray.engine.embed import embed_dataset, embeddings_table
 from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
 from unime_ray.io import digest, weight_stamps, write_json, write_parquet
@@ -99,13 +99,6 @@ def cached_map(
     return {dataset: _read_results(results, _prefix(dataset), schema) for dataset in parts}, computed
 
 
-def _embeddings_to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
-    emb = np.asarray(batch["embedding"], dtype=np.float32)
-    flat = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-    cols = {n: pa.array(batch[n].tolist(), pa.string()) for n in ("text", "image", PATH_COL)}
-    return pa.table({**cols, "embedding": flat.cast(pa.list_(pa.float32()))})
-
-
 def embed_collections(
     collections: list[Collection],
     model: ModelConfig,
@@ -122,7 +115,8 @@ def embed_collections(
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
         # image paths in items are absolute, so the actors need no image root
         ds = embed_dataset(ds, model, "", num_actors=num_actors, gpus_per_actor=gpus_per_actor)
-        return ds.map_batches(_embeddings_to_arrow, batch_format="numpy")
+        columns = ("text", "image", PATH_COL)
+        return ds.map_batches(embeddings_table, fn_kwargs={"columns": columns}, batch_format="numpy")
 
     items = pa.schema([("text", pa.string()), ("image", pa.string())])
     parts = {

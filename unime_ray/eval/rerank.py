@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 
 from unime_ray.config import ModelConfig
+from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.shards import PATH_COL
 from unime_ray.eval.cache import cached_map, model_folder, model_identity
 from unime_ray.eval.metrics import pessimistic_order
@@ -156,14 +157,14 @@ def rerank(
     folder = model_folder(Path(cache_dir) / "rerank", identity)
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
-        return ds.map_batches(
+        return map_with_actors(
+            ds,
             RerankActor,
-            fn_constructor_kwargs={"model": asdict(model)},
+            {"model": asdict(model)},
             batch_size=model.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-            num_gpus=gpus_per_actor,
-            num_cpus=0 if gpus_per_actor else 1,
+            num_actors=num_actors,
+            gpus_per_actor=gpus_per_actor,
         )
 
     tables = {(c.key, t.name, m): requests(c, t, r, m) for c, t, r in jobs for m in modes}

@@ -27,23 +27,13 @@ import ray
 from unime_ray.config import EmbedderConfig, MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import EMBEDDINGS, USER_EMBEDDINGS, check_parquet_types, parquet_errors
-from unime_ray.engine.embed import embed_dataset
+from unime_ray.engine.embed import embed_dataset, embeddings_table
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, write_parquet
 
 PART_ROWS = 65536  # user rows per import task (whole row groups, so at least one row group)
 NORM_TOLERANCE = 1e-4
-
-
-def _to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
-    """Embedding rows in the EMBEDDINGS layout (list<float32>), keeping the shard path."""
-    emb = np.asarray(batch["embedding"], dtype=np.float32)
-    flat = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]).cast(
-        pa.list_(pa.float32())
-    )
-    cols = {n: pa.array(batch[n].tolist(), pa.string()) for n in ("id", "dataset", "kind", PATH_COL)}
-    return pa.table({**cols, "embedding": flat})
 
 
 def _items(queries: str | Path, pool: str | Path, columns: list[str]) -> pa.Table:
@@ -78,7 +68,8 @@ def run_embed(
         ds = embed_dataset(
             ds, model, image_root, num_actors=cfg.num_actors, gpus_per_actor=cfg.gpus_per_actor
         )
-        return ds.map_batches(_to_arrow, batch_format="numpy")
+        columns = ("id", "dataset", "kind", PATH_COL)
+        return ds.map_batches(embeddings_table, fn_kwargs={"columns": columns}, batch_format="numpy")
 
     return run_shards(requests, out_dir / "results", transform, EMBEDDINGS, ["id", "kind"], "embed")
 

@@ -39,6 +39,7 @@ from unime_ray.data.schemas import (
     check_parquet_types,
     parquet_errors,
 )
+from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, write_parquet
@@ -320,14 +321,14 @@ def run_judge(
         return attach_precomputed(requests, out_dir, judge.scores_path)
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
-        return ds.map_batches(
+        return map_with_actors(
+            ds,
             JudgeActor,
-            fn_constructor_kwargs=dict(judge=asdict(judge), image_root=str(image_root)),
+            dict(judge=asdict(judge), image_root=str(image_root)),
             batch_size=judge.model.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-            num_gpus=cfg.gpus_per_actor,
-            num_cpus=0 if cfg.gpus_per_actor else 1,
+            num_actors=cfg.num_actors,
+            gpus_per_actor=cfg.gpus_per_actor,
         )
 
     schema = pa.schema([*JUDGE_SCORES, *JUDGE_COSTS])

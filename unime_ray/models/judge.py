@@ -65,7 +65,11 @@ def image_token_id(tokenizer) -> int | None:
     return next((vocab[t] for t in IMAGE_PLACEHOLDERS if t in vocab), None)
 
 
-class _PromptBuilder:
+class PromptBuilder:
+    """A judge's prompts as its engine receives them: the rendered text of a (query, candidate) pair in
+    the setting's prompt variant with the candidate's text capped, its images, and its token counts.
+    Shared by the judges and by `mining.agree.cost`, which replays the prompts without a model."""
+
     def __init__(
         self,
         model: ModelConfig,
@@ -109,7 +113,7 @@ class _PromptBuilder:
         return len(ids), cached, int(is_image.sum()), int(is_image[:cached].sum())
 
 
-class TransformersJudge(_PromptBuilder):
+class TransformersJudge(PromptBuilder):
     """Also the reranker's pointwise scorer: pass its (fine-tuned) `model` to reuse one in memory."""
 
     def __init__(
@@ -167,7 +171,7 @@ def remote_code_needed(cfg: JudgeConfig) -> bool:
     return True
 
 
-class VLLMJudge(_PromptBuilder):
+class VLLMJudge(PromptBuilder):
     def __init__(self, cfg: JudgeConfig, image_root: str | Path = ""):
         from transformers import AutoTokenizer
 
