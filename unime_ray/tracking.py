@@ -141,7 +141,7 @@ def log_stage(cfg: Any, stage: str, start: float, **logged: Any) -> None:
 def worker_logger(tracking: dict | None):
     """Inside a Ray Train worker: MLflow on rank 0 attached to the stage's run (Ray's `setup_mlflow`,
     which returns a no-op on other ranks), or None with tracking off. `tracking` is {"uri", "experiment",
-    "run_id"} from the driver; MLflow's `start_run` resumes the run named by MLFLOW_RUN_ID."""
+    "run_id", "stage"} from the driver; MLflow's `start_run` resumes the run named by MLFLOW_RUN_ID."""
     if not tracking:
         return None
     import ray.train
@@ -151,4 +151,6 @@ def worker_logger(tracking: dict | None):
         return None
     _quiet()
     os.environ["MLFLOW_RUN_ID"] = tracking["run_id"]
-    return setup_mlflow(tracking_uri=tracking["uri"], experiment_name=tracking["experiment"])
+    return setup_mlflow(
+        tracking_uri=tracking["uri"], experiment_name=tracking["experiment"], run_name=tracking["stage"]
+    )

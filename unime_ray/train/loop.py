@@ -363,7 +363,12 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     held_out = {r["id"] for r in samples.get("held_out", [])}
     _warn_if_no_cpu_left(tcfg, kind)
     run_id = start_stage(cfg, name)  # rank 0 logs each step into it; the caller closes it
-    tracking = run_id and {"uri": store_uri(cfg), "experiment": cfg.tracking.experiment, "run_id": run_id}
+    tracking = run_id and {
+        "uri": store_uri(cfg),
+        "experiment": cfg.tracking.experiment,
+        "run_id": run_id,
+        "stage": name,
+    }
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
