@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from unime_ray.assets import mine_with_oracle
 from unime_ray.config import load_config
 from unime_ray.eval.job import run_eval
-from unime_ray.tracking import TAG_RUN_DIR, TAG_STAGE, log_stage, store_uri
+from unime_ray.tracking import TAG_RUN_DIR, TAG_STAGE, log_stage, metric_name, store_uri
 from unime_ray.train.run import train
 
 ROOT = Path(__file__).parents[1]
@@ -65,7 +65,7 @@ def test_training_steps_logged_from_rank_0_equal_metrics_jsonl(tracked):
     rows = [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for name in ("loss", "p@1", "lr", "samples_per_s"):
-        history = client.get_metric_history(run.info.run_id, name)
+        history = client.get_metric_history(run.info.run_id, metric_name(name))
         assert sorted((m.step, m.value) for m in history) == [(r["step"], r[name]) for r in rows], name
     assert run.data.params["checkpoint"] == summary["checkpoint"]
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

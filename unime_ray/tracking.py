@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,10 +53,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def metric_name(key: str) -> str:
+    """A metric key MLflow accepts: `@` spelt `_at_` (`p@1` -> `p_at_1`), other characters outside
+    MLflow's set (alphanumerics, `_ - . : /` and space) replaced by `_`."""
+    return re.sub(r"[^\w\-.:/ ]", "_", key.replace("@", "_at_"))
+
+
 def numbers(tree: dict) -> dict[str, float]:
     """The numeric leaves of a nested dict (bools and None left out), as MLflow metrics."""
     return {
-        k: float(v)
+        metric_name(k): float(v)
         for k, v in flatten(tree).items()
         if isinstance(v, int | float) and not isinstance(v, bool) and v == v
     }

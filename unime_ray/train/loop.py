@@ -50,7 +50,7 @@ from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, confi
 from unime_ray.io import digest, file_sha256, weight_stamps, write_json
 from unime_ray.models.backbone import load_model
 from unime_ray.record import changed_keys, record_stage
-from unime_ray.tracking import end_stage, start_stage, store_uri, worker_logger
+from unime_ray.tracking import end_stage, metric_name, start_stage, store_uri, worker_logger
 from unime_ray.train.export import save_model_folder
 
 STATE_TAG = "state"
@@ -290,7 +290,9 @@ def _append(metrics_file: Path, row: dict, mlflow=None) -> None:
     with metrics_file.open("a") as f:
         f.write(json.dumps(row) + "\n")
     if mlflow is not None:
-        mlflow.log_metrics({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
+        mlflow.log_metrics(
+            {metric_name(k): v for k, v in row.items() if k not in ("step", "time")}, step=row["step"]
+        )
 
 
 def peak_mem_mb() -> float:
