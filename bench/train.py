@@ -49,12 +49,17 @@ SETTINGS = {
 # Each ray.train.report is a cross-rank barrier that waits on the controller: reporting every step
 # (instead of every train.report_every=10) shows in the wall time, not in the per-step samples/s.
 SETTINGS["1 worker, report every step"] = SETTINGS["1 worker"] + ["train.report_every=1"]
+# MLflow tracking (on by default, every step logged from rank 0) against none: the wall time per step.
+SETTINGS["1 worker, tracking off"] = SETTINGS["1 worker"] + ["tracking.enabled=false"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="mid", help="tiny model size to train (tiny, mid, small)")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument(
+        "--only", nargs="+", choices=list(SETTINGS), help="run these settings (always with 1 worker)"
+    )
     a = p.parse_args()
     run = OUT / "train-run"
     init_ray()
@@ -63,7 +68,8 @@ def main() -> None:
         make_tiny(model, "qwen2-vl", a.size)
     overrides = mine_with_oracle(ROOT / "jobs/configs/tiny.yaml", run, [f"train.model.path={model}"])
     rows = {}
-    for name, setting in SETTINGS.items():
+    chosen = {"1 worker", *a.only} if a.only else set(SETTINGS)
+    for name, setting in ((n, s) for n, s in SETTINGS.items() if n in chosen):
         out = run / name.replace(" ", "_").replace("+", "")
         shutil.rmtree(out, ignore_errors=True)
         more = [f"run.output_dir={out}", f"train.steps={a.steps}", f"train.checkpoint_every={a.steps}"]

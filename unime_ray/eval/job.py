@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
@@ -37,7 +38,9 @@ from unime_ray.eval.rerank import MODES, rerank
 from unime_ray.eval.retrieval import load_retrieval
 from unime_ray.io import atomic_path, write_json
 from unime_ray.ray_utils import init_ray
+from unime_ray.record import record_stage, stage_key
 from unime_ray.runlock import command_lock
+from unime_ray.tracking import log_stage, numbers
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
@@ -117,6 +120,9 @@ def run_eval(cfg: Config) -> dict:
     cache = Path(e.cache_dir or Path(cfg.run.output_dir) / "cache")
     prepare_synthetic(cfg)
     collections, meta, read = load_collections(cfg, out)
+    changed, started = record_stage(cfg, out), time.time()
+    if changed:
+        print(f"[eval] {out} was last written with other settings, now: {', '.join(changed)}", flush=True)
     init_ray(cfg.ray.address, verbose=cfg.ray.verbose)
     pool = {"num_actors": e.num_actors, "gpus_per_actor": e.gpus_per_actor}
     vectors, embedded = embed_collections(collections, cfg.embedder, cache, shard_rows=e.shard_rows, **pool)
@@ -149,6 +155,16 @@ def run_eval(cfg: Config) -> dict:
         p for p in (mmeb_bars(results, out / "mmeb.png"), recall_curves(results, out / "recall.png")) if p
     ]
     print(f"[eval] wrote {out}/results.json, results.md, " + ", ".join(p.name for p in plots), flush=True)
+    params = {"eval": asdict(e), "embedder": asdict(cfg.embedder), "reranker": asdict(cfg.reranker.model)}
+    artifacts = [out / "results.json", out / "results.md", *plots]
+    log_stage(
+        cfg,
+        stage_key(Path(cfg.run.output_dir), out),
+        started,
+        params=params,
+        metrics=numbers(results),
+        artifacts=artifacts,
+    )
     return results
 
 

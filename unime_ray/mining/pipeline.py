@@ -11,13 +11,15 @@
 Resume: a stage that finished writes `_SUCCESS.json` with a fingerprint of the settings it depends on
 (and of the stage before it). A rerun skips a stage whose fingerprint matches, continues one that was
 interrupted (embed and judge resume by shard), and redoes a stage, and every stage after it, whose
-settings changed. So `--set mining.beta=0.02` re-runs only `sample`, with no judge call.
+settings changed, naming the keys that did (the marker keeps the settings). So `--set mining.beta=0.02`
+re-runs only `sample`, with no judge call. The run's config is recorded in `<output_dir>/run.json`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +35,8 @@ from unime_ray.mining.judge import run_judge, write_requests
 from unime_ray.mining.retrieve import run_retrieve
 from unime_ray.mining.sample import run_sample
 from unime_ray.preflight import PreflightError, check_job, check_quarantine
+from unime_ray.record import changed_keys, record_stage
+from unime_ray.tracking import log_stage, numbers
 
 STAGES = ("ingest", "embed", "retrieve", "judge", "sample")
 
@@ -102,7 +106,8 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     """Run (or resume) the pipeline up to and including the last of `stages`."""
     root = Path(cfg.run.output_dir) / "mining"
     dirs = {s: root / s for s in STAGES}
-    prints = fingerprints(cfg)
+    prints, settings = fingerprints(cfg), stage_settings(cfg)
+    changed, started = record_stage(cfg, root), time.time()
     report: dict = {}
 
     def run(stage: str, fn) -> dict:
@@ -112,8 +117,18 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             if done["fingerprint"] == prints[stage]:
                 print(f"[mine] {stage}: done earlier, skipped", flush=True)
                 return done["report"]
-        if marker.is_file() or _stale(dirs[stage], prints[stage]):
-            print(f"[mine] {stage}: settings changed, redoing it", flush=True)
+            if "settings" in done:
+                keys = changed_keys(done["settings"], settings[stage], f"{stage}.")
+                why = ", ".join(keys) or "the stage before it was redone"
+            else:
+                why = "its earlier settings were not recorded"
+            print(f"[mine] {stage}: settings changed ({why}), redoing it", flush=True)
+            shutil.rmtree(dirs[stage])
+        elif _stale(dirs[stage], prints[stage]):
+            why = ", ".join(changed) or "no record of the earlier settings"
+            print(
+                f"[mine] {stage}: settings changed since it was interrupted ({why}), redoing it", flush=True
+            )
             shutil.rmtree(dirs[stage])
         dirs[stage].mkdir(parents=True, exist_ok=True)
         (dirs[stage] / "_FINGERPRINT").write_text(prints[stage])
@@ -124,7 +139,7 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
         if stage == "ingest":
             check_quarantine(dirs["ingest"], result, cfg)
         check_not_empty(stage, dirs)
-        write_json({"fingerprint": prints[stage], "report": result}, marker)
+        write_json({"fingerprint": prints[stage], "settings": settings[stage], "report": result}, marker)
         print(f"[mine] {stage}: done in {result['seconds']:.1f} s: {summary(stage, result)}", flush=True)
         return result
 
@@ -153,7 +168,26 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     for stage in STAGES[: last + 1]:
         report[stage] = run(stage, steps[stage])
     write_json(report, root / "report.json")
+    _track(cfg, report, started)
     return report
+
+
+def _track(cfg: Config, report: dict, started: float) -> None:
+    """The mining stage in MLflow (unime_ray/tracking.py): its settings, every report count, the
+    reports, the score plot and, once sampled, the inspector page."""
+    if not cfg.tracking.enabled:
+        return
+    root = Path(cfg.run.output_dir) / "mining"
+    params = {k: asdict(getattr(cfg, k)) for k in ("data", "embedder", "judge", "mining")}
+    files = [root / "report.json", root / "sample" / "report.json", root / "sample" / "scores.png"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "sample" in report and cfg.data.image_root:
+            from unime_ray.inspector import build_report
+
+            page = Path(tmp) / "inspect.html"
+            page.write_text(build_report(cfg.run.output_dir, cfg.data.image_root), encoding="utf-8")
+            files.append(page)
+        log_stage(cfg, "mining", started, params=params, metrics=numbers(report), artifacts=files)
 
 
 def summary(stage: str, result: dict) -> str:

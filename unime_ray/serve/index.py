@@ -40,6 +40,8 @@ import argparse
 import datetime
 import hashlib
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ from unime_ray.config import Config, IndexConfig, ModelConfig, add_config_args, 
 from unime_ray.data.schemas import INDEX_RECORDS
 from unime_ray.engine.index import PoolIndex, build_ivf
 from unime_ray.io import atomic_path, write_json, write_parquet
+from unime_ray.record import record_stage, stage_key
+from unime_ray.tracking import log_stage, numbers
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -405,6 +409,9 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
     from unime_ray.serve.corpus import read_corpus
 
     directory = index_dir(cfg)
+    changed, started = record_stage(cfg, directory), time.time()
+    if changed:
+        print(f"[build-index] {directory} was last built with other settings, now: {', '.join(changed)}")
     model = model_identity(cfg.embedder)
     meta = None if rebuild or not (directory / META).is_file() else read_meta(directory, model)
     if meta is not None and meta["requested_type"] != cfg.index.type:
@@ -434,7 +441,7 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
     else:
         meta = add_to_index(directory, records, vectors, model=model)
     read.write_quarantine(directory / "quarantine.parquet")
-    return {
+    report = {
         "index": str(directory),
         "read": read.counts(),
         "added": records.num_rows,
@@ -442,6 +449,11 @@ def build_index(cfg: Config, corpus: str | Path, rebuild: bool = False) -> dict[
         "type": meta["type"],
         "dim": meta["dim"],
     }
+    params = {"index": asdict(cfg.index), "corpus": str(corpus), "embedder": asdict(cfg.embedder)}
+    log_stage(
+        cfg, stage_key(Path(cfg.run.output_dir), directory), started, params=params, metrics=numbers(report)
+    )
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ into a loss; everything else lives here once:
   rank 0 the peft adapter, and all call `ray.train.report(..., checkpoint=...)`: Ray Train merges the
   ranks' files into one checkpoint and keeps the last `keep_checkpoints`.
 - Metrics: every step to `metrics.jsonl` (rank 0); to Ray Train every `report_every` steps and with
-  each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller.
+  each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller;
+  with tracking on, the same rows to MLflow from rank 0 (unime_ray/tracking.py).
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
   checkpoint with `ray.train.get_checkpoint()` and continues from its step; its data stream starts a
   new pass (the optimizer state is restored, the position within an epoch is not). Its files are read
@@ -48,6 +49,8 @@ import torch
 from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from unime_ray.io import digest, file_sha256, weight_stamps, write_json
 from unime_ray.models.backbone import load_model
+from unime_ray.record import changed_keys, record_stage
+from unime_ray.tracking import end_stage, metric_name, start_stage, store_uri, worker_logger
 from unime_ray.train.export import save_model_folder
 
 STATE_TAG = "state"
@@ -215,8 +218,9 @@ def worker_loop(config: dict) -> None:
     metrics_file = Path(config["metrics_path"])
     samples = config.get("monitor") or {}  # rows whose ranking rank 0 checks (train/monitor.py)
     check = (lambda: task.monitor(samples)) if samples and rank == 0 else dict
+    mlflow = worker_logger(config.get("tracking"))  # rank 0's MLflow, None with tracking off
     if step == 0 and rank == 0 and samples:  # the untrained model's figures, as step 0
-        _append(metrics_file, {"step": 0, **check()})
+        _append(metrics_file, {"step": 0, **check()}, mlflow)
     shard = ray.train.get_dataset_shard("train")
     epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
     while step < tcfg.steps:
@@ -245,7 +249,7 @@ def worker_loop(config: dict) -> None:
             if checkpoint:
                 report.update(check())
             if rank == 0:
-                _append(metrics_file, report)
+                _append(metrics_file, report, mlflow)
             if checkpoint:
                 with tempfile.TemporaryDirectory() as tmp:
                     _save(engine, Path(tmp), step, rank, tcfg)
@@ -280,9 +284,15 @@ def _resume(engine, kind: str) -> int:
     return step
 
 
-def _append(metrics_file: Path, row: dict) -> None:
+def _append(metrics_file: Path, row: dict, mlflow=None) -> None:
+    """One step's row to metrics.jsonl and, with tracking on, the same numbers to MLflow at that step
+    (the wall-clock `time` aside: MLflow stamps each point itself)."""
     with metrics_file.open("a") as f:
         f.write(json.dumps(row) + "\n")
+    if mlflow is not None:
+        mlflow.log_metrics(
+            {metric_name(k): v for k, v in row.items() if k not in ("step", "time")}, step=row["step"]
+        )
 
 
 def peak_mem_mb() -> float:
@@ -341,18 +351,26 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     out = Path(cfg.run.output_dir).resolve()
     name = f"train_{kind}"
     inputs = run_inputs(cfg, kind, data)
+    record_stage(cfg, out / name)  # what changed is named below, by the inputs that decide a resume
     marker, fingerprint = out / name / "_SUCCESS.json", digest({"inputs": inputs, "steps": tcfg.steps})
     if marker.is_file() and not restart:
         done = json.loads(marker.read_text())
         summary = done["summary"]
         if done["fingerprint"] == fingerprint and Path(summary["checkpoint"]).is_dir():
             print(f"[train-{kind}] done earlier (step {summary['metrics']['step']}), skipped", flush=True)
-            return summary
+            return {**summary, "mlflow_run_id": None}  # logged when it ran
     _start_or_resume(out, name, inputs, restart)
     metrics_path = out / name / "metrics.jsonl"
     samples = monitor_samples(cfg, kind, data)
     held_out = {r["id"] for r in samples.get("held_out", [])}
     _warn_if_no_cpu_left(tcfg, kind)
+    run_id = start_stage(cfg, name)  # rank 0 logs each step into it; the caller closes it
+    tracking = run_id and {
+        "uri": store_uri(cfg),
+        "experiment": cfg.tracking.experiment,
+        "run_id": run_id,
+        "stage": name,
+    }
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -360,6 +378,7 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
             "task": kind,
             "metrics_path": str(metrics_path),
             "monitor": samples,
+            "tracking": tracking,
         },
         datasets={"train": train_dataset(data, cfg.run.seed, exclude=held_out)},
         scaling_config=ScalingConfig(
@@ -375,12 +394,17 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
         ),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_stage(cfg, run_id, failed=True)
+        raise
     summary = {
         "checkpoint": result.checkpoint.path,
         "weights": str(Path(result.checkpoint.path) / weights_dir(tcfg)),  # adapter/, or model/ without LoRA
         "metrics": result.metrics,
         "metrics_path": str(metrics_path),
+        "mlflow_run_id": run_id,
     }
     write_json({"fingerprint": fingerprint, "summary": summary}, marker)
     return summary
@@ -427,19 +451,6 @@ def run_inputs(cfg: Config, kind: str, data: str) -> dict:
         "data file": {"path": str(Path(data).resolve()), "sha256": file_sha256(data)},
         "model weights": weight_stamps(tcfg.model.path, tcfg.model.adapter),
     }
-
-
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the leaves that differ between two nested dicts (added and removed ones too)."""
-    keys = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
-        name = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{name}.")
-        elif a != b:
-            keys.append(name)
-    return keys
 
 
 def _start_or_resume(out: Path, name: str, inputs: dict, restart: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from unime_ray.assets import prepare_synthetic
@@ -13,7 +14,8 @@ from unime_ray.config import Config, add_config_args, config_from_args
 from unime_ray.preflight import PreflightError, check_job
 from unime_ray.ray_utils import init_ray
 from unime_ray.runlock import command_lock
-from unime_ray.train.loop import run_training
+from unime_ray.tracking import end_stage
+from unime_ray.train.loop import SECTIONS, run_training
 
 
 def plot_curves(metrics_path: Path, out: Path, title: str) -> Path:
@@ -53,10 +55,18 @@ LABELS = {"embed": "embedder", "rerank": "reranker"}
 
 def train(cfg: Config, kind: str, restart: bool = False) -> dict:
     """One training run (`run_training`), then its learning curves beside its metrics.jsonl; the
-    summary gains their path as "curves"."""
+    summary gains their path as "curves". With tracking on, the run's MLflow stage (its steps logged by
+    rank 0) gains the training section, the checkpoint path and the plot, and is closed."""
     summary = run_training(cfg, kind, restart)
     metrics = Path(summary["metrics_path"])
     curves = plot_curves(metrics, metrics.with_name("learning_curves.png"), f"UniME-V2 {LABELS[kind]}")
+    section = getattr(cfg, SECTIONS[kind])
+    params = {
+        SECTIONS[kind]: asdict(section),
+        "checkpoint": summary["checkpoint"],
+        "weights": summary["weights"],
+    }
+    end_stage(cfg, summary.get("mlflow_run_id"), params=params, artifacts=[curves, metrics])
     return {**summary, "curves": str(curves)}
 
 
