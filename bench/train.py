@@ -11,7 +11,7 @@ of the job's own per-step figure; peak memory is each worker's peak RSS (peak CU
 GPU) from its final_rank*.json; s/step is wall time per step after the first (reports and data waits
 included), job s the whole job with start-up. Ratios are against 1 worker without checkpointing, in
 the same run.
-Writes bench/results/train.json.
+Writes bench/results/train.json (`--results`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument(
         "--only", nargs="+", choices=list(SETTINGS), help="run these settings (always with 1 worker)"
     )
+    p.add_argument("--results", default=str(OUT / "train.json"), help="where the figures go")
     a = p.parse_args()
     run = OUT / "train-run"
     init_ray()
@@ -101,8 +102,8 @@ def main() -> None:
         "global_batch": 16,
         "settings": rows,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "train.json").write_text(json.dumps(report, indent=2))
+    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.results).write_text(json.dumps(report, indent=2))
     x1 = "x 1 worker"
     print(f"{'setting':28s} {'samples/s':>10s} {x1:>10s} {'s/step':>8s} {x1:>10s} {'job s':>7s}  peak MB")
     for name, row in rows.items():

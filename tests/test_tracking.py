@@ -74,9 +74,10 @@ def test_training_steps_logged_from_rank_0_equal_metrics_jsonl(tracked):
 def test_eval_metrics_are_its_results(tracked):
     _, _, _, results, client, runs = tracked
     run = _stage(runs, "eval")
-    assert results["mmeb"]
-    for name, entry in results["mmeb"].items():
-        assert run.data.metrics[f"mmeb.{name}.scores.embedding"] == pytest.approx(
+    datasets = results["mmeb"]["datasets"]
+    assert len(datasets) >= 3
+    for name, entry in datasets.items():
+        assert run.data.metrics[f"mmeb.datasets.{name}.scores.embedding"] == pytest.approx(
             entry["scores"]["embedding"]
         )
     assert {"results.json", "results.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
