@@ -20,6 +20,12 @@ from typing import Any, Literal
 
 import yaml
 
+# Exact-search defaults of `engine.index` (mining's retrieve and the Serve index): pool vectors per
+# chunk and queries per block bound the score matrix a search holds; lists probed by an IVF index.
+SEARCH_CHUNK_SIZE = 262144
+SEARCH_QUERY_BLOCK = 16384
+IVF_NPROBE = 32
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type."""
@@ -145,10 +151,15 @@ class MiningConfig:
     num_negatives: int = field(default=10, metadata={"help": "negatives stored per query (official: 10)"})
     index: Literal["exact", "ivf"] = field(default="exact", metadata={"help": "FAISS index type"})
     chunk_size: int = field(
-        default=262144, metadata={"help": "retrieve: pool vectors per exact-search chunk (bounds memory)"}
+        default=SEARCH_CHUNK_SIZE,
+        metadata={"help": "retrieve: pool vectors per exact-search chunk (bounds memory)"},
     )
-    query_block: int = field(default=16384, metadata={"help": "retrieve: queries searched at once"})
-    ivf_nprobe: int = field(default=32, metadata={"help": "retrieve: inverted lists probed per query (ivf)"})
+    query_block: int = field(
+        default=SEARCH_QUERY_BLOCK, metadata={"help": "retrieve: queries searched at once"}
+    )
+    ivf_nprobe: int = field(
+        default=IVF_NPROBE, metadata={"help": "retrieve: inverted lists probed per query (ivf)"}
+    )
     faiss_gpu: bool | None = field(
         default=None, metadata={"help": "retrieve: FAISS on GPU; null = when FAISS sees a GPU"}
     )
@@ -328,7 +339,7 @@ class IndexConfig:
         default="<|image_1|>\nRepresent the given image.",
         metadata={"help": "text embedded with each image of an image + captions corpus (MMEB's wording)"},
     )
-    ivf_nprobe: int = field(default=32, metadata={"help": "ivf: inverted lists probed per query"})
+    ivf_nprobe: int = field(default=IVF_NPROBE, metadata={"help": "ivf: inverted lists probed per query"})
     hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node (build time)"})
     hnsw_ef_construction: int = field(default=200, metadata={"help": "hnsw: build-time search depth"})
     hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: query-time search depth"})

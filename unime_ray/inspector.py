@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import html
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from unime_ray.data.images import open_image
+from unime_ray.data.images import thumbnail
+from unime_ray.keyed import key_rng
 
 SCORE_BINS = 20  # judge scores live in [0, 1]: 0.05-wide bins
 THUMB_PX = 96
@@ -134,12 +133,6 @@ def mining_dir(run_dir: str | Path) -> Path:
     return mining
 
 
-def _stable_seed(seed: int, name: str) -> np.random.Generator:
-    # hashlib, not hash(): Python salts str hashes per process, and the sample must not change.
-    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
-
-
 def choose_queries(
     hard_negatives: pa.Table, per_dataset: int, seed: int, extra: list[str] | tuple[str, ...] = ()
 ) -> dict[str, list[tuple[str, str]]]:
@@ -151,7 +144,7 @@ def choose_queries(
         rows = hard_negatives.filter(pc.equal(hard_negatives["dataset"], name)).sort_by("id")
         ids = rows["id"].to_pylist()
         fallback = rows["fallback"].to_numpy(zero_copy_only=False)
-        rng = _stable_seed(seed, name)
+        rng = key_rng(seed, name)
         picks = [int(i) for i in rng.choice(len(ids), size=min(per_dataset, len(ids)), replace=False)]
         chosen = [(ids[i], "random") for i in sorted(picks)]
         falls = np.flatnonzero(fallback)
@@ -347,15 +340,8 @@ class Thumbnails:
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root) or not path.is_file():
             return None
-        try:
-            with open_image(path) as image:
-                image = image.convert("RGB")
-                image.thumbnail((self.size, self.size))
-                out = io.BytesIO()
-                image.save(out, format="JPEG", quality=85)
-        except Exception:  # unreadable image: the page says so instead of failing
-            return None
-        return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+        jpeg = thumbnail(path, self.size, "JPEG", quality=85)  # None: the page says "unreadable"
+        return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def _e(value: object) -> str:

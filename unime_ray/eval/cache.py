@@ -33,8 +33,10 @@ from unime_ray.io import digest, weight_stamps, write_json, write_parquet
 EMBEDDINGS = pa.schema([("text", pa.string()), ("image", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
-def model_identity(model: ModelConfig, extra: dict | None = None) -> dict:
-    """What a model's outputs depend on (batch size only changes speed)."""
+def cache_identity(model: ModelConfig, extra: dict | None = None) -> dict:
+    """What a model's cached outputs depend on (batch size only changes speed), its weights known by
+    path, size and mtime (`weight_stamps`): instant at every run. Unlike `serve.index.model_identity`,
+    which hashes the weights' contents so that an index outlives a copied model folder."""
     ident = {k: v for k, v in asdict(model).items() if k != "batch_size"}
     weights = weight_stamps(model.path, model.adapter)
     ident.update(path=str(Path(model.path).resolve()), weights=weights, **(extra or {}))
@@ -117,7 +119,7 @@ def embed_collections(
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """{collection key: [items, dim] unit vectors aligned with its items} and {"embedded", "cached"}
     item counts. All collections' missing items stream through ONE Ray Data actor pool."""
-    folder = model_folder(Path(cache_dir) / "embeddings", model_identity(model))
+    folder = model_folder(Path(cache_dir) / "embeddings", cache_identity(model))
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
         # image paths in items are absolute, so the actors need no image root

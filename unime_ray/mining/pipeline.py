@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from unime_ray.config import Config
 from unime_ray.engine.shards import requests_once
-from unime_ray.io import digest, write_json
+from unime_ray.io import digest, file_stamp, write_json
 from unime_ray.mining.embed import run_embed
 from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
@@ -51,8 +51,7 @@ def _file_stamp(key: str, path: str) -> dict:
     (its path alone would not change)."""
     if not path or not Path(path).is_file():
         return {}
-    stat = Path(path).stat()
-    return {key: [stat.st_size, stat.st_mtime_ns]}
+    return {key: file_stamp(path)}
 
 
 def stage_settings(cfg: Config) -> dict[str, dict]:

@@ -41,7 +41,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.config import MiningConfig
+from unime_ray.config import IVF_NPROBE, SEARCH_CHUNK_SIZE, SEARCH_QUERY_BLOCK, MiningConfig
 from unime_ray.data.schemas import CANDIDATES
 from unime_ray.engine.index import PoolIndex, blocks
 from unime_ray.engine.tasks import run_tasks
@@ -62,11 +62,11 @@ def retrieve_candidates(
     top_n: int,
     delta: float,
     dataset: str,
-    chunk_size: int = 262144,
+    chunk_size: int = SEARCH_CHUNK_SIZE,
     index: str = "exact",
     use_gpu: bool | None = None,
-    nprobe: int = 32,
-    query_block: int = 16384,
+    nprobe: int = IVF_NPROBE,
+    query_block: int = SEARCH_QUERY_BLOCK,
 ) -> pa.Table:
     """The potential hard negatives of ONE dataset as a CANDIDATES table (see the module docstring).
 

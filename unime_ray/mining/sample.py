@@ -48,7 +48,6 @@ memory holds one file plus, for the whole run, only row indices and float scores
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -68,6 +67,7 @@ from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import MERGE_ROWS, PART_ROWS, atomic_path, merge_sorted, write_json, write_parquet
+from unime_ray.keyed import key_rng as query_rng  # one query's fallback draw
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
 
@@ -85,12 +85,6 @@ class Sampled:
 def cyclic_order(n: int, interval: int) -> list[int]:
     """Positions 0..n-1 visited with a step of `interval`: 0, i, 2i, ..., then 1, 1+i, ..., etc."""
     return [pos for offset in range(interval) for pos in range(offset, n, interval)]
-
-
-def query_rng(seed: int, query_id: str) -> np.random.Generator:
-    """The generator of one query's fallback draw; hashlib because Python salts hash() per process."""
-    digest = hashlib.blake2b(query_id.encode("utf-8"), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
 def survives(pos_score: float, scores: np.ndarray, beta: float) -> np.ndarray:

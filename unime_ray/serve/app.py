@@ -85,7 +85,7 @@ from unime_ray.config import (
     load_config,
     model_dict,
 )
-from unime_ray.data.images import IMAGE_FORMATS, open_image
+from unime_ray.data.images import IMAGE_FORMATS, open_image, thumbnail
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
 RerankMode = Literal["none", "listwise", "pointwise"]
@@ -336,7 +336,7 @@ class IndexDeployment:
         """Record `record_id`'s image as a PNG thumbnail; None for an unknown id, a record without an
         image, or an image file that is gone or unreadable."""
         path = self.index.image_file(record_id)
-        return None if path is None else await asyncio.to_thread(_thumbnail_png, path)
+        return None if path is None else await asyncio.to_thread(thumbnail, path, IMAGE_SIDE, "PNG")
 
     async def info(self) -> dict[str, Any]:
         meta = self.index.meta
@@ -346,19 +346,6 @@ class IndexDeployment:
             "type": meta["type"],
             "updated": meta["updated"],
         }
-
-
-def _thumbnail_png(path: Path) -> bytes | None:
-    # Re-encoded rather than sent as stored: the answer is always a small PNG, whatever the file holds.
-    try:
-        with open_image(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            return out.getvalue()
-    except Exception:  # a corrupt or vanished file is "no image" to the client, not a server error
-        return None
 
 
 @serve.deployment(name="Reranker")
