@@ -646,10 +646,9 @@ async def validation_error(request: Any, error: RequestValidationError) -> JSONR
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def make_api(service: Ingress) -> FastAPI:
-    """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
+def _gated_api(service: Ingress) -> FastAPI:
+    """An app with no routes yet, behind the host check, the body-size gate and (with a key) the key gate."""
     cfg = service.cfg
-    SearchIn, EmbedIn = request_models(cfg)
     keyed = bool(service.key_digest)
     api = FastAPI(
         title="unime_ray",
@@ -669,6 +668,31 @@ def make_api(service: Ingress) -> FastAPI:
         api.add_middleware(KeyGate, key_digest=service.key_digest)
     # Added last, so it runs first: a request for a name this server does not answer gets 400 at once.
     api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
+    return api
+
+
+def _add_pages(api: FastAPI, service: Ingress, guard: list) -> None:
+    """The pages for people: search and inspect (public: static HTML), the inspect report (keyed)."""
+    pages = {name: (PAGES / name).read_text(encoding="utf-8") for name in ("search.html", "inspect.html")}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page() -> HTMLResponse:
+        return HTMLResponse(pages["search.html"], headers={"Content-Security-Policy": PAGE_CSP})
+
+    @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
+    async def inspect_page() -> HTMLResponse:
+        return HTMLResponse(pages["inspect.html"], headers={"Content-Security-Policy": PAGE_CSP})
+
+    @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
+    async def inspect_report() -> HTMLResponse:
+        return HTMLResponse(await service.inspect_report())
+
+
+def make_api(service: Ingress) -> FastAPI:
+    """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
+    SearchIn, EmbedIn = request_models(service.cfg)
+    keyed = bool(service.key_digest)
+    api = _gated_api(service)
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
@@ -677,7 +701,7 @@ def make_api(service: Ingress) -> FastAPI:
             raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
     guard = [Depends(require_key)] if service.key_digest else []
-    pages = {name: (PAGES / name).read_text(encoding="utf-8") for name in ("search.html", "inspect.html")}
+    _add_pages(api, service, guard)
     errors = {code: {"description": text} for code, text in _ERRORS.items()}
 
     @api.post("/v1/search", dependencies=guard, responses=errors)
@@ -706,18 +730,6 @@ def make_api(service: Ingress) -> FastAPI:
         """The image of search result `id` (a record id of the index), as a PNG at most 256 pixels a side.
         The file is looked up in the index's own records; no path is taken from the request."""
         return Response(await service.image(record_id), media_type="image/png")
-
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def search_page() -> HTMLResponse:
-        return HTMLResponse(pages["search.html"], headers={"Content-Security-Policy": PAGE_CSP})
-
-    @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
-    async def inspect_page() -> HTMLResponse:
-        return HTMLResponse(pages["inspect.html"], headers={"Content-Security-Policy": PAGE_CSP})
-
-    @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
-    async def inspect_report() -> HTMLResponse:
-        return HTMLResponse(await service.inspect_report())
 
     @api.get("/healthz")
     async def healthz(key: str | None = Security(key_header)) -> dict[str, Any]:
