@@ -1,4 +1,4 @@
-"""Issue #19: the reranker and the judge on a model whose language model is pretrained.
+"""The reranker and the judge on a model whose language model is pretrained.
 
 LLaVA-OneVision around SmolLM2-135M-Instruct (`make-tiny --text-model smollm2`, models/smol.py) on the
 synthetic world, through the repo's own jobs:

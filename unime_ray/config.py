@@ -216,7 +216,7 @@ class TrainConfig:
         default=10,
         metadata={
             "help": "steps between metric reports to Ray Train (each is a cross-rank barrier that waits for "
-            "the controller, ~1 s); metrics.jsonl still gets every step"
+            "the controller: docs/benchmarks.md); metrics.jsonl still gets every step"
         },
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})

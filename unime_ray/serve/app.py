@@ -25,20 +25,8 @@ the task instruction in front of the query), with the image, if any, in front as
 placeholder. Images travel in the JSON body as base64 bytes (a `data:...;base64,` prefix is accepted);
 the server never fetches a URL. Bad input is a 4xx with a message in `detail`, never a 5xx, and is
 caught at the Ingress, so nothing unchecked reaches a model (where one bad input would fail the
-whole batch it shares with other requests):
-  401  X-API-Key missing or wrong (when `serve.api_key_env` names a key)
-  400  a rerank mode asked of a server without a reranker; a Host header the server does not answer
-       (serve.allowed_hosts)
-  411  a POST without Content-Length (the body size is checked before the body is read)
-  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels;
-       the images of one request over serve.max_request_pixels together
-  415  image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)
-  422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
-       URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
-       tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
-  408  a POST body not complete serve.body_timeout_s after its headers (a slow or stalled client)
-  503  overload: a model's queue (serve.<deployment>.max_queued_requests) is full; Serve's own answer,
-       plain text with Retry-After, given at once instead of queueing work the server cannot keep up with
+whole batch it shares with other requests). The status codes and their causes are `_ERRORS`, which
+/openapi.json (and docs/api.md) shows.
 Faults: a call to the Embedder or Index (each idempotent) that a dying replica had taken is sent once
 more (`Ingress.call`); Serve re-routes the rest and replaces the replica (docs/serving.md).
 """
@@ -744,15 +732,20 @@ def make_api(service: Ingress) -> FastAPI:
 
 
 _ERRORS = {
-    400: "rerank asked of a server without a reranker; a Host header this server does not answer",
-    401: "missing or wrong API key",
-    408: "request body not received within serve.body_timeout_s",
-    411: "no Content-Length",
-    413: "body or image too large",
-    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes",
-    422: "invalid request (see detail)",
+    400: "a rerank mode asked of a server without a reranker; a Host header this server does not answer "
+    "(serve.allowed_hosts)",
+    401: "missing or wrong API key (X-API-Key, when serve.api_key_env names a key)",
+    408: "request body not complete serve.body_timeout_s after its headers (a slow or stalled client)",
+    411: "no Content-Length (the body size is checked before the body is read)",
+    413: "body over serve.max_request_bytes; an image over serve.max_image_bytes or serve.max_image_pixels; "
+    "the images of one request over serve.max_request_pixels together",
+    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)",
+    422: "invalid request (see detail): malformed JSON, unknown fields, wrong types, an empty query "
+    "(no text, no image), invalid base64 or a URL, a text over serve.max_text_chars or the embedder's "
+    "token limit, the model's special tokens in a text, top_k outside 1..serve.max_top_k, an unknown "
+    "rerank mode",
     503: "overloaded: a model's queue is full (serve.<deployment>.max_queued_requests); plain text from "
-    "Serve, with a Retry-After header",
+    "Serve, with a Retry-After header, at once rather than queueing work the server cannot keep up with",
 }
 
 
