@@ -633,6 +633,12 @@ def absolute_paths(cfg: Any) -> Any:
     return cfg
 
 
+def output_settings(model: ModelConfig) -> dict:
+    """Every field of `model` (an EmbedderConfig too) but `batch_size`, which changes speed, not
+    outputs: what caches and stage fingerprints key a model's results on."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k != "batch_size"}
+
+
 def model_dict(model: ModelConfig) -> dict:
     """The ModelConfig fields of `model` (an EmbedderConfig too) as a dict, for actors that load it."""
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.config import ModelConfig
+from unime_ray.config import ModelConfig, output_settings
 from unime_ray.engine.embed import embed_dataset
 from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
@@ -37,7 +36,7 @@ def cache_identity(model: ModelConfig, extra: dict | None = None) -> dict:
     """What a model's cached outputs depend on (batch size only changes speed), its weights known by
     path, size and mtime (`weight_stamps`): instant at every run. Unlike `serve.index.model_identity`,
     which hashes the weights' contents so that an index outlives a copied model folder."""
-    ident = {k: v for k, v in asdict(model).items() if k != "batch_size"}
+    ident = output_settings(model)
     weights = weight_stamps(model.path, model.adapter)
     ident.update(path=str(Path(model.path).resolve()), weights=weights, **(extra or {}))
     if model.adapter:
