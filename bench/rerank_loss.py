@@ -29,8 +29,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from unime_ray.assets import mine_with_oracle, synthetic_overrides
+from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
+from unime_ray.demo import mine_with_oracle
 from unime_ray.models.tiny import make_tiny
 from unime_ray.ray_utils import init_ray
 from unime_ray.train.rerank import RerankTask, answer_losses

@@ -1,4 +1,4 @@
-"""Model-free scale harness for the mining pipeline (issue #14, section 1): how time, memory and disk grow
+"""Model-free scale harness for the mining pipeline: how time, memory and disk grow
 with the number of MMEB-train pairs, with no model anywhere, on a laptop-sized machine.
 
     python bench/scale.py --n 20000                        # this tree's code, label "new"

@@ -1,4 +1,4 @@
-"""Issue #19: the reranker and the judge on a model whose language model is pretrained.
+"""The reranker and the judge on a model whose language model is pretrained.
 
 LLaVA-OneVision around SmolLM2-135M-Instruct (`make-tiny --text-model smollm2`, models/smol.py) on the
 synthetic world, through the repo's own jobs:
@@ -44,10 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from unime_ray.assets import mine_with_oracle
 from unime_ray.config import ModelConfig, load_config
 from unime_ray.data.mmeb import data_files, read_eval
 from unime_ray.data.synthetic import PHRASES, caption, make_world, paraphrases
+from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.metrics import precision_at_1
 from unime_ray.io import write_json
 from unime_ray.mining.agree import auc, judge_agree

@@ -26,8 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
-from unime_ray.assets import mine_with_oracle
 from unime_ray.config import load_config
+from unime_ray.demo import mine_with_oracle
 from unime_ray.models.tiny import make_tiny
 from unime_ray.ray_utils import init_ray
 from unime_ray.train.loop import run_training

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from unime_ray.assets import mine_with_oracle
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import make_world
+from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.job import run_eval
 from unime_ray.models.tiny import make_tiny
 from unime_ray.train.loop import run_training

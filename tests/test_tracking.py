@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from unime_ray.assets import mine_with_oracle
 from unime_ray.config import load_config
+from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.job import run_eval
 from unime_ray.tracking import TAG_RUN_DIR, TAG_STAGE, log_stage, metric_name, store_uri
 from unime_ray.train.run import train

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from conftest import kill_when, registered_step
 from safetensors.torch import load_file
 
-from unime_ray.assets import mine_with_oracle, synthetic_overrides
+from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
 from unime_ray.data.synthetic import oracle_truth
+from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.job import resolve_checkpoint
 from unime_ray.models.embedder import Embedder, load_image
 from unime_ray.models.prompts import render

@@ -1,4 +1,6 @@
-"""The synthetic world and tiny models a config points at, built on demand (`data.synthetic: true`)."""
+"""The synthetic world and tiny models a config points at, built on demand (`data.synthetic: true`).
+Only the world and the models: eval and serve import this, so it imports no pipeline stage (mining
+on the world with its oracle judge is `demo.mine_with_oracle`)."""
 
 from __future__ import annotations
 
@@ -31,30 +33,3 @@ def synthetic_overrides(out: str | Path) -> list[str]:
         f"data.image_root={out}/world/images",
         *(f"{key}={out}/models/qwen2-vl" for key in models),
     ]
-
-
-def mine_with_oracle(config: str | Path, out: str | Path, extra: list[str] | None = None) -> list[str]:
-    """Mine the synthetic world under `out` with the world's ORACLE judge scores (what a judge MLLM that
-    knows the world would say; the tiny random judge knows nothing), for training that can learn.
-
-    Runs the mining job to its retrieve stage, scores every retrieved pair with the oracle, then lets
-    the judge stage take those scores (`judge.backend=precomputed`) and sample hard negatives. Returns
-    the overrides (`synthetic_overrides(out)` + `extra` + the oracle judge) that reproduce this setup."""
-    from unime_ray.config import load_config
-    from unime_ray.data.synthetic import write_oracle_scores
-    from unime_ray.mining.pipeline import run_mining
-
-    out = Path(out)
-    overrides = synthetic_overrides(out) + list(extra or [])
-    cfg = load_config(config, overrides)
-    prepare_synthetic(cfg)
-    run_mining(cfg, ("retrieve",))
-    oracle = write_oracle_scores(
-        sorted((out / "mining/retrieve").glob("*.parquet")),
-        out / "mining/ingest",
-        Path(cfg.data.image_root).parent / "world.json",
-        out / "oracle.parquet",
-    )
-    overrides += ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
-    run_mining(load_config(config, overrides))
-    return overrides

@@ -21,6 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
+# Exact-search defaults of `engine.index` (mining's retrieve and the Serve index): pool vectors per
+# chunk and queries per block bound the score matrix a search holds; lists probed by an IVF index.
+SEARCH_CHUNK_SIZE = 262144
+SEARCH_QUERY_BLOCK = 16384
+IVF_NPROBE = 32
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type."""
@@ -153,10 +159,15 @@ class MiningConfig:
     num_negatives: int = field(default=10, metadata={"help": "negatives stored per query (official: 10)"})
     index: Literal["exact", "ivf"] = field(default="exact", metadata={"help": "FAISS index type"})
     chunk_size: int = field(
-        default=262144, metadata={"help": "retrieve: pool vectors per exact-search chunk (bounds memory)"}
+        default=SEARCH_CHUNK_SIZE,
+        metadata={"help": "retrieve: pool vectors per exact-search chunk (bounds memory)"},
     )
-    query_block: int = field(default=16384, metadata={"help": "retrieve: queries searched at once"})
-    ivf_nprobe: int = field(default=32, metadata={"help": "retrieve: inverted lists probed per query (ivf)"})
+    query_block: int = field(
+        default=SEARCH_QUERY_BLOCK, metadata={"help": "retrieve: queries searched at once"}
+    )
+    ivf_nprobe: int = field(
+        default=IVF_NPROBE, metadata={"help": "retrieve: inverted lists probed per query (ivf)"}
+    )
     faiss_gpu: bool | None = field(
         default=None, metadata={"help": "retrieve: FAISS on GPU; null = when FAISS sees a GPU"}
     )
@@ -213,7 +224,7 @@ class TrainConfig:
         default=10,
         metadata={
             "help": "steps between metric reports to Ray Train (each is a cross-rank barrier that waits for "
-            "the controller, ~1 s); metrics.jsonl still gets every step"
+            "the controller: docs/benchmarks.md); metrics.jsonl still gets every step"
         },
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -336,7 +347,7 @@ class IndexConfig:
         default="<|image_1|>\nRepresent the given image.",
         metadata={"help": "text embedded with each image of an image + captions corpus (MMEB's wording)"},
     )
-    ivf_nprobe: int = field(default=32, metadata={"help": "ivf: inverted lists probed per query"})
+    ivf_nprobe: int = field(default=IVF_NPROBE, metadata={"help": "ivf: inverted lists probed per query"})
     hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node (build time)"})
     hnsw_ef_construction: int = field(default=200, metadata={"help": "hnsw: build-time search depth"})
     hnsw_ef_search: int = field(default=128, metadata={"help": "hnsw: query-time search depth"})
@@ -647,8 +658,10 @@ def absolute_paths(cfg: Any) -> Any:
     return cfg
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def output_settings(model: ModelConfig) -> dict:
+    """Every field of `model` (an EmbedderConfig too) but `batch_size`, which changes speed, not
+    outputs: what caches and stage fingerprints key a model's results on."""
+    return {k: v for k, v in dataclasses.asdict(model).items() if k != "batch_size"}
 
 
 def model_dict(model: ModelConfig) -> dict:
@@ -751,65 +764,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         # Without --config / --set: the defaults as written in the code (load_config would make the
         # default paths absolute, i.e. specific to this machine).
+        from unime_ray.docsgen import reference_markdown
+
         print(reference_markdown(cfg if args.config or args.overrides else None), end="")
         return
     for key, tp, value, text in describe(cfg):
         print(f"{key} = {value!r}  [{tp}]  {text}")
-
-
-# One line per top-level section of the reference page (docs/configuration.md).
-_SECTIONS = {
-    "run": "where a run writes its outputs, and its seed",
-    "data": "the MMEB-style training and evaluation files",
-    "embedder": "the embedding model used by mining, evaluation, the index and the service",
-    "judge": "the MLLM judge that scores (query, candidate) pairs while mining; `judge.model.image_size` "
-    "is the judge's own image size, separate from `embedder.image_size` (a cost lever: 672 px is 576 "
-    "image tokens per image in Qwen2-VL, 448 px 256)",
-    "mining": "retrieval of potential hard negatives and the paper's sampling rules",
-    "train": "the embedder's training job (Ray Train, DeepSpeed ZeRO-2, LoRA)",
-    "reranker": "the reranker's training job (same fields as `train`) and the reranker model that "
-    "evaluation and the service load from `reranker.model`",
-    "ray": "which Ray cluster to join",
-    "index": "the search index built by `unime-ray build-index`",
-    "serve": "the Ray Serve app: HTTP limits, batching and each deployment's replicas",
-    "eval": "the evaluation job: suites, reranking, actors",
-    "tracking": "experiment tracking with MLflow (docs/tracking.md)",
-}
-
-
-def _md_code(text: str) -> str:
-    """Inline code that stays one table cell on MkDocs and on GitHub: `<code>` with the pipe as an
-    entity (GitHub ends a cell at a `|` even inside backticks; Python-Markdown keeps a `\\|`)."""
-    import html
-
-    return "<code>" + html.escape(text, quote=False).replace("|", "&#124;") + "</code>"
-
-
-def _md_text(text: str) -> str:
-    import html
-
-    return html.escape(text, quote=False).replace("|", "&#124;")
-
-
-def reference_markdown(cfg: Config | None = None) -> str:
-    """The configuration reference as Markdown: one table per section of every dotted key with its
-    type, default (or `cfg`'s value) and help. docs/configuration.md holds it for the defaults;
-    tests/test_docs.py fails when that page is older than this code."""
-    import json
-
-    cfg = Config() if cfg is None else cfg
-    column = "default" if cfg == Config() else "value"
-    rows = describe(cfg)
-    sections: dict[str, list[tuple[str, str, Any, str]]] = {}
-    for row in rows:
-        sections.setdefault(row[0].split(".", 1)[0], []).append(row)
-    out = [f"{len(rows)} keys in {len(sections)} sections; values as YAML reads them (`null`, `[a, b]`)."]
-    for name, section in sections.items():
-        out += ["", f"## {name}", ""]
-        if name in _SECTIONS:
-            out += [_SECTIONS[name][0].upper() + _SECTIONS[name][1:] + ".", ""]
-        out += [f"| key | type | {column} | help |", "|---|---|---|---|"]
-        for key, tp, value, text in section:
-            shown = json.dumps(value, ensure_ascii=False)  # JSON is YAML: what a config file would say
-            out.append(f"| `{key}` | {_md_code(tp)} | {_md_code(shown)} | {_md_text(text)} |")
-    return "\n".join(out) + "\n"

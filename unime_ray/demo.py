@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from unime_ray.assets import prepare_synthetic
-from unime_ray.config import Config, ServeConfig, add_config_args, config_from_args
+from unime_ray.assets import prepare_synthetic, synthetic_overrides
+from unime_ray.config import Config, ServeConfig, add_config_args, config_from_args, load_config
+from unime_ray.data.synthetic import write_oracle_scores
 from unime_ray.eval.compare import compare
 from unime_ray.eval.job import resolve_checkpoint, run_eval
 from unime_ray.io import write_json
@@ -36,6 +37,29 @@ from unime_ray.mining.pipeline import run_mining
 from unime_ray.ray_utils import init_ray, start_serve, stop_serve
 from unime_ray.runlock import command_lock
 from unime_ray.train import run
+
+
+def mine_with_oracle(config: str | Path, out: str | Path, extra: list[str] | None = None) -> list[str]:
+    """Mine the synthetic world under `out` with the world's ORACLE judge scores (what a judge MLLM that
+    knows the world would say; the tiny random judge knows nothing), for training that can learn.
+
+    Runs the mining job to its retrieve stage, scores every retrieved pair with the oracle, then lets
+    the judge stage take those scores (`judge.backend=precomputed`) and sample hard negatives. Returns
+    the overrides (`synthetic_overrides(out)` + `extra` + the oracle judge) that reproduce this setup."""
+    out = Path(out)
+    overrides = synthetic_overrides(out) + list(extra or [])
+    cfg = load_config(config, overrides)
+    prepare_synthetic(cfg)
+    run_mining(cfg, ("retrieve",))
+    oracle = write_oracle_scores(
+        sorted((out / "mining/retrieve").glob("*.parquet")),
+        out / "mining/ingest",
+        Path(cfg.data.image_root).parent / "world.json",
+        out / "oracle.parquet",
+    )
+    overrides += ["judge.backend=precomputed", f"judge.scores_path={oracle}"]
+    run_mining(load_config(config, overrides))
+    return overrides
 
 
 def mine(cfg: Config) -> dict:

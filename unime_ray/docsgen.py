@@ -3,8 +3,8 @@
     python -m unime_ray.docsgen            # rewrite them
     python -m unime_ray.docsgen --check    # exit 1 and name the stale files (tests/test_docs.py does this)
 
-- docs/configuration.md, between the GENERATED markers: `unime-ray config --markdown` (the typed config's
-  keys, types, defaults and help).
+- docs/configuration.md, between the GENERATED markers: `reference_markdown`, which `unime-ray config
+  --markdown` prints (the typed config's keys, types, defaults and help).
 - docs/api/openapi.json: the Serve app's OpenAPI schema, built from the same FastAPI factory the running
   app uses (`unime_ray.serve.app.make_api`), for the default `serve` settings, without starting Ray.
 - docs/api.md, between the markers: that schema as Markdown (endpoints, request and response fields).
@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import html
 import importlib
 import json
 import re
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
-from unime_ray.config import ServeConfig, _md_code, reference_markdown
+from unime_ray.config import Config, ServeConfig, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -49,6 +51,58 @@ def with_generated(text: str, body: str, name: str = "page") -> str:
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     return f"{head}{BEGIN}\n{body.strip(chr(10))}\n{END}{tail}"
+
+
+# One line per top-level section of the reference page (docs/configuration.md).
+_SECTIONS = {
+    "run": "where a run writes its outputs, and its seed",
+    "data": "the MMEB-style training and evaluation files",
+    "embedder": "the embedding model used by mining, evaluation, the index and the service",
+    "judge": "the MLLM judge that scores (query, candidate) pairs while mining; `judge.model.image_size` "
+    "is the judge's own image size, separate from `embedder.image_size` (a cost lever: 672 px is 576 "
+    "image tokens per image in Qwen2-VL, 448 px 256)",
+    "mining": "retrieval of potential hard negatives and the paper's sampling rules",
+    "train": "the embedder's training job (Ray Train, DeepSpeed ZeRO-2, LoRA)",
+    "reranker": "the reranker's training job (same fields as `train`) and the reranker model that "
+    "evaluation and the service load from `reranker.model`",
+    "ray": "which Ray cluster to join",
+    "index": "the search index built by `unime-ray build-index`",
+    "serve": "the Ray Serve app: HTTP limits, batching and each deployment's replicas",
+    "eval": "the evaluation job: suites, reranking, actors",
+    "tracking": "experiment tracking with MLflow (docs/tracking.md)",
+}
+
+
+def _md_code(text: str) -> str:
+    """Inline code that stays one table cell on MkDocs and on GitHub: `<code>` with the pipe as an
+    entity (GitHub ends a cell at a `|` even inside backticks; Python-Markdown keeps a `\\|`)."""
+    return "<code>" + html.escape(text, quote=False).replace("|", "&#124;") + "</code>"
+
+
+def _md_text(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "&#124;")
+
+
+def reference_markdown(cfg: Config | None = None) -> str:
+    """The configuration reference as Markdown: one table per section of every dotted key with its
+    type, default (or `cfg`'s value) and help. docs/configuration.md holds it for the defaults;
+    tests/test_docs.py fails when that page is older than this code."""
+    cfg = Config() if cfg is None else cfg
+    column = "default" if cfg == Config() else "value"
+    rows = describe(cfg)
+    sections: dict[str, list[tuple[str, str, Any, str]]] = {}
+    for row in rows:
+        sections.setdefault(row[0].split(".", 1)[0], []).append(row)
+    out = [f"{len(rows)} keys in {len(sections)} sections; values as YAML reads them (`null`, `[a, b]`)."]
+    for name, section in sections.items():
+        out += ["", f"## {name}", ""]
+        if name in _SECTIONS:
+            out += [_SECTIONS[name][0].upper() + _SECTIONS[name][1:] + ".", ""]
+        out += [f"| key | type | {column} | help |", "|---|---|---|---|"]
+        for key, tp, value, text in section:
+            shown = json.dumps(value, ensure_ascii=False)  # JSON is YAML: what a config file would say
+            out.append(f"| `{key}` | {_md_code(tp)} | {_md_code(shown)} | {_md_text(text)} |")
+    return "\n".join(out) + "\n"
 
 
 def openapi_schema(cfg: ServeConfig | None = None, api_key: bool = False, reranker: bool = True) -> dict:

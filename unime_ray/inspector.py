@@ -13,7 +13,9 @@ and the fallback rate.
 
 The page is self-contained: inline CSS, inline SVG histograms, images as small base64 thumbnails
 (Pillow), no script, nothing fetched from a network, so it can be mailed or attached to an issue. The
-Serve app shows the same page under /inspect when `serve.inspect_run` names a run.
+markup is the Jinja2 template `unime_ray/templates/inspector.html`, rendered with autoescaping, so every
+text of the run (which a data file controls) is escaped. The Serve app shows the same page under
+/inspect when `serve.inspect_run` names a run.
 
 What it reads (the mining run's own outputs, `unime_ray.mining.pipeline`): `sample/hard_negatives.parquet`
 and `sample/report.json` (beta), `judge/results/*.parquet` (scores), `retrieve/*.parquet` (retrieval
@@ -31,19 +33,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import html
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from unime_ray.data.images import open_image
+from unime_ray.data.images import thumbnail
+from unime_ray.keyed import key_rng
 
 SCORE_BINS = 20  # judge scores live in [0, 1]: 0.05-wide bins
 THUMB_PX = 96
@@ -134,12 +135,6 @@ def mining_dir(run_dir: str | Path) -> Path:
     return mining
 
 
-def _stable_seed(seed: int, name: str) -> np.random.Generator:
-    # hashlib, not hash(): Python salts str hashes per process, and the sample must not change.
-    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
-
-
 def choose_queries(
     hard_negatives: pa.Table, per_dataset: int, seed: int, extra: list[str] | tuple[str, ...] = ()
 ) -> dict[str, list[tuple[str, str]]]:
@@ -151,7 +146,7 @@ def choose_queries(
         rows = hard_negatives.filter(pc.equal(hard_negatives["dataset"], name)).sort_by("id")
         ids = rows["id"].to_pylist()
         fallback = rows["fallback"].to_numpy(zero_copy_only=False)
-        rng = _stable_seed(seed, name)
+        rng = key_rng(seed, name)
         picks = [int(i) for i in rng.choice(len(ids), size=min(per_dataset, len(ids)), replace=False)]
         chosen = [(ids[i], "random") for i in sorted(picks)]
         falls = np.flatnonzero(fallback)
@@ -347,190 +342,97 @@ class Thumbnails:
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root) or not path.is_file():
             return None
-        try:
-            with open_image(path) as image:
-                image = image.convert("RGB")
-                image.thumbnail((self.size, self.size))
-                out = io.BytesIO()
-                image.save(out, format="JPEG", quality=85)
-        except Exception:  # unreadable image: the page says so instead of failing
-            return None
-        return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+        jpeg = thumbnail(path, self.size, "JPEG", quality=85)  # None: the page says "unreadable"
+        return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+SHOWN_WHY = {"fallback example": " (shown as a fallback example)", "asked for": " (asked for)"}
+HIST_WIDTH, HIST_HEIGHT, HIST_PAD = 320, 130, 18  # px of one inline SVG histogram
 
 
-def _short(text: str, limit: int = 240) -> str:
-    """Escaped text, cut at `limit` characters with the whole text in a tooltip."""
-    if len(text) <= limit:
-        return f"<span>{_e(text)}</span>"
-    return f'<span title="{_e(text)}">{_e(text[:limit])}…</span>'
-
-
-def _image(thumbs: Thumbnails, rel: str) -> str:
-    if not rel:
-        return ""  # a text-only side: an empty cell reads better than a placeholder on every row
-    uri = thumbs(rel)
-    if uri is None:
-        return f'<div class="noimg" title="{_e(rel)}">image not found</div>'
-    return f'<img class="thumb" src="{uri}" alt="{_e(rel)}" title="{_e(rel)}">'
-
-
-def svg_histogram(counts: np.ndarray, labels: tuple[str, str], title: str, color: str) -> str:
-    """Bars of `counts` as inline SVG; `labels` are the x axis ends; each bar's count is its tooltip."""
-    width, height, pad = 320, 130, 18
-    n = max(len(counts), 1)
+def histogram(counts: np.ndarray, labels: tuple[str, str], title: str, color: str) -> dict:
+    """One SVG histogram's geometry for the page: bars of `counts` scaled to the tallest, `labels` at
+    the x axis ends; each bar's count becomes its tooltip."""
+    width, height, pad = HIST_WIDTH, HIST_HEIGHT, HIST_PAD
     top = max(int(np.max(counts)) if len(counts) else 0, 1)
-    bar = (width - 2 * pad) / n
+    step = (width - 2 * pad) / max(len(counts), 1)
     bars = []
     for i, c in enumerate(counts):
         h = (height - 2 * pad) * int(c) / top
         bars.append(
-            f'<rect x="{pad + i * bar:.1f}" y="{height - pad - h:.1f}" width="{max(bar - 1, 1):.1f}" '
-            f'height="{h:.1f}" fill="{color}"><title>{int(c)}</title></rect>'
+            {
+                "x": pad + i * step,
+                "y": height - pad - h,
+                "width": max(step - 1, 1),
+                "height": h,
+                "count": int(c),
+            }
         )
-    return (
-        f'<figure class="hist"><figcaption>{_e(title)}</figcaption>'
-        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
-        f'<text x="{pad}" y="{height - 4}" font-size="10">{_e(labels[0])}</text>'
-        f'<text x="{width - pad}" y="{height - 4}" font-size="10" text-anchor="end">{_e(labels[1])}</text>'
-        f'<text x="{pad}" y="12" font-size="10">max {top}</text>' + "".join(bars) + "</svg></figure>"
-    )
-
-
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
-h1{font-size:1.5em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;
-vertical-align:middle}th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
-.hists{display:flex;flex-wrap:wrap;gap:1em}.hist{margin:0}.hist figcaption{font-size:12px;color:#555}
-.query{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1.2em 0}
-.pair{display:flex;gap:2em;flex-wrap:wrap}.side{display:flex;gap:.6em;align-items:flex-start;max-width:46%}
-.thumb{width:72px;height:72px;object-fit:contain;border:1px solid #ccc;background:#fff}
-table .thumb{width:48px;height:48px}
-.noimg{width:48px;height:48px;font-size:10px;color:#999;border:1px dashed #ccc;display:flex;
-align-items:center;justify-content:center;text-align:center}
-.meta{color:#555;margin:.5em 0}.tag{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px}
-tr.dropped{background:#fdecec}tr.dropped .tag{background:#e57373;color:#fff}
-tr.negative{background:#eaf6ea}tr.negative .tag{background:#43a047;color:#fff}
-tr.kept .tag{background:#ddd}tr.fallback .tag{background:#fb8c00;color:#fff}
-.banner{background:#fff3e0;border-left:4px solid #fb8c00;padding:.3em .6em}
-.id{font-family:monospace;font-size:12px;color:#666}
-"""
-
-
-def _candidate_row(c: Candidate, q: QueryView, thumbs: Thumbnails) -> str:
-    if c.positions and q.fallback:  # dropped like every candidate of the query, then drawn at random
-        where = ", ".join(f"#{p}" for p in c.positions)
-        kind, tag = "fallback", ("dropped, then " if c.dropped else "") + "fallback pick at " + where
-    elif c.positions:
-        kind, tag = "negative", "hard negative at " + ", ".join(f"#{p}" for p in c.positions)
-    elif c.dropped:
-        kind, tag = "dropped", "dropped: false negative"
-    elif c.score is None:
-        kind, tag = "kept", "not judged"
-    else:
-        kind, tag = "kept", "kept, not picked"
-    score = "–" if c.score is None else f"{c.score:.4f}"
-    rank = f"{c.rank}" + (" (beyond top)" if c.beyond_top else "")
-    return (
-        f'<tr class="cand {kind}" data-cand-id="{_e(c.id)}" data-rank="{c.rank}" '
-        f'data-dropped="{int(c.dropped)}" data-positions="{" ".join(map(str, c.positions))}">'
-        f'<td class="num">{rank}</td><td>{_image(thumbs, c.image)}</td>'
-        f'<td>{_short(c.text)}<div class="id">{_e(c.id)}</div></td>'
-        f'<td class="num">{c.sim:.4f}</td><td class="num">{score}</td>'
-        f'<td><span class="tag">{_e(tag)}</span></td></tr>'
-    )
-
-
-def _query_section(q: QueryView, thumbs: Thumbnails) -> str:
-    shown_why = {
-        "random": "",
-        "fallback example": " (shown as a fallback example)",
-        "asked for": " (asked for)",
+    return {
+        "title": title,
+        "labels": labels,
+        "color": color,
+        "top": top,
+        "bars": bars,
+        "width": width,
+        "height": height,
+        "pad": pad,
     }
-    head = (
-        f'<section class="query" id="q-{_e(q.id)}" data-query-id="{_e(q.id)}" '
-        f'data-fallback="{int(q.fallback)}" data-pos-score="{q.pos_score!r}" '
-        f'data-threshold="{q.threshold!r}">'
-        f'<div class="id">query {_e(q.id)}{_e(shown_why.get(q.why, ""))}</div>'
-        '<div class="pair">'
-        f'<div class="side">{_image(thumbs, q.image)}<div><b>Query</b><br>{_short(q.text, 600)}</div></div>'
-        f'<div class="side">{_image(thumbs, q.pos_image)}<div><b>Positive</b> '
-        f'<span class="id">{_e(q.pos_id)}</span><br>{_short(q.pos_text, 600)}<br>'
-        f'judge score s<sub>pos</sub> = <b class="pos-score">{q.pos_score:.4f}</b></div></div></div>'
-        f'<div class="meta">false-negative threshold s<sub>pos</sub> − β = {q.threshold:.4f}; '
-        f"{q.num_survivors} candidates survived the filter; {len(q.neg_ids)} hard negatives stored</div>"
-    )
-    if q.fallback:
-        head += (
-            '<div class="banner fallback-note">No candidate survived the filter: the hard negatives are '
-            f"{len(q.neg_ids)} random candidates with score 1.0 (fallback)</div>"
-        )
-    listed = {c.id for c in q.candidates}
-    missing = [cid for cid in dict.fromkeys(q.neg_ids) if cid not in listed]
-    rows = "".join(_candidate_row(c, q, thumbs) for c in q.candidates)
-    table = (
-        '<table class="cands"><thead><tr><th>rank</th><th></th><th>candidate</th><th>cosine</th>'
-        f"<th>judge score</th><th>outcome</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
-    note = ""
-    if missing:  # only when the retrieve files lack a stored negative (e.g. a run assembled by hand)
-        note = f'<div class="meta">hard negatives not in the retrieved list: {_e(", ".join(missing))}</div>'
-    return head + table + note + "</section>"
 
 
-def _dataset_section(d: DatasetView, report: Report, thumbs: Thumbnails) -> str:
+def _histograms(d: DatasetView) -> list[dict]:
     edges = ("0", "1")
-    hists = [
-        svg_histogram(d.pos_hist, edges, f"positive scores (n={int(d.pos_hist.sum())})", "#43a047"),
-        svg_histogram(d.cand_hist, edges, f"candidate scores (n={int(d.cand_hist.sum())})", "#757575"),
-        svg_histogram(
+    return [
+        histogram(d.pos_hist, edges, f"positive scores (n={int(d.pos_hist.sum())})", "#43a047"),
+        histogram(d.cand_hist, edges, f"candidate scores (n={int(d.cand_hist.sum())})", "#757575"),
+        histogram(
             d.neg_hist,
             edges,
             f"selected negative scores (n={int(d.neg_hist.sum())}, with repeats)",
             "#e53935",
         ),
-        svg_histogram(
+        histogram(
             d.survivors, ("0", str(max(len(d.survivors) - 1, 0))), "survivors per query (queries)", "#1e88e5"
         ),
     ]
-    out_note = f"; {d.out_of_range} scores outside [0, 1], counted in the end bins" if d.out_of_range else ""
-    return (
-        f'<section class="dataset" id="ds-{_e(d.name)}" data-dataset="{_e(d.name)}">'
-        f"<h2>{_e(d.name)}</h2>"
-        f'<div class="meta">{d.queries} queries; fallback rate <b class="fallback-rate">'
-        f"{100 * d.fallback_rate:.2f}%</b> ({d.fallbacks}){out_note}; showing {len(d.shown)} "
-        f"queries with their top {report.top} candidates</div>"
-        f'<div class="hists">{"".join(hists)}</div>'
-        + "".join(_query_section(q, thumbs) for q in d.shown)
-        + "</section>"
-    )
+
+
+def _outcome(c: Candidate, q: QueryView) -> tuple[str, str]:
+    """(row class, outcome text) of a candidate: picked as a hard negative (at which positions), dropped
+    as a false negative, a fallback pick, or kept and not picked."""
+    if c.positions and q.fallback:  # dropped like every candidate of the query, then drawn at random
+        where = ", ".join(f"#{p}" for p in c.positions)
+        return "fallback", ("dropped, then " if c.dropped else "") + "fallback pick at " + where
+    if c.positions:
+        return "negative", "hard negative at " + ", ".join(f"#{p}" for p in c.positions)
+    if c.dropped:
+        return "dropped", "dropped: false negative"
+    return "kept", "not judged" if c.score is None else "kept, not picked"
+
+
+def _missing_negatives(q: QueryView) -> list[str]:
+    """Stored hard negatives absent from the retrieved list shown (a run assembled by hand)."""
+    listed = {c.id for c in q.candidates}
+    return [cid for cid in dict.fromkeys(q.neg_ids) if cid not in listed]
 
 
 def render(report: Report, image_root: str | Path | None) -> str:
-    """The report as one self-contained HTML document (no script, no external resource)."""
-    thumbs = Thumbnails(image_root)
-    rows = "".join(
-        f'<tr><td><a href="#ds-{_e(d.name)}">{_e(d.name)}</a></td><td class="num">{d.queries}</td>'
-        f'<td class="num">{d.fallbacks}</td><td class="num">{100 * d.fallback_rate:.2f}%</td>'
-        f'<td class="num">{len(d.shown)}</td></tr>'
-        for d in report.datasets
+    """The report as one self-contained HTML document (no script, no external resource), from the
+    template `templates/inspector.html`, every value escaped by Jinja2's autoescaping."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("unime_ray", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
     )
-    body = "".join(_dataset_section(d, report, thumbs) for d in report.datasets)
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>Mining inspector: {_e(report.run)}</title><style>{CSS}</style></head><body>"
-        f'<h1>Mining inspector</h1><div class="meta">run <code>{_e(report.run)}</code>; '
-        f"β = {report.beta:g} (a candidate scoring above s<sub>pos</sub> − β is dropped as a false "
-        f"negative); cyclic sampling every {report.interval}; {report.num_negatives} negatives kept; "
-        f"queries drawn with seed {report.seed}</div>"
-        '<table class="summary"><thead><tr><th>dataset</th><th>queries</th><th>fallbacks</th>'
-        f"<th>fallback rate</th><th>shown</th></tr></thead><tbody>{rows}</tbody></table>"
-        f"{body}</body></html>"
+    return env.get_template("inspector.html").render(
+        report=report,
+        thumbs=Thumbnails(image_root),
+        histograms=_histograms,
+        outcome=_outcome,
+        missing_negatives=_missing_negatives,
+        shown_why=SHOWN_WHY,
     )
 
 

@@ -2,7 +2,7 @@
 killed job leaves either the old file or the new one, never half of one. Also `merge_sorted`, which
 joins the sorted part files of parallel tasks into one sorted file without holding them in memory,
 and `digest`, the short content hash that names caches and fingerprints finished stages, with the file
-identities (`file_sha256`, `weight_stamps`) that such fingerprints hold."""
+identities (`file_sha256`, `file_stamp`, `weight_stamps`) that such fingerprints hold."""
 
 from __future__ import annotations
 
@@ -41,15 +41,21 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: str | Path) -> list[int]:
+    """[size, mtime_ns] of a file: a file rewritten in place changes it (its path alone would not), and
+    stamping is instant even for a 15 GB weight file. Not its contents: see `file_sha256` for that."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def weight_stamps(*folders: str | Path | None) -> list[list]:
     """[path, size, mtime_ns] of every weight file in the given model / adapter folders (None skipped):
-    weights rewritten in place change the stamps, and stamping is instant even for a 7B model."""
+    weights retrained into the same folder change the stamps."""
     stamps = []
     for folder in filter(None, folders):
         for f in sorted(Path(folder).iterdir()):
             if f.name.endswith(WEIGHT_SUFFIXES):
-                stat = f.stat()
-                stamps.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+                stamps.append([str(f.resolve()), *file_stamp(f)])
     return stamps
 
 

@@ -50,17 +50,25 @@ def init_ray(address: str = "", num_cpus: int | None = None, verbose: bool = Fal
     if address:
         ray.init(address=address, **{"log_to_driver": True, **quiet})
     else:
-        # Ray turns "127.0.0.1" into the machine's routable address unless multi-node is off; a local
-        # Ray is one node, so switch it off here (env for the raylet and workers, constant for this process).
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        _single_node()
         # address="local": always a fresh local instance, never a stale `ray start` head found in /tmp/ray.
         ray.init(
             address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **quiet
         )
     if not verbose:
-        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        context = ray.get_runtime_context()
+        logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
         print(f"[ray] Ray's own logs: {logs} (--verbose shows them here)", flush=True)
+
+
+def _single_node() -> None:
+    """Switch Ray's multi-node mode off for a local Ray, so that it keeps `_node_ip_address="127.0.0.1"`:
+    with it on, Ray replaces a loopback address by the machine's routable one (ray/_private/services.py).
+    No public API does this. The environment variable reaches the raylet and the workers; this process
+    read it into a constant when it imported Ray, so the constant is set too. Private, like the Serve
+    client `stop_serve` uses: re-check both on a Ray upgrade (the loopback tests fail if this breaks)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def start_serve(host: str, port: int, verbose: bool = False) -> None:

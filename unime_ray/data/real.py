@@ -512,7 +512,8 @@ def openclipart_clips(root: Path) -> tuple[list[tuple[Path, str]], Counter]:
 
 def _titles(root: Path, files: list[Path]) -> dict[str, str]:
     """{path under the SVG folder: title} of `files`, read once per unpacked package and kept in its
-    `.titles.json` (parsing 7,458 SVGs takes ~15 s on 2 cores; the package never changes in place)."""
+    `.titles.json` (parsing every SVG of the package is slow: docs/benchmarks.md; the package never
+    changes in place)."""
     index = root / ".titles.json"
     base = root / OPENCLIPART_DIR
     rels = [str(p.relative_to(base)) for p in files]

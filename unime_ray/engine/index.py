@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import faiss
 import numpy as np
 
+from unime_ray.config import IVF_NPROBE, SEARCH_CHUNK_SIZE, SEARCH_QUERY_BLOCK
+
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; a larger k is searched on CPU
 MIN_POINTS_PER_LIST = 39  # FAISS k-means wants at least 39 training points per centroid
 MIN_NLIST = 8  # pools too small for this many inverted lists are searched exactly
@@ -37,10 +39,10 @@ class PoolIndex:
         pool: np.ndarray,
         *,
         index: str = "exact",
-        chunk_size: int = 262144,
+        chunk_size: int = SEARCH_CHUNK_SIZE,
         use_gpu: bool | None = None,
-        nprobe: int = 32,
-        query_block: int = 16384,
+        nprobe: int = IVF_NPROBE,
+        query_block: int = SEARCH_QUERY_BLOCK,
     ):
         if index not in ("exact", "ivf"):
             raise ValueError(f"index must be 'exact' or 'ivf', got {index!r}")
@@ -94,11 +96,11 @@ def search_topk(
     pool: np.ndarray,
     k: int,
     *,
-    chunk_size: int = 262144,
+    chunk_size: int = SEARCH_CHUNK_SIZE,
     index: str = "exact",
     use_gpu: bool | None = None,
-    nprobe: int = 32,
-    query_block: int = 16384,
+    nprobe: int = IVF_NPROBE,
+    query_block: int = SEARCH_QUERY_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inner-product top-k of every query over `pool` with FAISS.
 

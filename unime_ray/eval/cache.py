@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.config import ModelConfig
+from unime_ray.config import ModelConfig, output_settings
 from unime_ray.engine.embed import embed_dataset, embeddings_table
 from unime_ray.engine.shards import PATH_COL, run_shards
 from unime_ray.eval.ranking import Collection
@@ -33,9 +32,11 @@ from unime_ray.io import digest, weight_stamps, write_json, write_parquet
 EMBEDDINGS = pa.schema([("text", pa.string()), ("image", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
-def model_identity(model: ModelConfig, extra: dict | None = None) -> dict:
-    """What a model's outputs depend on (batch size only changes speed)."""
-    ident = {k: v for k, v in asdict(model).items() if k != "batch_size"}
+def cache_identity(model: ModelConfig, extra: dict | None = None) -> dict:
+    """What a model's cached outputs depend on (batch size only changes speed), its weights known by
+    path, size and mtime (`weight_stamps`): instant at every run. Unlike `serve.index.model_identity`,
+    which hashes the weights' contents so that an index outlives a copied model folder."""
+    ident = output_settings(model)
     weights = weight_stamps(model.path, model.adapter)
     ident.update(path=str(Path(model.path).resolve()), weights=weights, **(extra or {}))
     if model.adapter:
@@ -110,7 +111,7 @@ def embed_collections(
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """{collection key: [items, dim] unit vectors aligned with its items} and {"embedded", "cached"}
     item counts. All collections' missing items stream through ONE Ray Data actor pool."""
-    folder = model_folder(Path(cache_dir) / "embeddings", model_identity(model))
+    folder = model_folder(Path(cache_dir) / "embeddings", cache_identity(model))
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
         # image paths in items are absolute, so the actors need no image root

@@ -1,23 +1,29 @@
 """PNG plots of an evaluation's results: MMEB meta-task bars and retrieval Recall@k curves, one series
-per method (embedding, + listwise, + pointwise). Drawn headless (Agg) and written atomically."""
+per method (embedding, + listwise, + pointwise). Drawn on a bare `Figure` with an Agg canvas, as every
+plot of the package is: no pyplot, so no global backend switch in the caller's process, and no
+figure registry to close. Written atomically."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
-from unime_ray.eval.report import summary_columns  # noqa: E402
-from unime_ray.io import atomic_path  # noqa: E402
+from unime_ray.eval.report import summary_columns
+from unime_ray.io import atomic_path
 
 
-def _save(fig, path: Path) -> Path:
+def _panels(n: int, width: float, height: float) -> tuple[Figure, list]:
+    """A figure of `n` panels side by side, each `width` x `height` inches."""
+    fig = Figure(figsize=(width * n, height))
+    FigureCanvasAgg(fig)
+    return fig, list(fig.subplots(1, n, squeeze=False)[0])
+
+
+def _save(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -33,9 +39,9 @@ def mmeb_bars(results: dict, path: Path) -> Path | None:
         for g in ("mmeb", "other")
     ]
     panels = [(g, cols) for g, cols in panels if cols]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = _panels(len(panels), 6, 4)
     width = 0.8 / len(methods)
-    for ax, (group, columns) in zip(axes[0], panels, strict=True):
+    for ax, (group, columns) in zip(axes, panels, strict=True):
         for i, m in enumerate(methods):
             values = [summary[m][group][c]["score"] or 0.0 for c in columns]
             ax.bar([x + i * width for x in range(len(columns))], values, width, label=m)
@@ -54,8 +60,8 @@ def recall_curves(results: dict, path: Path) -> Path | None:
     if not retrieval:
         return None
     panels = [(name, t) for name in sorted(retrieval) for t in ("i2t", "t2i")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (name, t) in zip(axes[0], panels, strict=True):
+    fig, axes = _panels(len(panels), 4, 3.5)
+    for ax, (name, t) in zip(axes, panels, strict=True):
         for m in results["methods"]:
             curve = retrieval[name][t]["curve"][m]
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=m)

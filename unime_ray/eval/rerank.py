@@ -27,7 +27,7 @@ import ray
 from unime_ray.config import ModelConfig
 from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.shards import PATH_COL
-from unime_ray.eval.cache import cached_map, model_folder, model_identity
+from unime_ray.eval.cache import cache_identity, cached_map, model_folder
 from unime_ray.eval.metrics import pessimistic_order
 from unime_ray.eval.ranking import Collection, Ranked, Task
 from unime_ray.models.prompts import JUDGE_INSTRUCTION, LIST_INSTRUCTION
@@ -153,7 +153,7 @@ def rerank(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown rerank modes {sorted(unknown)}; known: {list(MODES)}")
-    identity = model_identity(model, {"prompts": [JUDGE_INSTRUCTION, LIST_INSTRUCTION]})
+    identity = cache_identity(model, {"prompts": [JUDGE_INSTRUCTION, LIST_INSTRUCTION]})
     folder = model_folder(Path(cache_dir) / "rerank", identity)
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:

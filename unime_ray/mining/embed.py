@@ -32,7 +32,7 @@ from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_r
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, write_parquet
 
-PART_ROWS = 65536  # user rows per import task (whole row groups, so at least one row group)
+IMPORT_ROWS = 65536  # user rows per import task (whole row groups, so at least one row group)
 NORM_TOLERANCE = 1e-4
 
 
@@ -170,7 +170,7 @@ def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir:
     for rg in range(meta.metadata.num_row_groups):
         group.append(rg)
         rows += meta.metadata.row_group(rg).num_rows
-        if rows - first >= PART_ROWS or rg == meta.metadata.num_row_groups - 1:
+        if rows - first >= IMPORT_ROWS or rg == meta.metadata.num_row_groups - 1:
             parts.append((group, first))
             group, first = [], rows
     items_ref = ray.put(items)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from unime_ray.config import Config
+from unime_ray.config import Config, output_settings
 from unime_ray.engine.shards import requests_once
-from unime_ray.io import digest, write_json
+from unime_ray.io import digest, file_stamp, write_json
 from unime_ray.mining.embed import run_embed
 from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
@@ -41,11 +41,6 @@ from unime_ray.tracking import log_stage, numbers
 STAGES = ("ingest", "embed", "retrieve", "judge", "sample")
 
 
-def _model_key(m) -> dict:
-    # batch size changes speed, not results
-    return {k: v for k, v in asdict(m).items() if k != "batch_size"}
-
-
 # Judge settings that change the prompt, hence the scores, with their defaults.
 _JUDGE_PROMPT = {"prompt": "paper", "max_candidate_tokens": 0}
 
@@ -55,8 +50,7 @@ def _file_stamp(key: str, path: str) -> dict:
     (its path alone would not change)."""
     if not path or not Path(path).is_file():
         return {}
-    stat = Path(path).stat()
-    return {key: [stat.st_size, stat.st_mtime_ns]}
+    return {key: file_stamp(path)}
 
 
 def stage_settings(cfg: Config) -> dict[str, dict]:
@@ -67,13 +61,13 @@ def stage_settings(cfg: Config) -> dict[str, dict]:
             k: v for k, v in asdict(cfg.data).items() if k not in ("eval_dir", "max_quarantined_fraction")
         },
         "embed": {
-            "model": _model_key(cfg.embedder),
+            "model": output_settings(cfg.embedder),
             "shard": m.embed_shard_rows,
             **_file_stamp("embeddings_file", cfg.embedder.embeddings_path),
         },
         "retrieve": {k: v for k, v in asdict(m).items() if k in ("top_n", "delta", "index", "ivf_nprobe")},
         "judge": {
-            "model": _model_key(cfg.judge.model),
+            "model": output_settings(cfg.judge.model),
             "backend": cfg.judge.backend,
             "scores_path": cfg.judge.scores_path,
             **_file_stamp("scores_file", cfg.judge.scores_path),

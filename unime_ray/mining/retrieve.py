@@ -41,7 +41,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.config import MiningConfig
+from unime_ray.config import IVF_NPROBE, SEARCH_CHUNK_SIZE, SEARCH_QUERY_BLOCK, MiningConfig
 from unime_ray.data.schemas import CANDIDATES
 from unime_ray.engine.index import PoolIndex, blocks
 from unime_ray.engine.tasks import run_tasks
@@ -62,11 +62,11 @@ def retrieve_candidates(
     top_n: int,
     delta: float,
     dataset: str,
-    chunk_size: int = 262144,
+    chunk_size: int = SEARCH_CHUNK_SIZE,
     index: str = "exact",
     use_gpu: bool | None = None,
-    nprobe: int = 32,
-    query_block: int = 16384,
+    nprobe: int = IVF_NPROBE,
+    query_block: int = SEARCH_QUERY_BLOCK,
 ) -> pa.Table:
     """The potential hard negatives of ONE dataset as a CANDIDATES table (see the module docstring).
 
@@ -77,6 +77,38 @@ def retrieve_candidates(
     query_ids, pos_ids, pool_ids = (np.asarray(a, dtype=str) for a in (query_ids, pos_ids, pool_ids))
     query_vecs = np.ascontiguousarray(query_vecs, dtype=np.float32)
     pool_vecs = np.asarray(pool_vecs, dtype=np.float32)
+    _check_inputs(dataset, top_n, query_ids, query_vecs, pos_ids, pool_ids, pool_vecs)
+    pool_ids, pool_vecs = _pool_by_id(dataset, pool_ids, pool_vecs)
+    pos = _positive_rows(dataset, query_ids, pos_ids, pool_ids)
+    searcher = PoolIndex(
+        pool_vecs, index=index, chunk_size=chunk_size, use_gpu=use_gpu, nprobe=nprobe, query_block=query_block
+    )
+    found, short, excluded = _search(searcher, query_vecs, pos, top_n, np.float32(delta), query_block)
+    table = _candidates_table(found, query_ids, pool_ids, dataset)
+    stats = dict(
+        queries=len(query_ids),
+        pool=len(pool_ids),
+        candidates=table.num_rows,
+        short_queries=short,
+        excluded_by_delta=excluded,
+        top_n=top_n,
+        delta=delta,
+        index=index,
+    )
+    return table.replace_schema_metadata({STATS_KEY: json.dumps(stats)})
+
+
+def _check_inputs(
+    dataset: str,
+    top_n: int,
+    query_ids: np.ndarray,
+    query_vecs: np.ndarray,
+    pos_ids: np.ndarray,
+    pool_ids: np.ndarray,
+    pool_vecs: np.ndarray,
+) -> None:
+    """Raise ValueError, naming the dataset, for a top_n below 1, lengths that differ, vectors of two
+    dimensions, or a query id given twice."""
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
     if not len(query_ids) == len(query_vecs) == len(pos_ids) or len(pool_ids) != len(pool_vecs):
@@ -89,30 +121,53 @@ def retrieve_candidates(
     uniq, counts = np.unique(query_ids, return_counts=True)
     if (counts > 1).any():
         raise ValueError(f"dataset {dataset!r}: query id {str(uniq[counts > 1][0])!r} appears more than once")
-    # Pool in id order, so that FAISS's ties by row are ties by candidate id.
-    if not (pool_ids[1:] > pool_ids[:-1]).all():
-        order = np.argsort(pool_ids, kind="stable")
-        pool_ids, pool_vecs = pool_ids[order], pool_vecs[order]
-        dup = np.flatnonzero(pool_ids[1:] == pool_ids[:-1])
-        if dup.size:
-            raise ValueError(
-                f"dataset {dataset!r}: candidate id {str(pool_ids[dup[0]])!r} appears more than once"
-            )
-    nq, nc = len(query_ids), len(pool_ids)
-    if nq and not nc:
+
+
+def _pool_by_id(dataset: str, pool_ids: np.ndarray, pool_vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pool in id order, so that FAISS's ties by row are ties by candidate id; a candidate id given
+    twice is a ValueError."""
+    if (pool_ids[1:] > pool_ids[:-1]).all():
+        return pool_ids, pool_vecs
+    order = np.argsort(pool_ids, kind="stable")
+    pool_ids, pool_vecs = pool_ids[order], pool_vecs[order]
+    dup = np.flatnonzero(pool_ids[1:] == pool_ids[:-1])
+    if dup.size:
+        raise ValueError(
+            f"dataset {dataset!r}: candidate id {str(pool_ids[dup[0]])!r} appears more than once"
+        )
+    return pool_ids, pool_vecs
+
+
+def _positive_rows(
+    dataset: str, query_ids: np.ndarray, pos_ids: np.ndarray, pool_ids: np.ndarray
+) -> np.ndarray:
+    """Each query's positive as a row of the id-sorted pool; ValueError for queries without a pool, or
+    a positive the pool does not hold."""
+    nc = len(pool_ids)
+    if len(query_ids) and not nc:
         raise ValueError(f"dataset {dataset!r}: query {str(query_ids[0])!r} has no candidate pool")
     pos = np.searchsorted(pool_ids, pos_ids).clip(max=max(nc - 1, 0))
     missing = np.flatnonzero(pool_ids[pos] != pos_ids)
     if missing.size:
         qid, pid = str(query_ids[missing[0]]), str(pos_ids[missing[0]])
         raise ValueError(f"dataset {dataset!r}: query {qid!r}: its positive {pid!r} is not in the pool")
+    return pos
 
-    searcher = PoolIndex(
-        pool_vecs, index=index, chunk_size=chunk_size, use_gpu=use_gpu, nprobe=nprobe, query_block=query_block
-    )
-    limit = np.float32(delta)
+
+def _search(
+    searcher: PoolIndex,
+    query_vecs: np.ndarray,
+    pos: np.ndarray,
+    top_n: int,
+    limit: np.float32,
+    query_block: int,
+) -> tuple[list[tuple[np.ndarray, ...]], int, int]:
+    """([(query row, pool row, rank, sim), ...] of the kept candidates, queries left short of top_n,
+    pairs excluded by delta): each query searched with k = top_n + SEARCH_MARGIN, then with a doubled k
+    while it has fewer than top_n qualifying candidates and the pool holds more."""
+    nq, nc = len(query_vecs), len(searcher.pool)
     empty = np.empty(0, dtype=np.int64)
-    parts = [(empty, empty, empty, np.empty(0, dtype=np.float32))]  # query row, pool row, rank, sim
+    parts = [(empty, empty, empty, np.empty(0, dtype=np.float32))]
     short = excluded = 0
     for block in blocks(nq, query_block):
         pending = np.arange(nq)[block]
@@ -137,10 +192,16 @@ def retrieve_candidates(
                 again.append(rows_q[~done])
             pending = np.concatenate(again)
             k = min(2 * k, nc)
+    return parts, short, excluded
 
+
+def _candidates_table(
+    parts: list[tuple[np.ndarray, ...]], query_ids: np.ndarray, pool_ids: np.ndarray, dataset: str
+) -> pa.Table:
+    """The found (query row, pool row, rank, sim) as CANDIDATES rows, by query (input order), then rank."""
     q_row, cand, rank, sim = (np.concatenate(column) for column in zip(*parts, strict=True))
     order = np.lexsort((rank, q_row))
-    table = pa.table(
+    return pa.table(
         {
             "query_id": pa.array(query_ids).take(q_row[order]),
             "dataset": pa.repeat(pa.scalar(dataset, pa.string()), len(order)),
@@ -150,17 +211,6 @@ def retrieve_candidates(
         },
         schema=CANDIDATES,
     )
-    stats = dict(
-        queries=nq,
-        pool=nc,
-        candidates=table.num_rows,
-        short_queries=short,
-        excluded_by_delta=excluded,
-        top_n=top_n,
-        delta=delta,
-        index=index,
-    )
-    return table.replace_schema_metadata({STATS_KEY: json.dumps(stats)})
 
 
 def retrieve_dataset(

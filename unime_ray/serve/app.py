@@ -25,20 +25,8 @@ the task instruction in front of the query), with the image, if any, in front as
 placeholder. Images travel in the JSON body as base64 bytes (a `data:...;base64,` prefix is accepted);
 the server never fetches a URL. Bad input is a 4xx with a message in `detail`, never a 5xx, and is
 caught at the Ingress, so nothing unchecked reaches a model (where one bad input would fail the
-whole batch it shares with other requests):
-  401  X-API-Key missing or wrong (when `serve.api_key_env` names a key)
-  400  a rerank mode asked of a server without a reranker; a Host header the server does not answer
-       (serve.allowed_hosts)
-  411  a POST without Content-Length (the body size is checked before the body is read)
-  413  body over serve.max_request_bytes; image over serve.max_image_bytes or serve.max_image_pixels;
-       the images of one request over serve.max_request_pixels together
-  415  image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)
-  422  malformed JSON, unknown fields, wrong types, empty query (no text, no image), invalid base64 or a
-       URL, text over serve.max_text_chars or over the embedder's token limit, the model's special
-       tokens in a text, top_k outside 1..serve.max_top_k, an unknown rerank mode
-  408  a POST body not complete serve.body_timeout_s after its headers (a slow or stalled client)
-  503  overload: a model's queue (serve.<deployment>.max_queued_requests) is full; Serve's own answer,
-       plain text with Retry-After, given at once instead of queueing work the server cannot keep up with
+whole batch it shares with other requests). The status codes and their causes are `_ERRORS`, which
+/openapi.json (and docs/api.md) shows.
 Faults: a call to the Embedder or Index (each idempotent) that a dying replica had taken is sent once
 more (`Ingress.call`); Serve re-routes the rest and replaces the replica (docs/serving.md).
 """
@@ -85,7 +73,7 @@ from unime_ray.config import (
     load_config,
     model_dict,
 )
-from unime_ray.data.images import IMAGE_FORMATS, open_image
+from unime_ray.data.images import IMAGE_FORMATS, open_image, thumbnail
 from unime_ray.serve.index import CorpusIndex, index_dir, model_identity, read_meta
 
 RerankMode = Literal["none", "listwise", "pointwise"]
@@ -336,7 +324,7 @@ class IndexDeployment:
         """Record `record_id`'s image as a PNG thumbnail; None for an unknown id, a record without an
         image, or an image file that is gone or unreadable."""
         path = self.index.image_file(record_id)
-        return None if path is None else await asyncio.to_thread(_thumbnail_png, path)
+        return None if path is None else await asyncio.to_thread(thumbnail, path, IMAGE_SIDE, "PNG")
 
     async def info(self) -> dict[str, Any]:
         meta = self.index.meta
@@ -346,19 +334,6 @@ class IndexDeployment:
             "type": meta["type"],
             "updated": meta["updated"],
         }
-
-
-def _thumbnail_png(path: Path) -> bytes | None:
-    # Re-encoded rather than sent as stored: the answer is always a small PNG, whatever the file holds.
-    try:
-        with open_image(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            return out.getvalue()
-    except Exception:  # a corrupt or vanished file is "no image" to the client, not a server error
-        return None
 
 
 @serve.deployment(name="Reranker")
@@ -659,10 +634,9 @@ async def validation_error(request: Any, error: RequestValidationError) -> JSONR
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def make_api(service: Ingress) -> FastAPI:
-    """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
+def _gated_api(service: Ingress) -> FastAPI:
+    """An app with no routes yet, behind the host check, the body-size gate and (with a key) the key gate."""
     cfg = service.cfg
-    SearchIn, EmbedIn = request_models(cfg)
     keyed = bool(service.key_digest)
     api = FastAPI(
         title="unime_ray",
@@ -682,6 +656,31 @@ def make_api(service: Ingress) -> FastAPI:
         api.add_middleware(KeyGate, key_digest=service.key_digest)
     # Added last, so it runs first: a request for a name this server does not answer gets 400 at once.
     api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
+    return api
+
+
+def _add_pages(api: FastAPI, service: Ingress, guard: list) -> None:
+    """The pages for people: search and inspect (public: static HTML), the inspect report (keyed)."""
+    pages = {name: (PAGES / name).read_text(encoding="utf-8") for name in ("search.html", "inspect.html")}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page() -> HTMLResponse:
+        return HTMLResponse(pages["search.html"], headers={"Content-Security-Policy": PAGE_CSP})
+
+    @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
+    async def inspect_page() -> HTMLResponse:
+        return HTMLResponse(pages["inspect.html"], headers={"Content-Security-Policy": PAGE_CSP})
+
+    @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
+    async def inspect_report() -> HTMLResponse:
+        return HTMLResponse(await service.inspect_report())
+
+
+def make_api(service: Ingress) -> FastAPI:
+    """The HTTP surface of `service`: routes, the body-size gate and the API key check."""
+    SearchIn, EmbedIn = request_models(service.cfg)
+    keyed = bool(service.key_digest)
+    api = _gated_api(service)
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
     async def require_key(key: str | None = Security(key_header)) -> None:
@@ -690,7 +689,7 @@ def make_api(service: Ingress) -> FastAPI:
             raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
     guard = [Depends(require_key)] if service.key_digest else []
-    pages = {name: (PAGES / name).read_text(encoding="utf-8") for name in ("search.html", "inspect.html")}
+    _add_pages(api, service, guard)
     errors = {code: {"description": text} for code, text in _ERRORS.items()}
 
     @api.post("/v1/search", dependencies=guard, responses=errors)
@@ -720,18 +719,6 @@ def make_api(service: Ingress) -> FastAPI:
         The file is looked up in the index's own records; no path is taken from the request."""
         return Response(await service.image(record_id), media_type="image/png")
 
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def search_page() -> HTMLResponse:
-        return HTMLResponse(pages["search.html"], headers={"Content-Security-Policy": PAGE_CSP})
-
-    @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
-    async def inspect_page() -> HTMLResponse:
-        return HTMLResponse(pages["inspect.html"], headers={"Content-Security-Policy": PAGE_CSP})
-
-    @api.get("/inspect/report", response_class=HTMLResponse, dependencies=guard, include_in_schema=False)
-    async def inspect_report() -> HTMLResponse:
-        return HTMLResponse(await service.inspect_report())
-
     @api.get("/healthz")
     async def healthz(key: str | None = Security(key_header)) -> dict[str, Any]:
         """Liveness: the index and embedder replicas answer. With the key (or on a server without one):
@@ -745,15 +732,20 @@ def make_api(service: Ingress) -> FastAPI:
 
 
 _ERRORS = {
-    400: "rerank asked of a server without a reranker; a Host header this server does not answer",
-    401: "missing or wrong API key",
-    408: "request body not received within serve.body_timeout_s",
-    411: "no Content-Length",
-    413: "body or image too large",
-    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes",
-    422: "invalid request (see detail)",
+    400: "a rerank mode asked of a server without a reranker; a Host header this server does not answer "
+    "(serve.allowed_hosts)",
+    401: "missing or wrong API key (X-API-Key, when serve.api_key_env names a key)",
+    408: "request body not complete serve.body_timeout_s after its headers (a slow or stalled client)",
+    411: "no Content-Length (the body size is checked before the body is read)",
+    413: "body over serve.max_request_bytes; an image over serve.max_image_bytes or serve.max_image_pixels; "
+    "the images of one request over serve.max_request_pixels together",
+    415: "image bytes that are not a PNG, JPEG, WebP, GIF or BMP that decodes (no other format is tried)",
+    422: "invalid request (see detail): malformed JSON, unknown fields, wrong types, an empty query "
+    "(no text, no image), invalid base64 or a URL, a text over serve.max_text_chars or the embedder's "
+    "token limit, the model's special tokens in a text, top_k outside 1..serve.max_top_k, an unknown "
+    "rerank mode",
     503: "overloaded: a model's queue is full (serve.<deployment>.max_queued_requests); plain text from "
-    "Serve, with a Retry-After header",
+    "Serve, with a Retry-After header, at once rather than queueing work the server cannot keep up with",
 }
 
 

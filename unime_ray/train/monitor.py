@@ -12,17 +12,13 @@ to `list_size`), in an order drawn once per query from the run seed: the same li
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from unime_ray.config import RerankerConfig
-
-
-def _order(seed: int, key: str) -> int:
-    return int(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).hexdigest(), 16)
+from unime_ray.keyed import key_int
 
 
 def monitor_rows(path: str, n: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -30,7 +26,7 @@ def monitor_rows(path: str, n: int, seed: int) -> tuple[list[dict], list[dict]]:
     for the same file and seed. The held-out ones must be withheld from training (`held_out_ids`)."""
     table = pq.read_table(path)
     ids = table.column("id").to_pylist()
-    picked = sorted(range(len(ids)), key=lambda i: _order(seed, ids[i]))[: 2 * n]
+    picked = sorted(range(len(ids)), key=lambda i: key_int(f"{seed}:{ids[i]}"))[: 2 * n]
     rows = table.take(picked).to_pylist()
     return rows[:n], rows[n:]
 
@@ -43,7 +39,7 @@ def candidates(row: dict, list_size: int, seed: int) -> tuple[dict, list[dict], 
     unique = list(dict.fromkeys((t, i) for t, i, _ in negs))[:list_size]
     cands = [(row["pos_text"], row["pos_image"]), *unique]
     order = list(range(len(cands)))
-    random.Random(_order(seed, row["id"])).shuffle(order)
+    random.Random(key_int(f"{seed}:{row['id']}")).shuffle(order)
     listed = [{"text": cands[i][0], "image": cands[i][1]} for i in order]
     return {"text": row["qry_text"], "image": row["qry_image"]}, listed, order.index(0)
 

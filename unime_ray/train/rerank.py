@@ -26,7 +26,6 @@ through a key mismatch; see docs/method.md).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from typing import NamedTuple
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from unime_ray.config import Config
+from unime_ray.keyed import key_int
 from unime_ray.models.backbone import load_processor
 from unime_ray.models.embedder import load_image
 from unime_ray.models.prompts import (
@@ -56,8 +56,7 @@ def examples(
     """(content parts, image paths, answer) of one mined row: the positive's "Yes", then "No" for each of
     the `point_negatives` distinct negatives of highest judge score (fewer when the row has fewer), then
     the listwise prompt; deterministic per (seed, query, epoch)."""
-    key = f"{seed}:{row['id']}:{epoch}"
-    rng = random.Random(int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16))
+    rng = random.Random(key_int(f"{seed}:{row['id']}:{epoch}"))
     q_text, q_image = row["qry_text"], row["qry_image"]
     pos = (row["pos_text"], row["pos_image"])
     negs = list(zip(row["neg_texts"], row["neg_images"], row["neg_scores"], strict=True))
