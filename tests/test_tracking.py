@@ -25,7 +25,7 @@ def tracked(tmp_path_factory, local_ray):
     more = [f"train.steps={STEPS}", f"train.checkpoint_every={STEPS}", "train.report_every=2"]
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides + more + ["eval.suites=[mmeb]"])
     summary = train(cfg, "embed")
-    train(cfg, "embed")  # done earlier: skipped, and no second nested run
+    assert train(cfg, "embed") == summary  # done earlier: skipped, the same summary, no second nested run
     results = run_eval(cfg)
     client = MlflowClient(store_uri(cfg))
     (experiment,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]

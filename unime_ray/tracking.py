@@ -121,12 +121,19 @@ def end_stage(
     failed: bool = False,
 ) -> None:
     """Log `params` (flattened), `metrics` and the existing `artifacts` files into the stage's run and
-    close it; no-op when `run_id` is None (tracking off)."""
-    if run_id is None:
+    close it. No-op when `run_id` is None or tracking is off, and for a run closed before: a finished
+    training found again and skipped hands back the run its stage logged then, which stays as it was."""
+    if run_id is None or not cfg.tracking.enabled:
         return
     from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
 
     client = _client(cfg)
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+    except MlflowException:  # not in this store (tracking.uri changed since): nothing to close here
+        return
     now = int(time.time() * 1000)
     flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
     for i in range(0, len(flat), BATCH):

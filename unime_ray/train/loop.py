@@ -358,7 +358,7 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
         summary = done["summary"]
         if done["fingerprint"] == fingerprint and Path(summary["checkpoint"]).is_dir():
             print(f"[train-{kind}] done earlier (step {summary['metrics']['step']}), skipped", flush=True)
-            return {**summary, "mlflow_run_id": None}  # logged when it ran
+            return summary  # its MLflow stage was logged and closed when it ran (tracking.end_stage)
     _start_or_resume(out, name, inputs, restart)
     metrics_path = out / name / "metrics.jsonl"
     samples = monitor_samples(cfg, kind, data)
