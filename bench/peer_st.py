@@ -19,8 +19,9 @@ Fairness rules (issue "ahead of the peer"):
   (the peer would merge them), ids never repeat. So the peer's output holds ids and similarity scores,
   no texts or images (ours is self-contained); its size is reported next to its time.
 
-Prints one JSON line: seconds per phase (read, mine, write), rows, bytes written and the process's
-peak RSS. Nothing here is timed by hand against ours: run both back to back from outside.
+Prints one JSON line: seconds per phase (read: the inputs; inputs: the harness's per-dataset id lists
+and vector gathers; mine: `mine_hard_negatives`; write: its `to_parquet`), rows, bytes written and the
+process's peak RSS. Nothing here is timed by hand against ours: run both back to back from outside.
 """
 
 from __future__ import annotations
@@ -80,27 +81,41 @@ def read_inputs(run: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
     return queries, pool, vectors
 
 
-def vectors_of(ids: pa.Array | pa.ChunkedArray, embeddings: pa.Table, dim: int) -> np.ndarray:
-    """The float32 vectors of `ids`, in their order; ValueError naming an id without one."""
+def vector_matrix(embeddings: pa.Table) -> np.ndarray:
+    """All vectors as one float32 matrix, row i for `embeddings["id"][i]` (read once: per-dataset
+    gathers from it cost the peer nothing worth measuring)."""
+    flat = embeddings["embedding"].combine_chunks().flatten()
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(embeddings.num_rows, -1)
+
+
+def vectors_of(ids: pa.Array, embeddings: pa.Table, matrix: np.ndarray) -> np.ndarray:
+    """The vectors of `ids`, in their order; ValueError naming an id without one."""
     rows = pc.index_in(ids, value_set=embeddings["id"])
     if rows.null_count:
         missing = pc.filter(ids, pc.is_null(rows))[0].as_py()
         raise ValueError(f"embeddings.parquet: no vector for id {missing!r}")
-    flat = embeddings["embedding"].take(rows).combine_chunks().flatten()
-    return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return matrix[rows.to_numpy()]
 
 
-def mine_dataset(name: str, queries: pa.Table, pool: pa.Table, embeddings: pa.Table, dim: int) -> Dataset:
-    """One `mine_hard_negatives` call: the queries of dataset `name` against its pool."""
+def dataset_inputs(
+    name: str, queries: pa.Table, pool: pa.Table, embeddings: pa.Table, matrix: np.ndarray
+) -> tuple[Dataset, PlantedModel, list[str]]:
+    """Dataset `name` as the peer takes it: (anchor, positive) id pairs, a model holding the vectors of
+    its queries and pool, and its pool's ids as the corpus."""
     q = queries.filter(pc.equal(queries["dataset"], name))
-    corpus = pool.filter(pc.equal(pool["dataset"], name))["id"]
-    ids = pa.concat_arrays([q["id"].combine_chunks(), corpus.combine_chunks()])
-    model = PlantedModel(ids.to_pylist(), vectors_of(ids, embeddings, dim))
+    corpus = pool.filter(pc.equal(pool["dataset"], name))["id"].combine_chunks()
+    ids = pa.concat_arrays([q["id"].combine_chunks(), corpus])
+    model = PlantedModel(ids.to_pylist(), vectors_of(ids, embeddings, matrix))
     pairs = Dataset.from_dict({"anchor": q["id"].to_pylist(), "positive": q["pos_id"].to_pylist()})
+    return pairs, model, corpus.to_pylist()
+
+
+def mine_dataset(pairs: Dataset, model: PlantedModel, corpus: list[str]) -> Dataset:
+    """One `mine_hard_negatives` call under the fairness rules of the module docstring."""
     return mine_hard_negatives(
         pairs,
         model,
-        corpus=corpus.to_pylist(),
+        corpus=corpus,
         range_max=TOP_N,
         num_negatives=NUM_NEGATIVES,
         relative_margin=RELATIVE_MARGIN,
@@ -119,13 +134,16 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
     queries, pool, embeddings = read_inputs(args.run)
-    dim = len(embeddings["embedding"][0].as_py())
-    seconds = {"read": time.perf_counter() - t0, "mine": 0.0, "write": 0.0}
+    matrix = vector_matrix(embeddings)
+    seconds = {"read": time.perf_counter() - t0, "inputs": 0.0, "mine": 0.0, "write": 0.0}
     args.out.mkdir(parents=True, exist_ok=True)
     rows = written = 0
     for name in sorted(pc.unique(queries["dataset"]).to_pylist()):
         t = time.perf_counter()
-        mined = mine_dataset(name, queries, pool, embeddings, dim)
+        inputs = dataset_inputs(name, queries, pool, embeddings, matrix)
+        seconds["inputs"] += time.perf_counter() - t
+        t = time.perf_counter()
+        mined = mine_dataset(*inputs)
         seconds["mine"] += time.perf_counter() - t
         t = time.perf_counter()
         path = args.out / f"{name}.parquet"
