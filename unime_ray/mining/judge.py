@@ -238,40 +238,62 @@ def _partition_user_scores(
     ]
 
 
+def _pair_keys(tables: list[pa.Table]) -> list[np.ndarray]:
+    """An int64 per (query_id, cand_id) row of each table, equal exactly when both ids are: each id's
+    position among the distinct ids of all `tables`. Hashing the ids once and comparing integers is what
+    makes a bucket's join cheap: a join on the two string columns hashed both of them for every row of
+    both sides, and its output had to be sorted back into the requests' order."""
+    codes = []
+    for column in ("query_id", "cand_id"):
+        ids = pa.chunked_array([c for t in tables for c in t[column].chunks], pa.string())
+        values = pc.unique(ids)
+        codes.append((len(values), pc.index_in(ids, value_set=values).to_numpy().astype(np.int64)))
+    (_, queries), (num_cands, cands) = codes
+    ends = np.cumsum([t.num_rows for t in tables])[:-1]
+    return np.split(queries * num_cands + cands, ends)
+
+
 def _attach_bucket(shards: list[Path], fragments: list[Path], out_dir: Path, scores_path: str) -> None:
     """One Ray task: join the requests of `shards` with the user's rows of their queries (`fragments`),
-    check every request has exactly one score, write each shard's JUDGE_SCORES file."""
+    check every request has exactly one score, write each shard's JUDGE_SCORES file (the requests' rows
+    in their order, each with its score)."""
     keys = ["query_id", "cand_id"]
     user = pa.concat_tables([pq.read_table(f) for f in fragments]) if fragments else USER_SCORES.empty_table()
-    counts = user.group_by(keys).aggregate([([], "count_all")])
-    dup = counts.filter(pc.greater(counts["count_all"], 1))
-    if dup.num_rows:
-        raise ValueError(
-            f"{scores_path}: duplicate (query_id, cand_id) rows, e.g. {dup.select(keys).to_pylist()[:3]}"
-        )
-    # One join for the whole bucket (a hash table of the user's rows is built once, not once per shard),
-    # then split back into shards by the `_shard` column.
     columns = [n for n in JUDGE_SCORES.names if n != "score"]
-    req = pa.concat_tables(
-        pq.read_table(shard, columns=columns).append_column(
-            "_shard", pa.repeat(pa.scalar(i, pa.int32()), pq.read_metadata(shard).num_rows)
-        )
-        for i, shard in enumerate(shards)
+    requests = [pq.read_table(shard, columns=columns) for shard in shards]
+    user_key, *request_keys = _pair_keys([user, *requests])
+    order = np.argsort(user_key, kind="stable")
+    ranked = user_key[order]
+    twice = np.flatnonzero(ranked[1:] == ranked[:-1])
+    if len(twice):
+        examples = user.take(order[twice[:3]]).select(keys).to_pylist()
+        raise ValueError(f"{scores_path}: duplicate (query_id, cand_id) rows, e.g. {examples}")
+    scores = user["score"]
+    for shard, table, key in zip(shards, requests, request_keys, strict=True):
+        at = np.minimum(np.searchsorted(ranked, key), max(len(ranked) - 1, 0))
+        found = ranked[at] == key if len(ranked) else np.zeros(len(key), dtype=bool)
+        if not found.all():
+            _raise_lacking(scores_path, shard, table, found, request_keys, ranked)
+        out = table.append_column("score", scores.take(order[at])).combine_chunks()
+        write_parquet(out.select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / shard.name)
+
+
+def _raise_lacking(
+    scores_path: str,
+    shard: Path,
+    table: pa.Table,
+    found: np.ndarray,
+    request_keys: list[np.ndarray],
+    ranked: np.ndarray,
+) -> None:
+    """The error for requests without a score: the first shard that has some, a few of them, and the
+    count over the whole bucket."""
+    lacking = table.filter(pa.array(~found)).select(["query_id", "cand_id"])
+    total = sum(int((~np.isin(key, ranked)).sum()) for key in request_keys)
+    raise ValueError(
+        f"{scores_path}: {lacking.num_rows} requests of {shard.name} lack a score, e.g. "
+        f"{[tuple(r.values()) for r in lacking.slice(0, 3).to_pylist()]} ({total} in all)"
     )
-    joined = req.join(user, keys, join_type="inner")
-    if joined.num_rows != req.num_rows:
-        lacking = req.join(user.select(keys), keys, join_type="left anti")
-        first = shards[lacking["_shard"][0].as_py()].name
-        in_first = lacking.filter(pc.equal(lacking["_shard"], lacking["_shard"][0])).select(keys)
-        raise ValueError(
-            f"{scores_path}: {in_first.num_rows} requests of {first} lack a score, e.g. "
-            f"{[tuple(r.values()) for r in in_first.slice(0, 3).to_pylist()]} ({lacking.num_rows} in all)"
-        )
-    joined = joined.sort_by([("_shard", "ascending"), ("query_id", "ascending"), ("rank", "ascending")])
-    bounds = np.searchsorted(joined["_shard"].to_numpy(), np.arange(len(shards) + 1))
-    for i, shard in enumerate(shards):
-        part = joined.slice(bounds[i], bounds[i + 1] - bounds[i])
-        write_parquet(part.select(JUDGE_SCORES.names).cast(JUDGE_SCORES), out_dir / shard.name)
 
 
 def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) -> dict:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,15 @@ from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import MERGE_ROWS, PART_ROWS, atomic_path, merge_sorted, write_json, write_parquet
+from unime_ray.io import (
+    MERGE_ROWS,
+    PART_ROWS,
+    atomic_path,
+    merge_order,
+    merge_sorted,
+    write_json,
+    write_parquet,
+)
 from unime_ray.keyed import key_rng as query_rng  # one query's fallback draw
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
@@ -113,10 +122,7 @@ def sample_negatives(
     # NaN compares False with everything, so a NaN would pass the filter unnoticed.
     if not np.isfinite(pos_score) or np.isnan(scores).any():
         raise ValueError(f"scores must not be NaN (positive score {pos_score})")
-    if min(interval, min_negatives, num_negatives) < 1:
-        raise ValueError(
-            f"interval, min_negatives, num_negatives must be >= 1: {interval, min_negatives, num_negatives}"
-        )
+    _check_settings(interval, min_negatives, num_negatives)
 
     survivors = np.flatnonzero(survives(pos_score, scores, beta))
     fallback = len(survivors) == 0
@@ -131,6 +137,74 @@ def sample_negatives(
     picks = picks[:num_negatives]
     picked_scores = [1.0] * len(picks) if fallback else [float(scores[i]) for i in picks]
     return Sampled(indices=picks, scores=picked_scores, num_survivors=len(survivors), fallback=fallback)
+
+
+def _check_settings(interval: int, min_negatives: int, num_negatives: int) -> None:
+    if min(interval, min_negatives, num_negatives) < 1:
+        raise ValueError(
+            f"interval, min_negatives, num_negatives must be >= 1: {interval, min_negatives, num_negatives}"
+        )
+
+
+def _slot_starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each query's slots start in the flat slot arrays, plus the total at the end."""
+    return np.r_[0, np.cumsum(lengths)].astype(np.int64)
+
+
+def _slots_of(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query, position within the query) of every flat slot, for queries with `lengths` slots each."""
+    query = np.repeat(np.arange(len(lengths)), lengths)
+    return query, np.arange(len(query)) - _slot_starts(lengths)[query]
+
+
+@dataclass
+class SampledMany:
+    """The negatives chosen for many queries at once (`sample_many`), query after query."""
+
+    slots: np.ndarray  # int64 indices into the candidate arrays given to `sample_many`, query after query
+    num_negatives: np.ndarray  # int64 per query: its number of slots (0 for a fallback query)
+    num_survivors: np.ndarray  # int64 per query
+
+
+def sample_many(
+    pos_scores: np.ndarray,
+    group: np.ndarray,
+    scores: np.ndarray,
+    ranks: np.ndarray,
+    *,
+    beta: float,
+    interval: int,
+    min_negatives: int,
+    num_negatives: int,
+) -> SampledMany:
+    """Rules 1-4 and 6 of `sample_negatives` for every query of a file in a few array passes: query g has
+    positive score `pos_scores[g]` and the candidates i with `group[i] == g` (`group` non-decreasing).
+    Each non-fallback query gets exactly the indices `sample_negatives` picks from its candidates, in the
+    same order (tests/test_sample.py compares the two); a query with no survivor gets no slots, and its
+    random fallback (rule 5) is left to `sample_negatives`, whose generator it needs."""
+    _check_settings(interval, min_negatives, num_negatives)
+    scores = np.asarray(scores, dtype=np.float64)
+    count = len(pos_scores)
+    survivors = np.flatnonzero(survives(pos_scores[group], scores, beta))
+    g = group[survivors]
+    # lexsort sorts by its last key first: query, then score descending, then rank ascending; it is
+    # stable, so full ties keep the stored order, as in `sample_negatives`.
+    hardest_first = survivors[np.lexsort((ranks[survivors], -scores[survivors], g))]
+    n = np.bincount(g, minlength=count)
+    first = np.r_[0, np.cumsum(n)[:-1]]
+    g = group[hardest_first]
+    pos = np.arange(len(hardest_first)) - first[g]  # position in the query's hardest-first order
+    # Rule 3 in closed form: with n = a * interval + b, offset o holds a + 1 positions for o < b, else
+    # a; so position p (offset r = p % interval) is visited after r * a + min(r, b) earlier-offset
+    # positions and p // interval positions of its own offset.
+    a, b, r = n[g] // interval, n[g] % interval, pos % interval
+    cyclic = np.empty_like(hardest_first)
+    cyclic[first[g] + pos // interval + r * a + np.minimum(r, b)] = hardest_first
+    # Rules 4 and 6: slot j of a query with n survivors is its cyclic pick j % n, for j < its length.
+    length = np.where(n > 0, np.minimum(np.maximum(n, min_negatives), num_negatives), 0)
+    query, j = _slots_of(length)
+    slots = cyclic[first[query] + j % np.maximum(n[query], 1)]
+    return SampledMany(slots=slots, num_negatives=length, num_survivors=n)
 
 
 def _problems(
@@ -258,33 +332,57 @@ def _stats(values: np.ndarray) -> dict:
     return {"count": len(values), "mean": float(np.mean(values)), "median": float(np.median(values))}
 
 
-def _json_float(value: float) -> float:
-    """The shortest decimal that reads back as the same float32: 0.9, not 0.8999999761581421."""
-    return float(str(np.float32(value)))
+def _json_floats(values: pa.Array) -> list[float]:
+    """Each float32 value as the float of its shortest decimal (0.9, not 0.8999999761581421), as
+    `float(str(np.float32(v)))` gives it: Arrow formats a float32 with its shortest round-trip digits and
+    reads them back as the nearest float64, in C for a whole array (the same floats on every finite
+    float32 pattern tried, random bits included; tests/test_sample.py checks a sample)."""
+    return pc.cast(pc.cast(values, pa.string()), pa.float64()).to_numpy(zero_copy_only=False).tolist()
 
 
-def _write_official_json(source: Path, path: Path) -> None:
-    """The official release format, streamed from the HARD_NEGATIVES file one batch at a time."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("[")
-        separator = "\n"
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=4096):
-            for r in batch.to_pylist():
-                record = {
-                    "query_text": r["qry_text"],
-                    "query_image": r["qry_image"] or "",
-                    "pos_text": r["pos_text"],
-                    "pos_image": r["pos_image"] or "",
-                    "query_pos_scores": _json_float(r["pos_score"]),
-                    "hard_negatives": [
-                        [text, image or ""]
-                        for text, image in zip(r["neg_texts"], r["neg_images"], strict=True)
-                    ],
-                    "hard_negatives_scores": [_json_float(s) for s in r["neg_scores"]],
-                }
-                f.write(separator + json.dumps(record, ensure_ascii=False))
+def _official_lines(table: pa.Table) -> Iterator[str]:
+    """The official release format of HARD_NEGATIVES rows, one JSON record per row (no newline in it:
+    json.dumps escapes control characters)."""
+    texts = ("qry_text", "qry_image", "pos_text", "pos_image", "neg_texts", "neg_images")
+    for batch in table.to_batches(max_chunksize=4096):
+        c = {name: batch[name].to_pylist() for name in texts}
+        negatives = batch["neg_scores"]
+        flat, ends = _json_floats(negatives.flatten()), np.cumsum(negatives.value_lengths().to_numpy())
+        for i, pos_score in enumerate(_json_floats(batch["pos_score"])):
+            record = {
+                "query_text": c["qry_text"][i],
+                "query_image": c["qry_image"][i] or "",
+                "pos_text": c["pos_text"][i],
+                "pos_image": c["pos_image"][i] or "",
+                "query_pos_scores": pos_score,
+                "hard_negatives": [
+                    [text, image or ""]
+                    for text, image in zip(c["neg_texts"][i], c["neg_images"][i], strict=True)
+                ],
+                "hard_negatives_scores": flat[ends[i] - len(c["neg_texts"][i]) : ends[i]],
+            }
+            yield json.dumps(record, ensure_ascii=False)
+
+
+def _official_part(part: Path) -> Path:
+    return part.with_suffix(".official.jsonl")
+
+
+def _write_official_json(parts: list[Path], order: np.ndarray, path: Path) -> None:
+    """The official release format (a JSON list, one record per line) of the merged output: the records
+    the tasks wrote per part (`_official_part`), taken in the merge's `order` (the part of each row)."""
+    readers = [open(_official_part(part), encoding="utf-8", newline="\n") for part in parts]
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write("[")
+            separator = "\n"
+            for i in order:
+                f.write(separator + next(readers[i])[:-1])
                 separator = ",\n"
-        f.write("\n]\n")
+            f.write("\n]\n")
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 def _plot_scores(
@@ -372,60 +470,105 @@ class _FilesSampler:
         table, file_problems = _usable_rows(path, self.pool)
         self.problems += file_problems
         ids = table["query_id"].to_numpy(zero_copy_only=False)
-        query_row = _index_in(table["query_id"], self.queries["id"])
         is_positive = table["is_positive"].to_numpy(zero_copy_only=False)
+        # Rows are sorted by query id, so each query is one run of rows [start, start + size).
+        starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
+        sizes = np.diff(np.r_[starts, len(ids)])
+        group = np.repeat(np.arange(len(starts)), sizes)
+        q = _index_in(table["query_id"], self.queries["id"])[starts]
+        self._claim(q, ids[starts], files, file_no)
+        positives = np.bincount(group, weights=is_positive.astype(np.float64), minlength=len(starts))
+        positives = positives.astype(np.int64)
+        usable = self._quarantine_queries(path, ids[starts], q, positives, sizes - positives)
+        positive_row = np.full(len(starts), -1)
+        positive_row[group[is_positive]] = np.flatnonzero(is_positive)
+        candidates = np.flatnonzero(~is_positive & usable[group])
+        compact = np.cumsum(usable) - 1  # group -> index among the usable queries
         columns = {
             "score": table["score"].to_numpy().astype(np.float64),
             "rank": table["rank"].to_numpy(),
             "pool_row": table["pool_row"].to_numpy(),
         }
-        query_problems: dict[tuple[str, str], list[str]] = {}
-        # Rows are sorted by query id, so each query is one run of rows [start, end).
-        starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
-            query_id, q = ids[start], query_row[start]
-            if q >= 0:
-                if self.file_of_query[q] >= 0:
-                    raise _split_query_error(query_id, files[self.file_of_query[q]], path)
-                self.file_of_query[q] = file_no
-            positives = start + np.flatnonzero(is_positive[start:end])
-            negatives = start + np.flatnonzero(~is_positive[start:end])
-            problem = _query_problem(q, self.pos_pool_row, len(positives), len(negatives))
-            if problem:
-                query_problems.setdefault(problem, []).append(query_id)
-            else:
-                self._sample_query(columns, query_id, q, positives[0], negatives)
-        for (field, reason), qids in query_problems.items():
-            self.problems.append(_problems(path, np.full(len(qids), -1), qids, field, reason))
+        keep = np.flatnonzero(usable)
+        self._sample_queries(
+            columns, ids[starts][keep], q[keep], positive_row[keep], candidates, compact[group[candidates]]
+        )
         self.collector.pack()
 
-    def _sample_query(
-        self, columns: dict[str, np.ndarray], query_id: str, q: int, positive: int, negatives: np.ndarray
+    def _claim(self, q: np.ndarray, query_ids: np.ndarray, files: list[Path], file_no: int) -> None:
+        """Record that file `file_no` holds the queries `q` (rows in QUERIES, -1: unknown); DataError for
+        a query an earlier file held."""
+        known = q >= 0
+        earlier = np.flatnonzero(known & (self.file_of_query[np.where(known, q, 0)] >= 0))
+        if len(earlier):
+            first = earlier[0]
+            raise _split_query_error(query_ids[first], files[self.file_of_query[q[first]]], files[file_no])
+        self.file_of_query[q[known]] = file_no
+
+    def _quarantine_queries(
+        self, path: Path, query_ids: np.ndarray, q: np.ndarray, positives: np.ndarray, negatives: np.ndarray
+    ) -> np.ndarray:
+        """Quarantine the queries whose rows cannot be sampled (`_query_problem`); True for the others."""
+        known = q >= 0
+        usable = known & (self.pos_pool_row[np.where(known, q, 0)] >= 0) & (positives == 1) & (negatives > 0)
+        query_problems: dict[tuple[str, str], list[str]] = {}
+        for i in np.flatnonzero(~usable):
+            problem = _query_problem(q[i], self.pos_pool_row, positives[i], negatives[i])
+            query_problems.setdefault(problem, []).append(query_ids[i])
+        for (field, reason), qids in query_problems.items():
+            self.problems.append(_problems(path, np.full(len(qids), -1), qids, field, reason))
+        return usable
+
+    def _sample_queries(
+        self,
+        columns: dict[str, np.ndarray],
+        query_ids: np.ndarray,
+        q: np.ndarray,
+        positive_row: np.ndarray,
+        candidates: np.ndarray,
+        group: np.ndarray,
     ) -> None:
-        """Sample one query whose rows are fine: its positive's row and its candidates' rows of `columns`."""
-        scores, ranks = columns["score"], columns["rank"]
-        cfg = self.cfg
-        sampled = sample_negatives(
-            scores[positive],
-            scores[negatives],
-            ranks[negatives],
+        """Sample the usable queries of a file: query k has its positive in row `positive_row[k]` of
+        `columns` and its candidates in the rows `candidates[group == k]`."""
+        scores, ranks, cfg = columns["score"], columns["rank"], self.cfg
+        pos_scores = scores[positive_row]
+        infinite = np.flatnonzero(~np.isfinite(pos_scores))
+        if len(infinite):
+            raise ValueError(f"scores must not be NaN (positive score {pos_scores[infinite[0]]})")
+        settings = dict(
             beta=cfg.beta,
             interval=cfg.interval,
             min_negatives=cfg.min_negatives,
             num_negatives=cfg.num_negatives,
-            rng=query_rng(self.seed, query_id),
         )
-        chosen = negatives[sampled.indices]
+        many = sample_many(pos_scores, group, scores[candidates], ranks[candidates], **settings)
+        chosen, picked = candidates[many.slots], scores[candidates[many.slots]]
+        lengths, fallback = many.num_negatives.copy(), many.num_survivors == 0
+        if fallback.any():
+            first = np.r_[0, np.cumsum(np.bincount(group, minlength=len(q)))]
+            drawn = {}
+            for k in np.flatnonzero(fallback):
+                own = candidates[first[k] : first[k + 1]]
+                rng = query_rng(self.seed, query_ids[k])
+                sampled = sample_negatives(pos_scores[k], scores[own], ranks[own], rng=rng, **settings)
+                drawn[k], lengths[k] = own[sampled.indices], len(sampled.indices)
+            at = _slot_starts(lengths)
+            rows, values = np.empty(at[-1], np.int64), np.ones(at[-1])
+            query, j = _slots_of(many.num_negatives)
+            rows[at[query] + j], values[at[query] + j] = chosen, picked
+            for k, own in drawn.items():
+                rows[at[k] : at[k + 1]] = own
+            chosen, picked = rows, values
         self.collector.add(
             query=q,
-            pos_score=scores[positive],
-            num_survivors=sampled.num_survivors,
-            fallback=sampled.fallback,
-            num_negatives=len(chosen),
+            pos_score=pos_scores,
+            num_survivors=many.num_survivors,
+            fallback=fallback,
+            num_negatives=lengths,
             neg_pool=columns["pool_row"][chosen],
-            neg_score=sampled.scores,
+            neg_score=picked,
             neg_rank=ranks[chosen],
-            candidate_score=scores[negatives],
+            candidate_score=scores[candidates],
         )
 
 
@@ -448,7 +591,10 @@ def _sample_files(
     for file_no in range(len(files)):
         sampler.sample_file(files, file_no)
     result = sampler.collector.arrays()
-    write_parquet(_hard_negatives_table(result, queries, pool, sampler.pos_pool_row), out, PART_ROWS)
+    table = _hard_negatives_table(result, queries, pool, sampler.pos_pool_row)
+    write_parquet(table, out, PART_ROWS)
+    with atomic_path(_official_part(out)) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(line + "\n" for line in _official_lines(table))
     write_parquet(
         pa.concat_tables([QUARANTINE.empty_table(), *sampler.problems]),
         out.with_suffix(".quarantine.parquet"),
@@ -514,8 +660,9 @@ def run_sample(
         ray.get(src)["id"] if isinstance(src, ray.ObjectRef) else pq.read_table(src, columns=["id"])["id"]
     )
     unjudged = query_ids.filter(pc.invert(pc.is_in(query_ids, value_set=seen)))
-    num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES)
-    _write_official_json(out_dir / "hard_negatives.parquet", out_dir / "hard_negatives.json")
+    order = merge_order(parts, "id")
+    num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES, order)
+    _write_official_json(parts, order, out_dir / "hard_negatives.json")
     by_reason = _merge_quarantine(parts, unjudged, out_dir / "quarantine.parquet")
     shutil.rmtree(parts_dir)
 
