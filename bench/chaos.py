@@ -63,8 +63,10 @@ SETTINGS = (
     "reranker.checkpoint_every=4",
     "tracking.enabled=false",
 )
+QUICK_QUERIES = 16
 QUICK = (
     "data.datasets=[ShapesCLS]",
+    "mining.judge_shard_queries=1",
     "mining.top_n=5",
     "train.steps=6",
     "train.checkpoint_every=3",
@@ -72,7 +74,6 @@ QUICK = (
     "reranker.checkpoint_every=3",
 )
 STAGES = ("mine", "train-embed", "train-rerank", "eval", "build-index")
-KILLED_DRIVER = ("mine", "train")  # the driver is killed once in mining, once in one of the trainings
 
 
 def overrides(run: Path, world: Path, models: Path, quick: bool) -> list[str]:
@@ -194,9 +195,10 @@ def run_stage(
     log: Path,
     timeout: float,
 ) -> dict:
-    """Run `argv` until it exits 0 (at most 10 attempts); with `kill_driver`, SIGKILL the first
-    attempt's driver once `progress` says so. Returns attempts, driver kills, seconds."""
-    start, attempts, driver_kills, hangs = time.monotonic(), 0, 0, 0
+    """Run `argv` until it exits 0 (at most 10 attempts); with `kill_driver`, SIGKILL the driver once,
+    when `progress` says so (in whichever attempt gets there). Returns attempts, driver kills, hangs,
+    seconds, and the last log line of each attempt that failed on its own (not killed by us)."""
+    start, attempts, driver_kills, hangs, failures = time.monotonic(), 0, 0, 0, []
     ready = progress(stage, run) if kill_driver else None
     while True:
         attempts += 1
@@ -205,18 +207,19 @@ def run_stage(
         with log.open("a") as f:
             f.write(f"\n===== {stage} attempt {attempts}\n")
             f.flush()
+            offset = f.tell()
             proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
             )
         if killer:
             killer.driver, killer.stage = proc.pid, stage
-        began = time.monotonic()
+        began, ours = time.monotonic(), False
         while proc.poll() is None:
             if ready is not None and ready():
                 proc.send_signal(signal.SIGKILL)
-                driver_kills, ready = driver_kills + 1, None
+                driver_kills, ready, ours = driver_kills + 1, None, True
             elif time.monotonic() - began > timeout:
-                hangs += 1
+                hangs, ours = hangs + 1, True
                 proc.send_signal(signal.SIGKILL)
             time.sleep(0.2)
         if killer:
@@ -224,12 +227,16 @@ def run_stage(
         kill_group(proc)
         if proc.returncode == 0:
             break
-        if ready is not None:  # it failed before the driver could be killed: retry without a plan
-            ready = None
+        if not ours:
+            with log.open() as f:
+                f.seek(offset)
+                lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+            failures.append(lines[-1][:200] if lines else f"exit {proc.returncode}, no output")
     return {
         "attempts": attempts,
         "driver_kills": driver_kills,
         "hangs": hangs,
+        "failures": failures,
         "seconds": round(time.monotonic() - start, 1),
     }
 
@@ -348,8 +355,9 @@ def compare_eval(a: Path, b: Path) -> dict:
 
 
 def _scores(results: dict) -> dict:
-    """Every per-dataset number of an eval results file (its timings aside)."""
-    return {k: v for k, v in results.items() if k not in ("seconds", "timing", "run")}
+    """The figures of an eval results file: per-dataset tables and Table 3 (not its paths, read counts
+    or cache use, which a resumed run changes by design)."""
+    return {k: results.get(k) for k in ("mmeb", "retrieval", "compositional", "table3")}
 
 
 def compare_index(a: Path, b: Path) -> dict:
@@ -367,7 +375,8 @@ def compare_index(a: Path, b: Path) -> dict:
 
 def compare(clean: Path, chaos: Path, stages: tuple[str, ...]) -> dict:
     """Every check of the stages run, chaos run against clean run; "outcome" sums them up. Eval and the
-    index depend on the trained weights: they are compared where the weights are equal."""
+    index depend on the trained weights: their outcome is None (not comparable) where the weights they
+    use differ from the clean run's."""
     checks: dict = {}
     if "mine" in stages:
         m = checks["mining"] = compare_mining(clean, chaos)
@@ -378,13 +387,13 @@ def compare(clean: Path, chaos: Path, stages: tuple[str, ...]) -> dict:
     if trained:
         checks["outcome"]["final_steps_equal"] = all(checks[f"train_{k}"]["same_final_step"] for k in trained)
         checks["outcome"]["weights_equal"] = all(checks[f"train_{k}"]["weights_equal"] for k in trained)
-    weights = checks.get("outcome", {}).get("weights_equal")
-    if "eval" in stages:
+    same = {k: checks.get(f"train_{k}", {}).get("weights_equal", False) for k in ("embed", "rerank")}
+    if "eval" in stages:  # the trained embedder and reranker
         checks["eval"] = compare_eval(clean, chaos)
-        checks["outcome"]["eval_equal"] = checks["eval"]["scores_equal"] if weights else None
-    if "build-index" in stages:
+        checks["outcome"]["eval_equal"] = checks["eval"]["scores_equal"] if all(same.values()) else None
+    if "build-index" in stages:  # the trained embedder
         checks["index"] = compare_index(clean, chaos)
-        checks["outcome"]["index_equal"] = checks["index"]["identical"] if weights else None
+        checks["outcome"]["index_equal"] = checks["index"]["identical"] if same["embed"] else None
     return checks
 
 
@@ -442,18 +451,28 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="compare with the clean run of an earlier or concurrent call on the same --work (waits for it)",
     )
+    p.add_argument("--recheck", action="store_true", help="only redo the comparisons of the seeds in --out")
     a = p.parse_args(argv)
     stages = STAGES[: len(a.stages)]
+    if a.recheck:
+        result = json.loads(a.out.read_text())
+        for one in result["seeds"]:
+            one["checks"] = compare(a.work / "clean", a.work / f"chaos-{one['seed']}", tuple(one["stages"]))
+        write_json(result, a.out)
+        return result
     if tuple(a.stages) != stages:
         p.error(f"--stages must be a prefix of {' '.join(STAGES)}")
     from unime_ray.assets import prepare_synthetic
     from unime_ray.config import load_config
+    from unime_ray.data.synthetic import make_world
 
     world, models = a.work / "world", a.work / "models" / "qwen2-vl"
 
     def sets(run: Path) -> list[str]:
         return overrides(run, world, models, a.quick)
 
+    if a.quick and not (world / "world.json").is_file():  # 16 training queries per dataset, not 48
+        make_world(world, seed=0, n_train=QUICK_QUERIES)
     prepare_synthetic(load_config(ROOT / "jobs/configs/tiny.yaml", sets(a.work / "clean")))
     clean_file = a.work / "clean.json"
     if not a.reuse_clean:
