@@ -14,7 +14,7 @@ weights; eval results and the index equal. Writes bench/results/chaos.json.
 
 Victims: processes of this run's own local Ray (descendants of the driver; other Ray clusters on the
 machine are never touched) titled `ray::...`, idle workers, Serve's controller and proxies and the
-dashboard agent aside (SPARED); GCS and raylet are not titled so. Each command starts its own local
+node's agents aside (SPARED); GCS and raylet are not titled so. Each command starts its own local
 Ray on 127.0.0.1.
 """
 
@@ -45,9 +45,15 @@ from unime_ray.io import write_json
 ROOT = Path(__file__).parents[1]
 OUT = ROOT / "bench" / "results"
 CLI = [sys.executable, "-m", "unime_ray.cli"]
-# Not victims: idle workers (nothing to lose), Serve's controller and proxies, and the dashboard agent,
-# which the raylet fate-shares with (killing it is killing the node, not a worker).
-SPARED = ("ray::IDLE", "ray::ServeController", "ray::ProxyActor", "ray::DashboardAgent")
+# Not victims: idle workers (nothing to lose), Serve's controller and proxies, and the node's two agents,
+# which the raylet fate-shares with (killing one is killing the node, not a worker).
+SPARED = (
+    "ray::IDLE",
+    "ray::ServeController",
+    "ray::ProxyActor",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+)
 
 # Small enough that a clean run of every stage takes minutes on 2 cores; judge shards of 2 queries so
 # that kills land between finished and unfinished shards.
