@@ -21,13 +21,13 @@ def map_with_actors(
     actor: type,
     kwargs: dict[str, Any],
     *,
-    batch_size: int,
+    batch_size: int | None,
     batch_format: Literal["numpy", "pyarrow"],
     num_actors: int = 1,
     gpus_per_actor: float = 0.0,
 ) -> ray.data.Dataset:
     """Lazily map `ds` through a pool of 1 to `num_actors` actors, each `actor(**kwargs)`, in batches
-    of `batch_size` rows in `batch_format`."""
+    of `batch_size` rows in `batch_format`; `batch_size=None` gives an actor one whole block per call."""
     return ds.map_batches(
         actor,
         fn_constructor_kwargs=kwargs,

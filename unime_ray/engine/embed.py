@@ -43,13 +43,19 @@ def embed_dataset(
     image_col: str = "image",
     num_actors: int = 1,
     gpus_per_actor: float = 0.0,
+    whole_blocks: bool = False,
 ) -> ray.data.Dataset:
-    """Lazily add an `embedding` column to `ds` using an actor pool of `num_actors` embedders."""
+    """Lazily add an `embedding` column to `ds` using an actor pool of `num_actors` embedders.
+
+    With `whole_blocks`, each actor call gets one whole block (mining's request shard), which the
+    embedder cuts into batches from the block's first row: a row's batch-mates, hence its vector to the
+    last bit (padding changes the float sums), are then the same in every run, resumed or not.
+    Otherwise Ray Data forms the batches, across blocks, as they arrive."""
     return map_with_actors(
         ds,
         EmbedActor,
         dict(model=model_dict(model), image_root=str(image_root), text_col=text_col, image_col=image_col),
-        batch_size=model.batch_size,
+        batch_size=None if whole_blocks else model.batch_size,
         batch_format="numpy",
         num_actors=num_actors,
         gpus_per_actor=gpus_per_actor,

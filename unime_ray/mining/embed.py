@@ -66,7 +66,12 @@ def run_embed(
 
     def transform(ds: ray.data.Dataset) -> ray.data.Dataset:
         ds = embed_dataset(
-            ds, model, image_root, num_actors=cfg.num_actors, gpus_per_actor=cfg.gpus_per_actor
+            ds,
+            model,
+            image_root,
+            num_actors=cfg.num_actors,
+            gpus_per_actor=cfg.gpus_per_actor,
+            whole_blocks=True,  # one shard per call: the same vectors whatever was done before a resume
         )
         columns = ("id", "dataset", "kind", PATH_COL)
         return ds.map_batches(embeddings_table, fn_kwargs={"columns": columns}, batch_format="numpy")

@@ -347,7 +347,11 @@ def run_judge(
             ds,
             JudgeActor,
             dict(judge=asdict(judge), image_root=str(image_root)),
-            batch_size=judge.model.batch_size,
+            # One request shard per call, cut into the model's batches from its first row: a call's
+            # batch-mates, hence its score to the last bit (padding changes the float sums), are the
+            # same in every run, resumed or not; batches formed by Ray Data would depend on which
+            # shards were still to do.
+            batch_size=None,
             batch_format="pyarrow",
             num_actors=cfg.num_actors,
             gpus_per_actor=cfg.gpus_per_actor,
