@@ -9,6 +9,7 @@ own commands.
    - soft: the paper's loss (`train.loss=jeffreys`), the target a softmax of the judge's scores;
    - hard: InfoNCE over the positive and the same hard negatives (`train.loss=infonce`), one-hot;
    - in-batch: InfoNCE with no hard negatives (`train.num_negatives=0`), the batch's other positives.
+   `--set KEY=VALUE` changes every training run (a sweep: e.g. `train.tau=0.1`), in its own folders.
 3. `eval` every trained adapter on the world's held-out rows (the first `--eval-rows`); P@1 per variant as
    mean and spread over the seeds.
 
@@ -90,9 +91,10 @@ def mine(out: Path, world: Path, args) -> tuple[Path, float]:
 
 def train_and_eval(out: Path, world: Path, hard: Path, variant: str, seed: int, args) -> dict:
     """One trained adapter's held-out P@1 per dataset, and the seconds of its training and eval."""
-    run_dir = out / f"{variant}-seed{seed}"
+    tag = "".join(f"-{kv.replace('=', '')}" for kv in args.set)
+    run_dir = out / f"{variant}{tag}-seed{seed}"
     s = {**base_settings(run_dir, world, args), "run.seed": seed, "train.data_path": hard}
-    s.update(VARIANTS[variant])
+    s.update({**VARIANTS[variant], **dict(kv.split("=", 1) for kv in args.set)})
     cfg = ["--config", args.config, *overrides(s)]
     times = {"train_embed": run("train-embed", *cfg)}
     times["eval"] = run("eval", *cfg, "--model", weights(run_dir, "embed"), "--out", str(run_dir / "eval"))
@@ -131,6 +133,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for every training run (a sweep)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     start = time.perf_counter()
