@@ -1,0 +1,110 @@
+"""Run the kill/resume tests again and again, each time in a fresh temporary folder, and count how often
+each passes: a flake that shows once in three runs shows here, with its output kept.
+
+    nice -n 10 python bench/kill_loop.py --runs 20
+    python bench/kill_loop.py --runs 3 --tests tests/test_tasks.py tests/test_runlock.py
+
+Each run is one pytest process over all the selected tests (they share its session fixtures, as in CI),
+with `--basetemp` a new folder, so no run sees another's outputs. Per-test outcomes come from pytest's
+JUnit XML. The tally goes to `bench/results/kill_loop.json` after every run (atomically, so a stopped
+loop keeps what it counted); a failing run's whole console output is kept beside it as
+`kill_loop-run<i>.log`, and its temporary folder is kept too (its path is in the tally) to read the
+stage outputs it left. Passing runs' folders are removed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from unime_ray.io import write_json  # noqa: E402
+
+# The tests that kill something (a Ray task, an actor, a training worker, a whole job, a lock holder)
+# and check that the work is resumed with nothing lost or done twice.
+KILL_TESTS = (
+    "tests/test_mine_job.py::test_killed_judge_worker_is_replaced_and_every_pair_judged_once",
+    "tests/test_mine_job.py::test_killed_job_resumes_with_every_pair_judged_exactly_once",
+    "tests/test_tasks.py::test_every_item_once_and_a_killed_task_is_run_again",
+    "tests/test_shards.py::test_all_rows_once_and_resume_skips_finished_shards",
+    "tests/test_runlock.py",
+)
+# Not by default, a Ray Train + DeepSpeed start costing ~100 s a run: to loop the killed training worker
+# too, add tests/test_train.py::test_killed_worker_resumes_from_checkpoint_and_rerun_continues to --tests.
+
+
+def outcomes(junit: Path) -> dict[str, str]:
+    """Test id -> "passed" | "failed" | "error" | "skipped", read from a pytest JUnit XML file."""
+    result = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcome = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+        result[name] = {"failure": "failed"}.get(outcome, outcome)
+    return result
+
+
+def run_once(tests: list[str], index: int, results: Path) -> dict:
+    """One pytest process over `tests` in a fresh folder; its per-test outcomes and wall seconds."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"kill-loop-{index}-"))
+    junit = tmp / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp / 'pytest'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [*cmd, f"--junitxml={junit}", *tests], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    run = {"run": index, "returncode": proc.returncode, "seconds": round(time.monotonic() - start, 1)}
+    run["tests"] = outcomes(junit) if junit.exists() else {}
+    if proc.returncode == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log = results.parent / f"{results.stem}-run{index}.log"
+        log.write_text(proc.stdout + proc.stderr)
+        run |= {"log": str(log), "tmp": str(tmp)}
+    return run
+
+
+def tally(runs: list[dict]) -> dict[str, dict[str, int]]:
+    """Per test, how many runs it passed, failed, errored or skipped in."""
+    counts: dict[str, dict[str, int]] = {}
+    for run in runs:
+        for name, outcome in run["tests"].items():
+            per = counts.setdefault(name, {"passed": 0, "failed": 0, "error": 0, "skipped": 0})
+            per[outcome] += 1
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--tests", nargs="+", default=list(KILL_TESTS), help="pytest node ids or files")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results/kill_loop.json")
+    args = p.parse_args()
+    runs: list[dict] = []
+    for i in range(1, args.runs + 1):
+        run = run_once(args.tests, i, args.results)
+        runs.append(run)
+        failed = sorted(t for t, o in run["tests"].items() if o not in ("passed", "skipped"))
+        status = "ok" if run["returncode"] == 0 else f"FAILED {failed or run['returncode']} ({run['log']})"
+        print(f"run {i}/{args.runs}: {run['seconds']} s, {status}", flush=True)
+        summary = {
+            "runs": len(runs),
+            "runs_passed": sum(r["returncode"] == 0 for r in runs),
+            "tests": tally(runs),
+            "detail": runs,
+        }
+        write_json({"command": sys.argv[1:], **summary}, args.results)
+    print(f"{summary['runs_passed']}/{summary['runs']} runs passed; tally in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
