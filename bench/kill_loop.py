@@ -41,14 +41,18 @@ KILL_TESTS = (
 # too, add tests/test_train.py::test_killed_worker_resumes_from_checkpoint_and_rerun_continues to --tests.
 
 
-def outcomes(junit: Path) -> dict[str, str]:
-    """Test id -> "passed" | "failed" | "error" | "skipped", read from a pytest JUnit XML file."""
+def outcomes(junit: Path) -> dict[str, dict]:
+    """Test id -> {"outcome": "passed" | "failed" | "error" | "skipped", "seconds": its call's time},
+    read from a pytest JUnit XML file."""
     result = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case}
         outcome = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
-        result[name] = {"failure": "failed"}.get(outcome, outcome)
+        result[name] = {
+            "outcome": {"failure": "failed"}.get(outcome, outcome),
+            "seconds": float(case.get("time")),
+        }
     return result
 
 
@@ -77,9 +81,9 @@ def tally(runs: list[dict]) -> dict[str, dict[str, int]]:
     """Per test, how many runs it passed, failed, errored or skipped in."""
     counts: dict[str, dict[str, int]] = {}
     for run in runs:
-        for name, outcome in run["tests"].items():
+        for name, test in run["tests"].items():
             per = counts.setdefault(name, {"passed": 0, "failed": 0, "error": 0, "skipped": 0})
-            per[outcome] += 1
+            per[test["outcome"]] += 1
     return counts
 
 
@@ -93,7 +97,7 @@ def main() -> None:
     for i in range(1, args.runs + 1):
         run = run_once(args.tests, i, args.results)
         runs.append(run)
-        failed = sorted(t for t, o in run["tests"].items() if o not in ("passed", "skipped"))
+        failed = sorted(t for t, o in run["tests"].items() if o["outcome"] not in ("passed", "skipped"))
         status = "ok" if run["returncode"] == 0 else f"FAILED {failed or run['returncode']} ({run['log']})"
         print(f"run {i}/{args.runs}: {run['seconds']} s, {status}", flush=True)
         summary = {
