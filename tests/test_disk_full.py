@@ -10,12 +10,14 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +27,7 @@ from planted import planted_embeddings
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import Config, load_config
 from unime_ray.data.synthetic import make_world, write_oracle_scores
-from unime_ray.io import DiskFullError, disk_full, file_sha256, write_parquet, write_text
+from unime_ray.io import DiskFullError, atomic_path, disk_full, file_sha256, write_parquet, write_text
 from unime_ray.mining import pipeline
 
 ROOT = Path(__file__).parents[1]
@@ -81,6 +83,16 @@ def test_a_write_that_fills_the_disk_leaves_the_old_file_and_says_path_and_bytes
         assert f"it needed {len(text):,} bytes, " in str(info.value)
         again = pickle.loads(pickle.dumps(info.value))
         assert str(again) == str(info.value) and again.errno == errno.ENOSPC
+        assert sorted(p.name for p in target.parent.iterdir()) == ["table.parquet"]
+        # FAISS says ENOSPC only in a RuntimeError's text, after filling every free byte: still a
+        # DiskFullError, its size unknown but more than what it wrote, and that space given back.
+        index = faiss.IndexFlatIP(8)
+        index.add(np.zeros((100_000, 8), np.float32))  # 3.2 MB
+        free = shutil.disk_usage(disk).free
+        said = f"it needed more than the {free:,} bytes written before the device filled (size unknown), "
+        with pytest.raises(DiskFullError, match=re.escape(f"{said}{free:,} bytes are free there")):
+            with atomic_path(disk / "out" / "x.index") as tmp:
+                faiss.write_index(index, str(tmp))
         assert sorted(p.name for p in target.parent.iterdir()) == ["table.parquet"]
 
 
@@ -141,12 +153,15 @@ def test_mining_that_fills_its_disk_stops_in_one_line_and_resumes_to_the_clean_o
         pipeline.run_mining(_cfg(disk / "run", world, emb), ("retrieve",))
         ballast = fill(disk, 36 * 1024)
         # The real command in its own process, for its whole console (Ray prints the errors of tasks
-        # whose results nobody took when the process ends).
+        # whose results nobody took when the process ends); it joins this session's Ray, as a job
+        # submitted to a cluster does.
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address,
+        }
         job = subprocess.run(
-            [sys.executable, "-m", "unime_ray.cli", "mine", *argv],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [sys.executable, "-m", "unime_ray.cli", "mine", *argv], capture_output=True, text=True, env=env
         )
         mining = disk / "run/mining"
         assert job.returncode == 1, job.stdout + job.stderr

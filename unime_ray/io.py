@@ -82,9 +82,9 @@ class DiskFullError(OSError):
 
 
 def _is_enospc(e: BaseException) -> bool:
-    """An OSError for a full device: errno ENOSPC, or Arrow's text for it (some of Arrow's errors carry
-    the errno only in their message)."""
-    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e))
+    """An error for a full device: errno ENOSPC, or the C library's text for it in the message (some of
+    Arrow's OSErrors carry the errno only there; FAISS raises a RuntimeError with it)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
 def _full_error(path: Path, written: int, needs: str) -> DiskFullError:
@@ -116,18 +116,20 @@ def disk_full(e: BaseException, where: str | Path) -> DiskFullError | None:
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        cause = getattr(err, "cause", None)  # a Ray task's error: an instance of its cause's class too
-        if isinstance(err, DiskFullError) and not isinstance(cause, BaseException):
-            return err
-        if raw is None and _is_enospc(err):
-            raw = err
+        # A Ray task's error is an instance of its cause's class too, its text the whole traceback: the
+        # cause is the error to report.
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException):
+            if isinstance(err, DiskFullError):
+                return err
+            if raw is None and _is_enospc(err):
+                raw = err
         todo += [cause, err.__cause__, err.__context__]
     if raw is None:
         return None
-    path = Path(raw.filename or where)
-    return DiskFullError(
-        f"{path}: no space left on the device ({raw.strerror or raw}){_free(path)}", str(path)
-    )
+    path = Path(getattr(raw, "filename", None) or where)
+    said = getattr(raw, "strerror", None) or raw
+    return DiskFullError(f"{path}: no space left on the device ({said}){_free(path)}", str(path))
 
 
 @contextlib.contextmanager
@@ -142,7 +144,7 @@ def atomic_path(path: str | Path, needs: str = "") -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
         if isinstance(e, DiskFullError) or not _is_enospc(e):
             raise
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
