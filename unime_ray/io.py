@@ -129,7 +129,8 @@ def disk_full(e: BaseException, where: str | Path) -> DiskFullError | None:
         return None
     path = Path(getattr(raw, "filename", None) or where)
     said = getattr(raw, "strerror", None) or raw
-    return DiskFullError(f"{path}: no space left on the device ({said}){_free(path)}", str(path))
+    message = f"{path}: no space left on the device ({said}); the bytes it needed are not known{_free(path)}"
+    return DiskFullError(message, str(path))
 
 
 @contextlib.contextmanager
