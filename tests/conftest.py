@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from unime_ray.data.synthetic import make_world
@@ -92,8 +91,10 @@ def local_ray():
 
 @contextlib.contextmanager
 def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) -> Iterator[list[Any]]:
-    """SIGKILL the processes whose command line matches `pattern` (`pgrep -f`) once `ready()` says so,
-    while the with-block runs.
+    """SIGKILL this process's descendants whose command line matches `pattern` once `ready()` says so,
+    while the with-block runs. Only descendants: the local Ray this session started (its workers are
+    children of its raylet) and the jobs it launched, never another test session's processes that run
+    on the same machine under the same names.
 
     A background thread calls `ready()` every `interval` seconds. When it returns a truthy value, every
     matching process (never this one) gets SIGKILL; if there was at least one, that value is appended
@@ -110,11 +111,10 @@ def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) 
         while not done.is_set():
             value = ready()
             if value:
-                out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
                 hit = False
-                for pid in {int(p) for p in out.split()} - {os.getpid()}:
-                    with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
-                        os.kill(pid, signal.SIGKILL)
+                for proc in _descendants_matching(pattern):
+                    with contextlib.suppress(psutil.NoSuchProcess):  # it ended on its own meanwhile
+                        proc.send_signal(signal.SIGKILL)
                         hit = True
                 if hit:
                     killed.append(value)
@@ -128,6 +128,16 @@ def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) 
     finally:
         done.set()
         thread.join()
+
+
+def _descendants_matching(pattern: str) -> list[psutil.Process]:
+    """This process's live descendants whose command line contains `pattern`."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if pattern in " ".join(proc.cmdline()):
+                found.append(proc)
+    return found
 
 
 def registered_step(run_dir: Path) -> int:

@@ -13,7 +13,7 @@ ALLOWED = {
     "keyed": set(),
     "record": {"io"},
     "tracking": set(),
-    "runlock": {"preflight"},
+    "runlock": {"preflight", "io"},
     "config": {"runs", "docsgen", "record"},
     "data": {"io"},
     "models": {"config", "data"},

@@ -54,7 +54,9 @@ def test_caption_jsonl_merges_rows_of_one_image_and_names_bad_rows(images):
         + "\n"
         + json.dumps({"image": "zz.jpg", "captions": ["y"]})
     )
-    with pytest.raises(DataError, match=r"urban1k.jsonl: line 2: field 'image': no file 'zz.jpg'"):
+    with pytest.raises(
+        DataError, match=r"urban1k.jsonl: line 2: field 'image': 'zz.jpg' under .*: no such file"
+    ):
         read_captions(path, images)
     path.write_text(json.dumps({"image": "a.jpg"}) + "\n")
     with pytest.raises(DataError, match="line 1: missing required field 'caption'"):

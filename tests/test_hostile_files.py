@@ -202,3 +202,79 @@ def test_duplicate_ids_in_a_corpus_to_index(tmp_path):
     ):
         create_index(tmp_path / "index", twice, vectors, model=model, cfg=IndexConfig(), image_root=tmp_path)
     assert not (tmp_path / "index" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("suite", ["retrieval", "compositional"])
+def test_eval_files_refuse_image_paths_leaving_the_root_unopened(escape, tmp_path, suite):
+    """The retrieval and compositional eval files, read whole, refuse a row whose image path leaves the
+    root (the MMEB rows' check and reasons), naming the row; the eval job passes the absolute-path switch."""
+    from unime_ray.eval.job import load_collections
+
+    root, secret, opened = escape
+    record = {
+        "retrieval": lambda p: {"image": p, "captions": ["c"]},
+        "compositional": lambda p: {"image": p, "pos": "p", "neg": "n"},
+    }[suite]
+    leaves = "leaves the image root ('..'; or absolute, allowed by data.allow_absolute_images=true)"
+    reasons = {
+        "../private/secret.png": leaves,
+        str(secret): leaves,
+        "link.png": "a symlink on its way leads out of the image root",
+        "door/secret.png": "a symlink on its way leads out of the image root",
+        "nowhere.png": "no such file",
+    }
+    data = tmp_path / f"{suite}.jsonl"
+
+    def collections(path: str, absolute: bool) -> list:
+        jsonl(data, [record("ok.png"), record(path)])
+        sets = [f"eval.{suite}=[{data}]", f"eval.suites=[{suite}]", f"eval.image_root={root}"]
+        cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [*sets, f"data.allow_absolute_images={absolute}"])
+        return load_collections(cfg, tmp_path / "eval")[0]
+
+    for path, reason in reasons.items():
+        expected = f"{data}: line 2: field 'image': {path!r} under {root}: {reason}"
+        with pytest.raises(DataError) as info:
+            collections(path, absolute=False)
+        assert str(info.value) == expected
+    assert opened == []  # no image opened while reading, the secret least of all
+    (taken,) = collections(str(secret), absolute=True)  # taken as the user asked
+    assert [image for _, image in taken.items if image] == [str(root / "ok.png"), str(secret)]
+    with pytest.raises(DataError, match="line 2: field 'image': 'link.png' under .*: a symlink"):
+        collections("link.png", absolute=True)  # a relative path still may not leave
+
+
+def test_align_reads_absolute_image_paths_only_when_allowed_and_keys_on_it(escape, tmp_path):
+    from unime_ray.train.align import AlignSettings, align_inputs, caption_pairs
+
+    root, secret, opened = escape
+    rows = [pair(0, "ok.png", "a square"), pair(1, str(secret), "a secret")]
+    train = jsonl(tmp_path / "world" / "train" / "ds.jsonl", rows)
+    evals = {"qry_text": "", "qry_img_path": str(secret), "tgt_text": ["a secret"], "tgt_img_path": [""]}
+    jsonl(tmp_path / "world" / "eval" / "ds.jsonl", [evals])
+    model = tmp_path / "model"
+    model.mkdir()
+
+    def cfg(absolute: bool) -> Config:
+        sets = [f"data.train_dir={train.parent}", f"data.eval_dir={tmp_path / 'world/eval'}"]
+        sets += [
+            f"data.image_root={root}",
+            f"train.model.path={model}",
+            f"data.allow_absolute_images={absolute}",
+        ]
+        return load_config(None, sets)
+
+    def pairs(c: Config, folder: str, kind: str) -> list:
+        return caption_pairs(folder, root, kind, allow_absolute_images=c.data.allow_absolute_images)
+
+    refused, allowed = cfg(False), cfg(True)
+    assert pairs(refused, str(train.parent), "pairs") == [("ok.png", "a square")]
+    assert pairs(allowed, str(train.parent), "pairs") == [("ok.png", "a square"), (str(secret), "a secret")]
+    with pytest.raises(SystemExit, match="no rows with an image query"):  # its only row refused
+        pairs(refused, str(tmp_path / "world/eval"), "eval")
+    assert pairs(allowed, str(tmp_path / "world/eval"), "eval") == [(str(secret), "a secret")]
+    assert opened == []  # align's reads check paths, not images
+    # The resume key: changed by the switch; without it, the key of a run made before the switch existed.
+    settings = AlignSettings()
+    key_refused, key_allowed = align_inputs(refused, settings), align_inputs(allowed, settings)
+    assert key_allowed == {**key_refused, "allow_absolute_images": True}
+    assert "allow_absolute_images" not in key_refused

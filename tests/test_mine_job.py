@@ -157,11 +157,12 @@ KILLED = (
 
 
 def _run_job(out: Path, *extra: str, **popen) -> subprocess.Popen:
+    """`jobs/mine.py` on the tiny config in a child process; its console to `popen["stdout"]` (default: a
+    pipe, for a job whose output is read with `communicate`)."""
     cmd = [PY, str(ROOT / "jobs/mine.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml")]
     cmd += [a for o in _overrides(out, *extra) for a in ("--set", o)]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-    )
+    popen.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +202,20 @@ def test_killed_job_resumes_with_every_pair_judged_exactly_once(judge_actor_kill
     clean, killed = judge_actor_killed[0], tmp_path / "killed"
     _cfg(killed, *KILLED)  # build world and models up front
 
-    job = _run_job(killed, *KILLED, start_new_session=True)
+    # The console of the job to be killed goes to a file, not a pipe: nobody reads a pipe while the test
+    # waits (a full one would stall the job), and a failure shows how far the job got.
+    console = tmp_path / "killed-job.log"
+    with console.open("w") as out:
+        job = _run_job(killed, *KILLED, start_new_session=True, stdout=out)
     results = killed / "mining/judge/results"
-    deadline = time.time() + 300
+    start = time.time()
     while len(list(results.glob("*.parquet"))) < 5:  # mid-judge: some shards done, most not
-        assert job.poll() is None and time.time() < deadline, "job ended before it could be killed"
+        code, waited = job.poll(), time.time() - start
+        if code is not None or waited > 300:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            state = f"it ended, exit code {code}" if code is not None else f"still short after {waited:.0f} s"
+            pytest.fail(f"the job never got mid-judge ({state}); its console:\n{console.read_text()[-3000:]}")
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and everything it started, no cleanup
     job.wait()

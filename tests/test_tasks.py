@@ -38,6 +38,15 @@ def _bad(i: int) -> int:
     raise ValueError(f"item {i} is bad input")
 
 
+def _bad_or_slow(i: int, out: Path) -> int:
+    """Item 0 fails at once; the others would write out/<i>.json after 12 s."""
+    if i == 0:
+        raise ValueError("item 0 is bad input")
+    time.sleep(12)
+    write_json({"item": i}, out / f"{i}.json")
+    return i
+
+
 def test_every_item_once_and_a_killed_task_is_run_again(local_ray, tmp_path):
     items = [(i, tmp_path, i == 2) for i in range(5)]
     got = {i: (result, node) for i, result, node in run_tasks(_work, items, max_in_flight=2)}
@@ -60,3 +69,15 @@ def test_every_item_once_and_a_killed_task_is_run_again(local_ray, tmp_path):
 def test_an_error_in_the_work_is_raised_not_retried(local_ray):
     with pytest.raises(ValueError, match="item 1 is bad input"):
         list(run_tasks(_bad, [(1,)]))
+
+
+def test_an_error_stops_the_tasks_still_running(local_ray, tmp_path):
+    """A stage that fails (bad input, a full disk) does not leave its other tasks running on to write
+    their outputs (onto a full disk, the space freed by the failed write) after the driver gave up:
+    they are cancelled before the error reaches the caller."""
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="item 0 is bad input"):
+        list(run_tasks(_bad_or_slow, [(0, tmp_path), (1, tmp_path)], max_in_flight=2))
+    assert time.monotonic() - start < 10  # before item 1 could end
+    time.sleep(15 - (time.monotonic() - start))  # past the 12 s a running item 1 would have taken
+    assert not list(tmp_path.glob("*.json"))

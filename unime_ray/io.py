@@ -2,14 +2,21 @@
 killed job leaves either the old file or the new one, never half of one. Also `merge_sorted`, which
 joins the sorted part files of parallel tasks into one sorted file without holding them in memory,
 and `digest`, the short content hash that names caches and fingerprints finished stages, with the file
-identities (`file_sha256`, `file_stamp`, `weight_stamps`) that such fingerprints hold."""
+identities (`file_sha256`, `file_stamp`, `weight_stamps`) that such fingerprints hold.
+
+A full disk: a write that fails with ENOSPC raises `DiskFullError` naming the file, the bytes it needed
+and the bytes free, and leaves nothing under the file's name (the temporary file is removed, which also
+gives its space back); `disk_full` finds such an error however a stage wrapped it (a Ray task's error,
+a chained exception), so a command can stop with that one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -59,9 +66,78 @@ def weight_stamps(*folders: str | Path | None) -> list[list]:
     return stamps
 
 
+class DiskFullError(OSError):
+    """ENOSPC while writing a file; its message names the file, the bytes needed and the bytes free.
+    An OSError with errno ENOSPC, so handlers of OSError still see it; it pickles (a Ray task's error
+    reaches the driver whole)."""
+
+    def __init__(self, message: str, filename: str) -> None:
+        super().__init__(errno.ENOSPC, message, filename)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.strerror, self.filename)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_enospc(e: BaseException) -> bool:
+    """An error for a full device: errno ENOSPC, or the C library's text for it in the message (some of
+    Arrow's OSErrors carry the errno only there; FAISS raises a RuntimeError with it)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def _full_error(path: Path, written: int, needs: str) -> DiskFullError:
+    """The DiskFullError of a write of `path` that failed after `written` bytes reached its temporary
+    file: the bytes needed (the caller's `needs`, else at least `written`) and the bytes free now."""
+    need = needs or f"more than the {written:,} bytes written before the device filled (size unknown)"
+    return DiskFullError(
+        f"{path}: no space left on the device writing it: it needed {need}{_free(path)}", str(path)
+    )
+
+
+def _free(path: Path) -> str:
+    """What to say of the free space where `path` is, and what to do."""
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
+    return (
+        f", {shutil.disk_usage(folder).free:,} bytes are free there. Nothing partial was kept: "
+        "free space and rerun the same command; finished work is not redone"
+    )
+
+
+def disk_full(e: BaseException, where: str | Path) -> DiskFullError | None:
+    """The disk-full error behind `e`, or None: `e` itself, the cause of a Ray task's error, or any
+    exception it was raised from or while handling. The DiskFullError raised, if one was (it names the
+    file and the bytes); else, for the ENOSPC of a write that did not go through `atomic_path`, one that
+    names its file if the error did (else the folder `where`) and says that the bytes are unknown."""
+    seen, todo, raw = set(), [e], None
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        # A Ray task's error is an instance of its cause's class too, its text the whole traceback: the
+        # cause is the error to report.
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException):
+            if isinstance(err, DiskFullError):
+                return err
+            if raw is None and _is_enospc(err):
+                raw = err
+        todo += [cause, err.__cause__, err.__context__]
+    if raw is None:
+        return None
+    path = Path(getattr(raw, "filename", None) or where)
+    said = getattr(raw, "strerror", None) or raw
+    message = f"{path}: no space left on the device ({said}); the bytes it needed are not known{_free(path)}"
+    return DiskFullError(message, str(path))
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+def atomic_path(path: str | Path, needs: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+    A full device raises DiskFullError; `needs` says the bytes the file needs when the caller knows
+    them, or how it estimates them (e.g. "12,345 bytes")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,6 +145,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if isinstance(e, DiskFullError) or not _is_enospc(e):
+            raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # first, so that the free bytes said count its space as given back
+        raise _full_error(path, written, needs) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,15 +174,25 @@ def finished_parquet(path: str | Path) -> bool:
 
 
 def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> Path:
-    with atomic_path(path) as tmp:
+    """`table` as a Parquet file, atomically. On a full disk, the bytes needed are estimated by the
+    table's size in memory (the encoded file is usually smaller), and the error says so."""
+    needs = f"about {table.nbytes:,} bytes (the table's size in memory; its Parquet file is usually smaller)"
+    with atomic_path(path, needs) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size)
     return Path(path)
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_text(text: str, path: str | Path) -> Path:
+    """`text` as a UTF-8 file, atomically (a small marker file that a full disk cut short would otherwise
+    be read on resume as a whole one)."""
+    data = text.encode()
+    with atomic_path(path, f"{len(data):,} bytes") as tmp:
+        tmp.write_bytes(data)
     return Path(path)
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 class _Stream:
@@ -149,7 +242,8 @@ def merge_sorted(
         return 0
     labels = merge_order(parts, key) if order is None else order
     streams = [_Stream(p) for p in parts]
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    needs = f"about {sum(p.stat().st_size for p in parts):,} bytes (the sum of its parts' sizes)"
+    with atomic_path(out, needs) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for start in range(0, len(labels), MERGE_ROWS):
             chunk = labels[start : start + MERGE_ROWS]
             counts = np.bincount(chunk, minlength=len(parts))

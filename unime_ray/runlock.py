@@ -202,8 +202,10 @@ class RunLock:
 @contextlib.contextmanager
 def command_lock(run_dir: str | Path, name: str) -> Iterator[RunLock]:
     """`RunLock` for the CLI command `name`: a refusal stops it with one line (no traceback), and so
-    does a run folder that cannot be written (the preflight's message); a takeover of a stale lock is
-    said on stderr. The command recorded is this process's command line."""
+    does a run folder that cannot be written (the preflight's message) and a full disk met while the
+    command runs (the file and the bytes, `io.disk_full`); a takeover of a stale lock is said on stderr.
+    The command recorded is this process's command line."""
+    from unime_ray.io import disk_full
     from unime_ray.preflight import PreflightError, check_output
 
     try:
@@ -218,5 +220,10 @@ def command_lock(run_dir: str | Path, name: str) -> Iterator[RunLock]:
         print(f"[{name}] {lock.message}", file=sys.stderr, flush=True)
     try:
         yield lock
+    except Exception as e:
+        full = disk_full(e, run_dir)
+        if full is None:
+            raise
+        raise SystemExit(f"[{name}] stopped: {full}") from None
     finally:
         lock.release()

@@ -49,6 +49,12 @@ DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 MAX_LINE_BYTES = 16 << 20  # a JSONL record longer than this is refused (records hold paths and texts)
 
 Problem = tuple[str, str]  # (field, reason)
+IMAGE_PROBLEMS = {  # each image quarantine reason, said in words
+    "bad_image_path": "leaves the image root ('..'; or absolute, allowed by data.allow_absolute_images=true)",
+    "image_outside_root": "a symlink on its way leads out of the image root",
+    "missing_image": "no such file",
+    "corrupt_image": "not an image PIL can open",
+}
 
 
 @dataclass
@@ -97,6 +103,15 @@ class ReadState:
         if rel not in self.image_problems:
             self.image_problems[rel] = self._find_image_problem(rel)
         return self.image_problems[rel]
+
+    def require_image(self, rel: str, where: str, field: str = "image") -> None:
+        """For files read whole (retrieval and compositional eval), where a bad row fails the file: the
+        same checks as `image_problem`, a problem raised as a DataError naming the row and the field."""
+        problem = self.image_problem(rel)
+        if problem is not None:
+            raise DataError(
+                f"{where}: field {field!r}: {rel!r} under {self.image_root}: {IMAGE_PROBLEMS[problem]}"
+            )
 
     def _find_image_problem(self, rel: str) -> str | None:
         if Path(rel).is_absolute():

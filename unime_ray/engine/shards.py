@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from unime_ray.io import finished_parquet, write_parquet
+from unime_ray.io import finished_parquet, write_parquet, write_text
 
 PATH_COL = "path"
 
@@ -61,7 +61,7 @@ def requests_once(out_dir: Path, write: Callable[[Path], list[Path]]) -> list[Pa
     for stale in out_dir.glob("*.parquet"):
         stale.unlink()
     paths = write(out_dir)
-    marker.write_text("\n".join(p.name for p in paths) + "\n")
+    write_text("\n".join(p.name for p in paths) + "\n", marker)  # atomic: a cut-short list is never read
     return paths
 
 

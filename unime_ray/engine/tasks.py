@@ -10,6 +10,7 @@ Ray runs those again (`max_retries`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -39,11 +40,27 @@ def run_tasks(
     )
     limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-3)))
     pending, running = list(enumerate(items)), {}
-    while pending or running:
-        while pending and len(running) < limit:
-            i, item = pending.pop(0)
-            running[remote.remote(fn, *item)] = i  # refs among the args arrive resolved
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        i = running.pop(ref)
-        result, node = ray.get(ref)
-        yield i, result, node
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                i, item = pending.pop(0)
+                running[remote.remote(fn, *item)] = i  # refs among the args arrive resolved
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            i = running.pop(ref)
+            result, node = ray.get(ref)
+            yield i, result, node
+    finally:
+        _settle(list(running))
+
+
+def _settle(refs: list[ray.ObjectRef], timeout: float = 10) -> None:
+    """Cancel the tasks still running when the caller stops early (one task's error, e.g. a full disk,
+    or a caller that stopped reading) and take the outcomes of those that end within `timeout` s:
+    Ray would otherwise print each one's error, traceback and all, as an unhandled one, after the
+    stage's own error."""
+    for ref in refs:
+        ray.cancel(ref)
+    ended, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    for ref in ended:
+        with contextlib.suppress(Exception):
+            ray.get(ref)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unime_ray.data.mmeb import DataError, string
+from unime_ray.data.mmeb import DataError, ReadState, string
 from unime_ray.eval.groups import compositional_group
 from unime_ray.eval.ranking import Collection, ItemIndex, Task, padded
 from unime_ray.eval.retrieval import IMAGE_PROMPT, Records, load_records
@@ -35,13 +35,17 @@ def _sugarcrepe(document: dict, where: str) -> Records:
     return out
 
 
-def read_compositional(path: str | Path, image_root: str | Path) -> list[tuple[str, str, str]]:
-    """[(image, true caption, altered caption)]; a missing field or image file is a `DataError`."""
+def read_compositional(
+    path: str | Path, image_root: str | Path, allow_absolute_images: bool = False
+) -> list[tuple[str, str, str]]:
+    """[(image, true caption, altered caption)]; a missing field, or an image path the MMEB readers
+    would quarantine (no file, leaving the root, absolute unless allowed), is a `DataError` naming the
+    row; nothing outside the root is opened."""
+    state = ReadState(image_root, check_images=False, allow_absolute=allow_absolute_images)
     rows = []
     for where, record in load_records(path, _sugarcrepe):
         image, pos, neg = (string(record, f, where, required=True) for f in ("image", "pos", "neg"))
-        if not (Path(image_root) / image).is_file():
-            raise DataError(f"{where}: field 'image': no file {image!r} under {image_root}")
+        state.require_image(image, where)
         if not pos.strip() or not neg.strip():
             raise DataError(f"{where}: empty caption")
         rows.append((image, pos, neg))
@@ -64,7 +68,8 @@ def compositional_collection(
     return Collection("compositional", name, index.items, [task], info)
 
 
-def load_compositional(path: str | Path, image_root: str | Path, image_prompt: str) -> Collection:
-    return compositional_collection(
-        Path(path).stem, read_compositional(path, image_root), image_root, image_prompt
-    )
+def load_compositional(
+    path: str | Path, image_root: str | Path, image_prompt: str, allow_absolute_images: bool = False
+) -> Collection:
+    rows = read_compositional(path, image_root, allow_absolute_images)
+    return compositional_collection(Path(path).stem, rows, image_root, image_prompt)

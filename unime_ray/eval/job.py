@@ -102,11 +102,13 @@ def load_collections(cfg: Config, out: Path) -> tuple[list[Collection], dict[str
                 max_captions=e.max_captions,
                 image_prompt=e.image_prompt,
                 caption_prompt=e.caption_prompt,
+                allow_absolute_images=cfg.data.allow_absolute_images,
             )
             for f in retrieval
         ]
     if "compositional" in suites:
-        collections += [load_compositional(f, image_root, e.image_prompt) for f in compositional]
+        absolute = cfg.data.allow_absolute_images
+        collections += [load_compositional(f, image_root, e.image_prompt, absolute) for f in compositional]
     return collections, meta, read
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from unime_ray.data import mmeb
-from unime_ray.data.mmeb import DataError, parse_json, string, strings
+from unime_ray.data.mmeb import DataError, ReadState, parse_json, string, strings
 from unime_ray.eval.groups import retrieval_kind
 from unime_ray.eval.ranking import Collection, ItemIndex, Task
 
@@ -63,10 +63,18 @@ def _karpathy(split: str) -> Callable[[dict, str], Records]:
 
 
 def read_captions(
-    path: str | Path, image_root: str | Path, *, split: str = "test", max_captions: int = 5
+    path: str | Path,
+    image_root: str | Path,
+    *,
+    split: str = "test",
+    max_captions: int = 5,
+    allow_absolute_images: bool = False,
 ) -> list[tuple[str, list[str]]]:
     """[(image, captions)] in file order, rows of one image merged, at most `max_captions` each (0: all).
-    A missing field, an image with no caption or no file is a `DataError` naming the row."""
+    A missing field, an image with no caption, or an image path the MMEB readers would quarantine (no
+    file, leaving the root, absolute unless allowed) is a `DataError` naming the row; nothing outside
+    the root is opened."""
+    state = ReadState(image_root, check_images=False, allow_absolute=allow_absolute_images)
     merged: dict[str, list[str]] = {}
     for where, record in load_records(path, _karpathy(split)):
         image = string(record, "image", where, required=True)
@@ -74,8 +82,7 @@ def read_captions(
             captions = strings(record, "captions", where)
         else:
             captions = [string(record, "caption", where, required=True)]
-        if not image or not (Path(image_root) / image).is_file():
-            raise DataError(f"{where}: field 'image': no file {image!r} under {image_root}")
+        state.require_image(image, where)
         if not captions or not all(c.strip() for c in captions):
             raise DataError(f"{where}: field 'captions': empty")
         kept = merged.setdefault(image, [])
@@ -122,7 +129,10 @@ def load_retrieval(
     max_captions: int,
     image_prompt: str,
     caption_prompt: str,
+    allow_absolute_images: bool = False,
 ) -> Collection:
     """The collection of one retrieval file, named by its stem."""
-    pairs = read_captions(path, image_root, split=split, max_captions=max_captions)
+    pairs = read_captions(
+        path, image_root, split=split, max_captions=max_captions, allow_absolute_images=allow_absolute_images
+    )
     return retrieval_collection(Path(path).stem, pairs, image_root, image_prompt, caption_prompt)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from unime_ray.config import Config, output_settings
 from unime_ray.engine.shards import requests_once
-from unime_ray.io import digest, file_stamp, write_json
+from unime_ray.io import digest, file_stamp, write_json, write_text
 from unime_ray.mining.embed import run_embed
 from unime_ray.mining.ingest import run_ingest
 from unime_ray.mining.judge import run_judge, write_requests
@@ -125,7 +125,7 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             )
             shutil.rmtree(dirs[stage])
         dirs[stage].mkdir(parents=True, exist_ok=True)
-        (dirs[stage] / "_FINGERPRINT").write_text(prints[stage])
+        write_text(prints[stage], dirs[stage] / "_FINGERPRINT")
         print(f"[mine] {stage}: started", flush=True)
         start = time.perf_counter()
         result = fn(dirs[stage])

@@ -61,11 +61,21 @@ class AlignSettings:
     )
 
 
-def caption_pairs(folder: str, image_root: str, kind: str, datasets: str = "") -> list[Pair]:
+def caption_pairs(
+    folder: str, image_root: str, kind: str, datasets: str = "", allow_absolute_images: bool = False
+) -> list[Pair]:
     """(image, text) of the rows of `folder` (of `datasets`, a comma list; default all) whose query is an
-    image and whose positive (eval: first target) is text only; none is an error naming the folder."""
+    image and whose positive (eval: first target) is text only; none is an error naming the folder.
+    Rows are read by the MMEB readers' rules: absolute image paths only with `allow_absolute_images`."""
     names = [d for d in datasets.split(",") if d] or None
-    read = read_folder(folder, kind, datasets=names, image_root=image_root, check_images=False)
+    read = read_folder(
+        folder,
+        kind,
+        datasets=names,
+        image_root=image_root,
+        check_images=False,
+        allow_absolute_images=allow_absolute_images,
+    )
     if read.quarantine.num_rows:  # never dropped silently: counted with their reasons
         reasons = {k: v for k, v in read.counts().items() if k not in ("rows_in", "rows_out")}
         print(f"[align] {folder}: {read.quarantine.num_rows} rows quarantined {reasons}", flush=True)
@@ -168,6 +178,8 @@ def align_inputs(cfg: Config, s: AlignSettings) -> dict:
         },
         "image_root": cfg.data.image_root,
         "data": files,
+        # Only when set, so the key of a run made before the setting existed stays the same.
+        **({"allow_absolute_images": True} if cfg.data.allow_absolute_images else {}),
     }
 
 
@@ -180,8 +192,9 @@ def align(cfg: Config, out: str | Path, s: AlignSettings) -> dict:
     if report_path.is_file() and json.loads(report_path.read_text()).get("inputs") == inputs:
         print(f"[align] done earlier with the same inputs: {out}", flush=True)
         return json.loads(report_path.read_text())
-    train = caption_pairs(cfg.data.train_dir, root, "pairs", s.datasets)
-    held = caption_pairs(cfg.data.eval_dir, root, "eval", s.datasets)[: s.held_out]
+    absolute = cfg.data.allow_absolute_images
+    train = caption_pairs(cfg.data.train_dir, root, "pairs", s.datasets, absolute)
+    held = caption_pairs(cfg.data.eval_dir, root, "eval", s.datasets, absolute)[: s.held_out]
     processor, model = load_processor(base, padding_side="left"), load_model(base, "float32")
     print(
         f"[align] {len(train)} training pairs, {len(held)} held out; {s.steps} steps of {s.batch}", flush=True
