@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,10 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from unime_ray.data.synthetic import make_world
 from unime_ray.models.tiny import make_tiny
+from unime_ray.ray_utils import free_port  # noqa: F401 (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +92,12 @@ def local_ray():
 
 
 @contextlib.contextmanager
-def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) -> Iterator[list[Any]]:
+def kill_when(
+    ready: Callable[[], Any], pattern: str, *, interval: float = 0.1, own: bool = False
+) -> Iterator[list[Any]]:
     """SIGKILL the processes whose command line matches `pattern` (`pgrep -f`) once `ready()` says so,
-    while the with-block runs.
+    while the with-block runs. With `own`, only this process's descendants (the workers of the local Ray
+    it started), never another test session's on the same machine.
 
     A background thread calls `ready()` every `interval` seconds. When it returns a truthy value, every
     matching process (never this one) gets SIGKILL; if there was at least one, that value is appended
@@ -111,8 +115,11 @@ def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) 
             value = ready()
             if value:
                 out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+                pids = {int(p) for p in out.split()} - {os.getpid()}
+                if own:
+                    pids &= {p.pid for p in psutil.Process().children(recursive=True)}
                 hit = False
-                for pid in {int(p) for p in out.split()} - {os.getpid()}:
+                for pid in pids:
                     with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                         os.kill(pid, signal.SIGKILL)
                         hit = True
@@ -138,13 +145,6 @@ def registered_step(run_dir: Path) -> int:
         return 0
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     return latest.get("metrics", {}).get("step", 0)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (tests bind every server to loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@
   report, the score plot and the inspector page as artifacts;
 - training (embedder, reranker): rank 0 logs every step's loss, P@1 / ranking figures, learning rate and
   throughput from inside Ray Train through Ray's MLflow integration (`setup_mlflow`), into the nested run
-  the driver opened; the driver then adds the learning-curve plot and the checkpoint path;
+  the driver opened; the driver then adds the learning-curve plot and the checkpoint path. A resumed
+  training (killed, then rerun; or rerun with more steps) continues the nested run it opened first, whose
+  id its `_RUN.json` records, so the run holds every step of metrics.jsonl;
 - eval: every number of results.json (each dataset's score, the averages), the tables and plots;
 - build-index: its counts.
 
@@ -94,12 +96,17 @@ def _parent(client, experiment: str, run_dir: Path) -> str:
     return client.create_run(experiment, run_name=run_dir.name, tags={TAG_RUN_DIR: key}).info.run_id
 
 
-def start_stage(cfg: Any, stage: str, start: float | None = None) -> str | None:
+def start_stage(cfg: Any, stage: str, start: float | None = None, resume: str | None = None) -> str | None:
     """Open the nested run of `stage` under the run folder's parent run; its id, None with tracking off.
-    `start` (time.time()) back-dates the run to when the stage began."""
+    `start` (time.time()) back-dates the run to when the stage began. `resume` is the id of the nested
+    run an earlier, interrupted attempt of the stage opened (the stage records it): when this store still
+    holds it, it is reopened and returned, so a resumed stage stays one run holding the metrics of every
+    part, as its own files do; otherwise a new run is opened."""
     if not cfg.tracking.enabled:
         return None
     client = _client(cfg)
+    if resume and _reopen(client, resume, stage):
+        return resume
     experiment = _experiment(client, cfg.tracking.experiment)
     parent = _parent(client, experiment, Path(cfg.run.output_dir))
     run = client.create_run(
@@ -109,6 +116,22 @@ def start_stage(cfg: Any, stage: str, start: float | None = None) -> str | None:
         tags={PARENT: parent, TAG_STAGE: stage},
     )
     return run.info.run_id
+
+
+def _reopen(client, run_id: str, stage: str) -> bool:
+    """Mark the stage's earlier run RUNNING again (a killed attempt left it RUNNING or FAILED, a finished
+    one FINISHED); False when the store has no live run of that id for `stage` (tracking.uri changed, the
+    run was deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage != "active" or run.data.tags.get(TAG_STAGE) != stage:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
 
 
 def end_stage(
