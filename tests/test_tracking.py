@@ -16,11 +16,20 @@ from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.job import run_eval
 from unime_ray.inspector import build_report
 from unime_ray.mining.pipeline import _track
-from unime_ray.tracking import TAG_RUN_DIR, TAG_STAGE, log_stage, metric_name, store_uri
+from unime_ray.tracking import (
+    TAG_RUN_DIR,
+    TAG_STAGE,
+    end_stage,
+    log_stage,
+    metric_name,
+    start_stage,
+    store_uri,
+)
 from unime_ray.train.run import train
 
 ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 8, 2  # optimizer steps, and a checkpoint every EVERY steps
+LONGER = STEPS + 2  # the step budget of a rerun that continues the run
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,12 @@ def tracked(tmp_path_factory, local_ray):
     summary = train(cfg, "embed")
     assert summary["metrics"]["step"] == STEPS
     assert train(cfg, "embed") == summary  # done earlier: skipped, the same summary, no second nested run
+    # rerun with a larger step budget: the same run goes on, in the same nested run
+    cfg = load_config(
+        ROOT / "jobs/configs/tiny.yaml", overrides + more + ["eval.suites=[mmeb]", f"train.steps={LONGER}"]
+    )
+    summary = train(cfg, "embed")
+    assert summary["metrics"]["step"] == LONGER
     results = run_eval(cfg)
     client = MlflowClient(store_uri(cfg))
     (experiment,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]
@@ -72,20 +87,23 @@ def test_mining_metrics_are_its_report(tracked):
 
 
 def test_training_steps_logged_from_rank_0_equal_metrics_jsonl(tracked):
-    """The killed attempt and the resumed one in one nested run: every row of metrics.jsonl (the steps
-    the killed attempt logged past its checkpoint appear twice, as they do in the file)."""
+    """The killed attempt, the resumed one and the longer rerun in one nested run: every row of
+    metrics.jsonl (the steps the killed attempt logged past its checkpoint appear twice, as they do in
+    the file). Its parameters are those it was opened with, the changed ones also as `latest.` tags."""
     out, _, summary, _, client, runs = tracked
     run = _stage(runs, "train_embed")
     rows = [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
     steps = [r["step"] for r in rows]
-    assert sorted(set(steps)) == list(range(1, STEPS + 1)) and steps.count(1) == 1
+    assert sorted(set(steps)) == list(range(1, LONGER + 1)) and steps.count(1) == 1
+    assert steps.count(STEPS + 1) == 1  # the longer rerun went on from the end of the budget before
     resumed = json.loads((out / "train_embed/final_rank0.json").read_text())["resumed_from"]
-    assert resumed >= EVERY  # the second part started from the first part's checkpoint
+    assert resumed == STEPS
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.tags["latest.train.steps"] == str(LONGER)
     for name in ("loss", "p@1", "lr", "samples_per_s"):
         history = client.get_metric_history(run.info.run_id, metric_name(name))
         assert sorted((m.step, m.value) for m in history) == sorted((r["step"], r[name]) for r in rows), name
     assert json.loads((out / "train_embed/_RUN.json").read_text())["mlflow_run_id"] == run.info.run_id
-    assert run.data.params["checkpoint"] == summary["checkpoint"]
+    assert run.data.tags["latest.checkpoint"] == summary["checkpoint"] != run.data.params["checkpoint"]
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
@@ -131,3 +149,19 @@ def test_mining_without_an_image_root_logs_the_inspector_page(mined_run, world, 
     assert "data:image/jpeg;base64," in with_images and "data:image/jpeg;base64," not in page
     images = with_images.count('<img class="thumb"') + with_images.count("image not found")
     assert page.count("image not found") == images
+
+
+def test_a_continued_run_keeps_its_first_parameters(tmp_path):
+    """start_stage(resume=) reopens a finished run of the same stage only; end_stage adds the parameters
+    it lacks and sets each changed one as a `latest.` tag (MLflow refuses to change a parameter)."""
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    run_id = start_stage(cfg, "train_embed")
+    end_stage(cfg, run_id, params={"train": {"steps": 8}, "checkpoint": "a"})
+    assert start_stage(cfg, "train_embed", resume=run_id) == run_id
+    end_stage(cfg, run_id, params={"train": {"steps": 10, "lr": 0.1}, "checkpoint": "b"}, metrics={"x": 1.0})
+    run = MlflowClient(store_uri(cfg)).get_run(run_id)
+    assert run.data.params == {"train.steps": "8", "checkpoint": "a", "train.lr": "0.1"}
+    assert run.data.tags["latest.train.steps"] == "10" and run.data.tags["latest.checkpoint"] == "b"
+    assert run.info.status == "FINISHED" and run.data.metrics == {"x": 1.0}
+    assert start_stage(cfg, "train_rerank", resume=run_id) not in (None, run_id)  # another stage's run
+    assert start_stage(cfg, "train_embed", resume="0" * 32) not in (None, "0" * 32)  # not in the store

@@ -145,7 +145,11 @@ def end_stage(
 ) -> None:
     """Log `params` (flattened), `metrics` and the existing `artifacts` files into the stage's run and
     close it. No-op when `run_id` is None or tracking is off, and for a run closed before: a finished
-    training found again and skipped hands back the run its stage logged then, which stays as it was."""
+    training found again and skipped hands back the run its stage logged then, which stays as it was.
+
+    MLflow's parameters cannot change: a continued run (`start_stage(resume=...)`) that logged them
+    before keeps their first values, and each value that differs now (a larger step budget, a later
+    checkpoint) is set as the tag `latest.<key>`."""
     if run_id is None or not cfg.tracking.enabled:
         return
     from mlflow.entities import Metric, Param
@@ -153,14 +157,20 @@ def end_stage(
 
     client = _client(cfg)
     try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
+        run = client.get_run(run_id)
     except MlflowException:  # not in this store (tracking.uri changed since): nothing to close here
         return
+    if run.info.status != "RUNNING":
+        return
     now = int(time.time() * 1000)
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
-    for i in range(0, len(flat), BATCH):
-        client.log_batch(run_id, params=flat[i : i + BATCH])
+    flat = {k: str(v)[:6000] for k, v in flatten(params or {}).items()}
+    logged = run.data.params
+    new = [Param(k, v) for k, v in flat.items() if k not in logged]
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i : i + BATCH])
+    for k, v in flat.items():
+        if k in logged and logged[k] != v:
+            client.set_tag(run_id, f"latest.{k}", v)
     points = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i : i + 1000])
