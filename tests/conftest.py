@@ -92,12 +92,10 @@ def local_ray():
 
 
 @contextlib.contextmanager
-def kill_when(
-    ready: Callable[[], Any], pattern: str, *, interval: float = 0.1, own: bool = False
-) -> Iterator[list[Any]]:
+def kill_when(ready: Callable[[], Any], pattern: str, *, interval: float = 0.1) -> Iterator[list[Any]]:
     """SIGKILL the processes whose command line matches `pattern` (`pgrep -f`) once `ready()` says so,
-    while the with-block runs. With `own`, only this process's descendants (the workers of the local Ray
-    it started), never another test session's on the same machine.
+    while the with-block runs. Only this process's descendants (the workers of the local Ray it started)
+    are killed, never another session's on the same machine.
 
     A background thread calls `ready()` every `interval` seconds. When it returns a truthy value, every
     matching process (never this one) gets SIGKILL; if there was at least one, that value is appended
@@ -115,9 +113,9 @@ def kill_when(
             value = ready()
             if value:
                 out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-                pids = {int(p) for p in out.split()} - {os.getpid()}
-                if own:
-                    pids &= {p.pid for p in psutil.Process().children(recursive=True)}
+                pids = {int(p) for p in out.split()} & {
+                    p.pid for p in psutil.Process().children(recursive=True)
+                }
                 hit = False
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile

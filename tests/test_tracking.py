@@ -41,7 +41,7 @@ def tracked(tmp_path_factory, local_ray):
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", overrides + more + ["eval.suites=[mmeb]"])
     # killed once a checkpoint is registered, then rerun with the same settings: it resumes
     checkpointed = lambda: registered_step(out / "ray_train/train_embed") >= EVERY  # noqa: E731
-    with kill_when(checkpointed, "RayTrainWorker", own=True) as killed, pytest.raises(TrainingFailedError):
+    with kill_when(checkpointed, "RayTrainWorker") as killed, pytest.raises(TrainingFailedError):
         train(cfg, "embed")
     assert killed, "no worker was killed"
     summary = train(cfg, "embed")
