@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ import pytest
 
 from unime_ray.data.synthetic import make_world
 from unime_ray.models.tiny import make_tiny
+from unime_ray.ray_utils import free_port  # noqa: F401 (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -148,13 +148,6 @@ def registered_step(run_dir: Path) -> int:
         return 0
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     return latest.get("metrics", {}).get("step", 0)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (tests bind every server to loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ the browser tests skip, saying why; under CI (CI=true) they fail instead, since 
 import base64
 import io
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -25,12 +24,19 @@ from ray import serve
 from unime_ray.config import Config, ModelConfig
 from unime_ray.inspector import build_report, collect
 from unime_ray.models.embedder import Embedder
-from unime_ray.serve.app import IMAGE_SIDE, build_app
+from unime_ray.serve.app import IMAGE_SIDE, build_app, inspector_override
+from unime_ray.serve.browser import (
+    BrowserUnavailable,
+    chromium,
+    open_search,
+    run_search,
+    wait,
+    wait_for_thumbnails,
+)
 from unime_ray.serve.corpus import read_corpus
 from unime_ray.serve.index import CorpusIndex, create_index, index_dir, model_identity
 
 KEY_ENV, KEY = "UNIME_WEB_TEST_KEY", "web-key-456"
-WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +138,12 @@ def test_pages_are_public_and_hold_no_data_the_report_needs_the_key(web_app, min
     assert response.text == build_report(mined_run, world / "images")  # the page `unime-ray inspect` writes
 
 
+def test_a_run_that_mined_is_served_with_its_inspector(mined_run, tmp_path):
+    """`unime-ray serve --run RUN_DIR` serves RUN_DIR's inspector at /inspect when the run mined."""
+    assert inspector_override(mined_run) == [f"serve.inspect_run={mined_run}"]
+    assert inspector_override(tmp_path) == []  # no mining run there: no /inspect, no error
+
+
 # ---- in the browser -----------------------------------------------------------------------------------
 
 
@@ -144,80 +156,20 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _unavailable("selenium is not installed (it is in the dev extra: pip install -e '.[dev]')")
-    chromium = next((p for p in map(shutil.which, ["chromium", "chromium-browser"]) if p), None)
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        _unavailable(
-            "no chromium or chromedriver on PATH (scripts/install.sh installs Debian's chromium and "
-            "chromium-driver with apt when run as root)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in [
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root, where chromium's sandbox refuses to start
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1400",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-        # Browser traffic stays on 127.0.0.1: every other host name fails to resolve, and the browser's
-        # own background services (updates, sync, safe browsing) are off.
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--no-first-run",
-    ]:
-        options.add_argument(arg)
-    # The driver's path is given, so selenium never looks for (or downloads) one.
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    driver.set_page_load_timeout(WAIT_S)
+        driver = chromium(tmp_path_factory.mktemp("chromium"))
+    except BrowserUnavailable as e:
+        _unavailable(str(e))
     yield driver
     driver.quit()
 
 
-def _wait(driver, condition, what):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: condition(d), message=what)
-
-
 def _open_search(driver, url, key=KEY):
-    driver.get(url + "/")
-    _wait(driver, lambda d: d.execute_script("return document.body.dataset.state") == "idle", "page ready")
-    field = driver.find_element("id", "key")
-    field.clear()
-    if key:
-        field.send_keys(key)
-
-
-def _completed(driver) -> int:
-    return int(driver.execute_script("return document.body.dataset.completed || '0'"))
-
-
-def _run(driver, action) -> str:
-    """Do `action` (which starts a search), wait for that search to finish; its state: done or error."""
-    before = _completed(driver)
-    action()
-    _wait(driver, lambda d: _completed(d) > before, "the search to finish")
-    return driver.execute_script("return document.body.dataset.state")
+    open_search(driver, url, key)
 
 
 def _rendered(driver) -> list[dict]:
     """Each rendered result: id, the cosine shown, the cosine rank shown (reranked), its thumbnail."""
-    _wait(
-        driver,
-        lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#results img.thumb')]"
-            ".every(i => (i.complete && i.naturalWidth > 0) || i.dataset.failed)"
-        ),
-        "thumbnails to load",
-    )
+    wait_for_thumbnails(driver)
     return driver.execute_script(
         """return [...document.querySelectorAll('#results li.hit')].map(li => ({
             id: li.dataset.id,
@@ -248,7 +200,7 @@ def test_text_query_renders_the_api_results(browser, web_app, tmp_path):
     topk = browser.find_element("id", "topk")
     topk.clear()
     topk.send_keys("8")
-    assert _run(browser, lambda: browser.find_element("id", "go").click()) == "done"
+    assert run_search(browser, lambda: browser.find_element("id", "go").click()) == "done"
     rows = _rendered(browser)
     api = search(url, {"text": "a red circle on the left"}, 8)
     assert len(rows) == 8
@@ -261,11 +213,11 @@ def test_without_the_key_the_page_gets_nothing(browser, web_app, tmp_path):
     _, url = web_app
     _open_search(browser, url, key="")
     browser.find_element("id", "text").send_keys("a red circle on the left")
-    assert _run(browser, lambda: browser.find_element("id", "go").click()) == "error"
+    assert run_search(browser, lambda: browser.find_element("id", "go").click()) == "error"
     assert browser.find_elements("css selector", "#results li") == []
     assert "401" in browser.find_element("id", "status").text
     browser.find_element("id", "key").send_keys("not-the-key")
-    assert _run(browser, lambda: browser.find_element("id", "go").click()) == "error"
+    assert run_search(browser, lambda: browser.find_element("id", "go").click()) == "error"
     assert browser.find_elements("css selector", "#results li") == []
     browser.save_screenshot(str(tmp_path / "search-no-key.png"))
 
@@ -275,9 +227,9 @@ def test_image_upload_renders_the_api_results(browser, web_app, world, tmp_path)
     image = world / "images" / "eval" / "00003.png"
     _open_search(browser, url)
     browser.find_element("id", "image").send_keys(str(image))
-    _wait(browser, lambda d: d.execute_script("return document.body.dataset.image") == "ready", "image read")
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.image") == "ready", "image read")
     assert browser.find_element("id", "preview").is_displayed()
-    assert _run(browser, lambda: browser.find_element("id", "go").click()) == "done"
+    assert run_search(browser, lambda: browser.find_element("id", "go").click()) == "done"
     rows = _rendered(browser)
     data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     api = search(url, {"image": data_url}, 10)
@@ -292,13 +244,13 @@ def test_rerank_switch_shows_the_new_order(browser, web_app, tmp_path):
     query = {"text": "a blue triangle at the top"}
     _open_search(browser, url)
     browser.find_element("id", "text").send_keys(query["text"])
-    assert _run(browser, lambda: browser.find_element("id", "go").click()) == "done"
+    assert run_search(browser, lambda: browser.find_element("id", "go").click()) == "done"
     _assert_rendered(_rendered(browser), search(url, query, 10))
     cosine = [h["id"] for h in search(url, query, 10)["results"]]
     for mode in ["pointwise", "listwise"]:
         # switching the radio re-runs the search with that mode
         radio = browser.find_element("css selector", f"input[name=rerank][value={mode}]")
-        assert _run(browser, radio.click) == "done"
+        assert run_search(browser, radio.click) == "done"
         rows = _rendered(browser)
         api = search(url, query, 10, rerank=mode)
         _assert_rendered(rows, api)
@@ -318,16 +270,16 @@ def test_inspector_page_in_the_browser(browser, web_app, mined_run, tmp_path):
     _, url = web_app
     state = "return document.body.dataset.state"
     browser.get(url + "/inspect")  # loads at once, with the key the search page kept for this tab, if any
-    _wait(browser, lambda d: d.execute_script(state) in ("done", "error"), "the first load")
+    wait(browser, lambda d: d.execute_script(state) in ("done", "error"), "the first load")
     # without the key: the report is refused, nothing shown
     browser.find_element("id", "key").clear()
     browser.find_element("id", "load").click()
-    _wait(browser, lambda d: d.execute_script(state) == "error", "a 401")
+    wait(browser, lambda d: d.execute_script(state) == "error", "a 401")
     assert "401" in browser.find_element("id", "status").text
     assert browser.find_element("id", "report").get_attribute("srcdoc") == ""
     browser.find_element("id", "key").send_keys(KEY)
     browser.find_element("id", "load").click()
-    _wait(browser, lambda d: d.execute_script(state) == "done", "the report")
+    wait(browser, lambda d: d.execute_script(state) == "done", "the report")
     browser.save_screenshot(str(tmp_path / "inspect.png"))
 
     report, truth = collect(mined_run), expected_outcomes(mined_run)

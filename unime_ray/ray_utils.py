@@ -107,3 +107,12 @@ def stop_serve(timeout_s: float = 60.0) -> None:
     except ray.exceptions.RayActorError:
         pass  # the controller shut everything down, then itself
     serve.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (every server of the tests and scripts binds loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,9 @@
   report, the score plot and the inspector page as artifacts;
 - training (embedder, reranker): rank 0 logs every step's loss, P@1 / ranking figures, learning rate and
   throughput from inside Ray Train through Ray's MLflow integration (`setup_mlflow`), into the nested run
-  the driver opened; the driver then adds the learning-curve plot and the checkpoint path;
+  the driver opened; the driver then adds the learning-curve plot and the checkpoint path. A resumed
+  training (killed, then rerun; or rerun with more steps) continues the nested run it opened first, whose
+  id its `_RUN.json` records, so the run holds every step of metrics.jsonl;
 - eval: every number of results.json (each dataset's score, the averages), the tables and plots;
 - build-index: its counts.
 
@@ -94,12 +96,17 @@ def _parent(client, experiment: str, run_dir: Path) -> str:
     return client.create_run(experiment, run_name=run_dir.name, tags={TAG_RUN_DIR: key}).info.run_id
 
 
-def start_stage(cfg: Any, stage: str, start: float | None = None) -> str | None:
+def start_stage(cfg: Any, stage: str, start: float | None = None, resume: str | None = None) -> str | None:
     """Open the nested run of `stage` under the run folder's parent run; its id, None with tracking off.
-    `start` (time.time()) back-dates the run to when the stage began."""
+    `start` (time.time()) back-dates the run to when the stage began. `resume` is the id of the nested
+    run an earlier, interrupted attempt of the stage opened (the stage records it): when this store still
+    holds it, it is reopened and returned, so a resumed stage stays one run holding the metrics of every
+    part, as its own files do; otherwise a new run is opened."""
     if not cfg.tracking.enabled:
         return None
     client = _client(cfg)
+    if resume and _reopen(client, resume, stage):
+        return resume
     experiment = _experiment(client, cfg.tracking.experiment)
     parent = _parent(client, experiment, Path(cfg.run.output_dir))
     run = client.create_run(
@@ -109,6 +116,22 @@ def start_stage(cfg: Any, stage: str, start: float | None = None) -> str | None:
         tags={PARENT: parent, TAG_STAGE: stage},
     )
     return run.info.run_id
+
+
+def _reopen(client, run_id: str, stage: str) -> bool:
+    """Mark the stage's earlier run RUNNING again (a killed attempt left it RUNNING or FAILED, a finished
+    one FINISHED); False when the store has no live run of that id for `stage` (tracking.uri changed, the
+    run was deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage != "active" or run.data.tags.get(TAG_STAGE) != stage:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
 
 
 def end_stage(
@@ -122,7 +145,11 @@ def end_stage(
 ) -> None:
     """Log `params` (flattened), `metrics` and the existing `artifacts` files into the stage's run and
     close it. No-op when `run_id` is None or tracking is off, and for a run closed before: a finished
-    training found again and skipped hands back the run its stage logged then, which stays as it was."""
+    training found again and skipped hands back the run its stage logged then, which stays as it was.
+
+    MLflow's parameters cannot change: a continued run (`start_stage(resume=...)`) that logged them
+    before keeps their first values, and each value that differs now (a larger step budget, a later
+    checkpoint) is set as the tag `latest.<key>`."""
     if run_id is None or not cfg.tracking.enabled:
         return
     from mlflow.entities import Metric, Param
@@ -130,14 +157,20 @@ def end_stage(
 
     client = _client(cfg)
     try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return
+        run = client.get_run(run_id)
     except MlflowException:  # not in this store (tracking.uri changed since): nothing to close here
         return
+    if run.info.status != "RUNNING":
+        return
     now = int(time.time() * 1000)
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params or {}).items()]
-    for i in range(0, len(flat), BATCH):
-        client.log_batch(run_id, params=flat[i : i + BATCH])
+    flat = {k: str(v)[:6000] for k, v in flatten(params or {}).items()}
+    logged = run.data.params
+    new = [Param(k, v) for k, v in flat.items() if k not in logged]
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i : i + BATCH])
+    for k, v in flat.items():
+        if k in logged and logged[k] != v:
+            client.set_tag(run_id, f"latest.{k}", v)
     points = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i : i + 1000])

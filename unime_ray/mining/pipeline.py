@@ -168,18 +168,21 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
 
 def _track(cfg: Config, report: dict, started: float) -> None:
     """The mining stage in MLflow (unime_ray/tracking.py): its settings, every report count, the
-    reports, the score plot and, once sampled, the inspector page."""
+    reports, the score plot and, once sampled, the inspector page. With an empty data.image_root the
+    page is logged without thumbnails (each image named, marked "image not found"): the inspector embeds
+    only files under an image root, so that a data file cannot make it embed any file it names, and the
+    records' paths are then absolute or relative to the folder each Ray worker happens to run in."""
     if not cfg.tracking.enabled:
         return
     root = Path(cfg.run.output_dir) / "mining"
     params = {k: asdict(getattr(cfg, k)) for k in ("data", "embedder", "judge", "mining")}
     files = [root / "report.json", root / "sample" / "report.json", root / "sample" / "scores.png"]
     with tempfile.TemporaryDirectory() as tmp:
-        if "sample" in report and cfg.data.image_root:
+        if "sample" in report:
             from unime_ray.inspector import build_report
 
             page = Path(tmp) / "inspect.html"
-            page.write_text(build_report(cfg.run.output_dir, cfg.data.image_root), encoding="utf-8")
+            page.write_text(build_report(cfg.run.output_dir, cfg.data.image_root or None), encoding="utf-8")
             files.append(page)
         log_stage(cfg, "mining", started, params=params, metrics=numbers(report), artifacts=files)
 

@@ -835,6 +835,18 @@ def build_app(cfg: Config) -> Application:
     )
 
 
+def inspector_override(run_dir: str | Path) -> list[str]:
+    """`serve.inspect_run=RUN_DIR` when the run folder holds a finished mining run, else nothing: a server
+    started with `--run` shows that run's mining inspector at /inspect (a --set given after wins)."""
+    from unime_ray.inspector import mining_dir
+
+    try:
+        mining_dir(Path(run_dir) / "mining")
+    except FileNotFoundError:
+        return []
+    return [f"serve.inspect_run={run_dir}"]
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point of Serve config files (`serve deploy`): args `{config: FILE, run: RUN_DIR, overrides:
     [key=value, ...]}`, as `unime-ray serve --config FILE --run RUN_DIR --set key=value` reads them.
@@ -846,7 +858,7 @@ def app_builder(args: dict[str, Any]) -> Application:
     if unknown:
         raise ValueError(f"unknown app args {sorted(unknown)}; expected 'config', 'run' and 'overrides'")
     overrides = args.get("overrides") or []
-    run = run_overrides(args["run"]) if args.get("run") else []
+    run = run_overrides(args["run"]) + inspector_override(args["run"]) if args.get("run") else []
     return build_app(
         load_config(args.get("config"), run + ([overrides] if isinstance(overrides, str) else overrides))
     )
@@ -860,7 +872,10 @@ def main(argv: list[str] | None = None) -> None:
         description="Serve search, embed and rerank over HTTP with Ray Serve (see unime_ray/serve/app.py).",
     )
     add_config_args(p, default="jobs/configs/tiny.yaml", run=True)
-    cfg = config_from_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.run:
+        args.overrides = inspector_override(args.run) + args.overrides
+    cfg = config_from_args(args)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         # A local Ray: its Serve proxy will listen here. (On a cluster it listens on the cluster's
         # nodes, where a running Serve is updated in place.)

@@ -359,12 +359,14 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
         if done["fingerprint"] == fingerprint and Path(summary["checkpoint"]).is_dir():
             print(f"[train-{kind}] done earlier (step {summary['metrics']['step']}), skipped", flush=True)
             return summary  # its MLflow stage was logged and closed when it ran (tracking.end_stage)
-    _start_or_resume(out, name, inputs, restart)
+    kept_run_id = _start_or_resume(out, name, inputs, restart)
     metrics_path = out / name / "metrics.jsonl"
     samples = monitor_samples(cfg, kind, data)
     held_out = {r["id"] for r in samples.get("held_out", [])}
     _warn_if_no_cpu_left(tcfg, kind)
-    run_id = start_stage(cfg, name)  # rank 0 logs each step into it; the caller closes it
+    # rank 0 logs each step into it (a resumed run continues its nested run); the caller closes it
+    run_id = start_stage(cfg, name, resume=kept_run_id)
+    _record_run(out, name, inputs, run_id)
     tracking = run_id and {
         "uri": store_uri(cfg),
         "experiment": cfg.tracking.experiment,
@@ -453,13 +455,16 @@ def run_inputs(cfg: Config, kind: str, data: str) -> dict:
     }
 
 
-def _start_or_resume(out: Path, name: str, inputs: dict, restart: bool) -> None:
+def _start_or_resume(out: Path, name: str, inputs: dict, restart: bool) -> str | None:
     """Keep the run in `out/<name>` and `out/ray_train/<name>` when it was started with these inputs
     (Ray Train then resumes from its last checkpoint); else move both folders to the archive, saying why.
-    The run's inputs are recorded before training starts, so a run killed at any point resumes."""
+    The run's inputs are recorded before training starts, so a run killed at any point resumes. Returns
+    the MLflow run id the kept run recorded (`_record_run`), for its nested run to continue; None for a
+    fresh run."""
     record = out / name / "_RUN.json"
     folders = [f for f in (out / name, out / "ray_train" / name) if f.exists()]
-    old = json.loads(record.read_text())["inputs"] if record.is_file() else None
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    old = recorded.get("inputs")
     label = f"[{name.replace('_', '-')}]"
     if folders and (restart or old != inputs):
         if restart:
@@ -475,6 +480,13 @@ def _start_or_resume(out: Path, name: str, inputs: dict, restart: bool) -> None:
         for folder in folders:
             folder.rename(archive / ("ray_train" if folder.parent.name == "ray_train" else "run"))
         print(f"{label} a fresh run ({why}); the earlier run moved to {archive}", flush=True)
+        recorded = {}
     elif folders:
         print(f"{label} resuming the run in {out / name} (same data and settings)", flush=True)
-    write_json({"inputs": inputs}, record)
+    _record_run(out, name, inputs, recorded.get("mlflow_run_id"))
+    return recorded.get("mlflow_run_id")
+
+
+def _record_run(out: Path, name: str, inputs: dict, mlflow_run_id: str | None) -> None:
+    """`out/<name>/_RUN.json`: the inputs the run started with and the id of its MLflow nested run."""
+    write_json({"inputs": inputs, "mlflow_run_id": mlflow_run_id}, out / name / "_RUN.json")
