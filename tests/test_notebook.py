@@ -31,7 +31,7 @@ from unime_ray.config import load_config
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from run_notebook import execute, machine_paths  # noqa: E402 (scripts/ is no package)
+from run_notebook import LIMIT_BYTES, execute, machine_paths  # noqa: E402 (scripts/ is no package)
 
 NOTEBOOK = ROOT / "notebooks/quickstart.ipynb"
 STEPS = 2  # optimizer steps of each training in the notebook's run
@@ -82,13 +82,21 @@ def _listening() -> Iterator[tuple[set[tuple[str, int, int]], dict[int, set[str]
         thread.join()
 
 
-def test_committed_notebook_is_clean():
-    """No outputs in the repository (until scripts/run_notebook.py's are committed), and one parameters
-    cell that sets what the test replaces."""
+def test_committed_notebook_shows_its_outputs():
+    """Committed executed (scripts/run_notebook.py), so a reader on a code host sees its tables and plots:
+    every code cell ran in order, none failed, the four plots and the result table are there, no output
+    names a path of the machine that ran it, and it stays small. One parameters cell sets what the test
+    replaces (the test executes it from scratch, its stored outputs cleared)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert any("text/markdown" in o.get("data", {}) for o in outputs)
+    assert machine_paths(nb) == []
+    assert NOTEBOOK.stat().st_size < LIMIT_BYTES
     (params,) = _tagged(nb, "parameters")
     assert params is code[0]
     assigned = [t.id for node in ast.parse(params.source).body for t in node.targets]
