@@ -102,7 +102,7 @@ def train_and_eval(out: Path, world: Path, hard: Path, variant: str, seed: int, 
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """Per variant and dataset: mean and population spread (max - min) of P@1 over the seeds."""
+    """Per variant and dataset: mean and spread (max - min) of P@1 over the seeds."""
     table: dict[str, dict] = {}
     for variant, by_seed in runs.items():
         datasets = next(iter(by_seed.values()))["p@1"]
