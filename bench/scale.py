@@ -174,8 +174,65 @@ def _helper(args: list[str], log) -> dict:
     return {**result, "bytes": _dir_bytes(out) if out.is_dir() else out.stat().st_size}
 
 
-def job(run: Path, data: Path, dim: int, seed: int, progress: Path) -> None:
-    """The driver: the real pipeline, stage by stage, each bracketed by progress events."""
+def recall_at_top_n(mining: Path, embeddings: Path, cfg, n: int, seed: int) -> dict:
+    """How much of exact search an approximate retrieve stage kept: for `n` queries drawn at random
+    (seeded), the share of their exact top_n candidates (the same `retrieve_candidates`, index="exact",
+    over the query's whole dataset pool) that the stage's output holds. Mean over the queries, and the
+    lowest mean of a dataset."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from unime_ray.mining.retrieve import _matrix, _positives, retrieve_candidates
+
+    queries = pq.read_table(mining / "ingest" / "queries.parquet", columns=["id", "dataset", "pos_id"])
+    pick = np.random.default_rng(seed).choice(queries.num_rows, size=min(n, queries.num_rows), replace=False)
+    drawn = queries.take(np.sort(pick))
+    source = pads.dataset(str(embeddings), format="parquet")
+    per_query: list[float] = []
+    per_dataset: dict[str, float] = {}
+    for name in sorted(pc.unique(drawn["dataset"]).to_pylist()):
+        mine = drawn.filter(pc.equal(drawn["dataset"], name))
+        rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == name)
+        pool = rows.filter(pc.equal(rows["kind"], "candidate"))
+        asked = rows.filter(
+            pc.and_(pc.equal(rows["kind"], "query"), pc.is_in(rows["id"], value_set=mine["id"]))
+        )
+        exact = retrieve_candidates(
+            asked["id"].to_numpy(),
+            _matrix(asked, name, None),
+            _positives(asked["id"], mine, name),
+            pool["id"].to_numpy(),
+            _matrix(pool, name, None),
+            top_n=cfg.mining.top_n,
+            delta=cfg.mining.delta,
+            dataset=name,
+        )
+        found = pq.read_table(
+            mining / "retrieve" / f"{name}.parquet",
+            columns=["query_id", "cand_id"],
+            filters=[("query_id", "in", mine["id"].to_pylist())],
+        )
+        kept = set(zip(found["query_id"].to_pylist(), found["cand_id"].to_pylist(), strict=True))
+        wanted: dict[str, list[str]] = {}
+        for q, c in zip(exact["query_id"].to_pylist(), exact["cand_id"].to_pylist(), strict=True):
+            wanted.setdefault(q, []).append(c)
+        shares = [sum((q, c) in kept for c in cs) / len(cs) for q, cs in wanted.items()]
+        per_query += shares
+        per_dataset[name] = round(float(np.mean(shares)), 4)
+    return {
+        "recall": round(float(np.mean(per_query)), 4),
+        "recall_queries": len(per_query),
+        "recall_lowest_dataset": min(per_dataset.items(), key=lambda kv: kv[1]),
+    }
+
+
+def job(
+    run: Path, data: Path, dim: int, seed: int, progress: Path, sets: list[str], until: str, recall_n: int
+) -> None:
+    """The driver: the real pipeline, stage by stage, each bracketed by progress events; `sets` are
+    extra config overrides (e.g. an approximate index), `until` the last stage to run."""
     import unime_ray
     from unime_ray.config import Config, load_config
     from unime_ray.mining.pipeline import STAGES, fingerprints, run_mining
@@ -195,6 +252,7 @@ def job(run: Path, data: Path, dim: int, seed: int, progress: Path) -> None:
         "mining.top_n=50",
         "judge.backend=precomputed",
         f"judge.scores_path={inputs / 'scores.parquet'}",
+        *sets,
     ]
     if not old:
         overrides += [
@@ -286,6 +344,11 @@ def job(run: Path, data: Path, dim: int, seed: int, progress: Path) -> None:
                 return figures
 
             measured(stage, one, harness_written=(old and stage == "embed"))
+            if stage == "retrieve" and cfg.mining.index != "exact" and recall_n:
+                embeddings = mining / "embed" / "results"
+                measured("recall", lambda e=embeddings: recall_at_top_n(mining, e, cfg, recall_n, seed))
+            if stage == until:
+                break
 
         def read_epoch() -> dict:
             ds = train_dataset(str(mining / "sample" / "hard_negatives.parquet"), cfg.run.seed)
@@ -297,7 +360,8 @@ def job(run: Path, data: Path, dim: int, seed: int, progress: Path) -> None:
                 rows += batch.num_rows
             return {"rows": rows, "bytes": _dir_bytes(mining / "sample" / "hard_negatives.parquet")}
 
-        measured("train_read", read_epoch)
+        if until == "sample":
+            measured("train_read", read_epoch)
         _emit(progress, "end")
     except Exception as error:
         _emit(progress, "error", phase=state["phase"], error=f"{type(error).__name__}: {error}"[:2000])
@@ -344,7 +408,7 @@ def _git_commit(path: Path) -> str:
     return done.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
-ROW_KEYS = ("queries", "pool", "candidates", "rows", "queries_out", "fallback")
+ROW_KEYS = ("queries", "pool", "candidates", "rows", "queries_out", "fallback", "recall")
 
 
 def _line(phase: str, f: dict) -> str:
@@ -407,6 +471,8 @@ def harness(args: argparse.Namespace) -> dict:
     log = (run / "job.log").open("w")
     cmd = [sys.executable, str(Path(__file__).resolve()), "job", "--run", str(run), "--data", str(data_dir)]
     cmd += ["--dim", str(args.dim), "--seed", str(args.seed), "--progress", str(progress)]
+    cmd += ["--until", args.until, "--recall-queries", str(args.recall_queries)]
+    cmd += [f"--set={kv}" for kv in args.set]
     # cwd = the code's own tree: Ray ships the driver's sys.path / cwd to its workers.
     proc = subprocess.Popen(cmd, cwd=code, stdout=log, stderr=subprocess.STDOUT)
     print(f"[scale] job pid {proc.pid}, code {code}, log {run / 'job.log'}", flush=True)
@@ -420,6 +486,7 @@ def harness(args: argparse.Namespace) -> dict:
         "code": {"path": str(code), "commit": _git_commit(code)},
         "data": {"rows": args.n, "datasets": len(data["datasets"]), "bytes": data["bytes"]},
         "limits": {"max_rss_gb": args.max_rss_gb, "timeout_min": args.timeout_min},
+        "settings": {"set": args.set, "until": args.until},
         "stages": {},
         "status": "running",
     }
@@ -504,8 +571,11 @@ def main() -> None:
             p.add_argument(name, type=Path, required=True)
         p.add_argument("--dim", type=int, required=True)
         p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--until", required=True)
+        p.add_argument("--recall-queries", type=int, required=True)
+        p.add_argument("--set", action="append", default=[])
         a = p.parse_args()
-        job(a.run, a.data, a.dim, a.seed, a.progress)
+        job(a.run, a.data, a.dim, a.seed, a.progress, a.set, a.until, a.recall_queries)
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20000, help="MMEB-train pairs (662000 = the paper's size)")
@@ -516,6 +586,25 @@ def main() -> None:
     p.add_argument("--max-rss-gb", type=float, default=20.0, help="kill the job above this summed RSS")
     p.add_argument("--timeout-min", type=float, default=0, help="kill the job after this long (0 = never)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the job, e.g. mining.index=ivf (repeatable)",
+    )
+    p.add_argument(
+        "--until",
+        default="sample",
+        choices=["ingest", "embed", "retrieve", "judge", "sample"],
+        help="the last stage to run (the training read runs only after sample)",
+    )
+    p.add_argument(
+        "--recall-queries",
+        type=int,
+        default=2000,
+        help="with an approximate index: queries whose top_n is checked against exact search (0 = none)",
+    )
     args = p.parse_args()
     args.out = args.out.resolve()
     record = harness(args)
