@@ -20,7 +20,13 @@ from planted import planted_embeddings
 
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import load_config
-from unime_ray.data.schemas import USER_EMBEDDINGS, USER_SCORES, DataError, check_parquet_types
+from unime_ray.data.schemas import (
+    JUDGE_SCORES,
+    USER_EMBEDDINGS,
+    USER_SCORES,
+    DataError,
+    check_parquet_types,
+)
 from unime_ray.data.synthetic import make_world, write_oracle_scores
 from unime_ray.mining.embed import import_embeddings
 from unime_ray.mining.judge import attach_precomputed
@@ -68,6 +74,9 @@ def test_precomputed_mining_equals_the_code_before_the_scale_out(local_ray, inge
     report = run_mining(cfg)
     candidates = sum(pq.read_metadata(f).num_rows for f in (out / "mining/retrieve").glob("*.parquet"))
     assert report["judge"]["rows"] == 192 + candidates and report["judge"]["user_rows_unused"] == 0
+    # bring-your-own scores are joined on ids: the request shards carry no texts
+    requests = {tuple(pq.read_schema(f).names) for f in (out / "mining/judge/requests").glob("*.parquet")}
+    assert requests == {tuple(n for n in JUDGE_SCORES.names if n != "score")}
     got, want = pq.read_table(out / "mining/sample/hard_negatives.parquet"), pq.read_table(FIXTURE)
     assert got.schema.equals(want.schema)
     assert got.to_pylist() == want.to_pylist()

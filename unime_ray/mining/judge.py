@@ -139,33 +139,53 @@ def _with_texts(ids: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
     return pa.table(columns, schema=JUDGE_REQUESTS)
 
 
+def _with_dataset(ids: pa.Table, queries: pa.Table) -> pa.Table:
+    """The id columns with the query's dataset: all a bring-your-own score is joined on (the JUDGE_SCORES
+    columns but the score). Only a model judge reads the texts, and writing them is most of the bytes."""
+    q = queries.take(_lookup(queries, ids["query_id"], "query"))
+    columns = {name: q["dataset"] if name == "dataset" else ids[name] for name in JUDGE_SCORES.names[:-1]}
+    return pa.table(columns, schema=pa.schema(list(JUDGE_SCORES)[:-1]))
+
+
 def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
     """CANDIDATES rows -> JUDGE_REQUESTS rows, ordered by query id, each query's positive first."""
     return _with_texts(_request_ids(candidates, queries), queries, pool)
 
 
-def _dataset_requests(candidates: Path, queries: str, pool: str, out_dir: Path, per_shard: int) -> list[Path]:
+def _dataset_requests(
+    candidates: Path, queries: str, pool: str, out_dir: Path, per_shard: int, texts: bool
+) -> list[Path]:
     """One Ray task of `write_requests`: the request shards of one candidates file. Only that dataset's
-    queries and pool are read, and the texts are joined one shard at a time."""
+    queries and pool are read, and the texts (or, without `texts`, the datasets) are joined one shard at
+    a time."""
     cands = pq.read_table(candidates)
     names = pc.unique(cands["dataset"]).to_pylist()
-    columns = ["id", "dataset", "text", "image"]
+    columns = ["id", "dataset", "text", "image"] if texts else ["id", "dataset"]
     q = pq.read_table(queries, columns=[*columns, "pos_id"], filters=[("dataset", "in", names)])
-    p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)])
     ids = _request_ids(cands, q)
     del cands
-    return write_request_shards(
-        ids, out_dir, per_shard, prefix=candidates.stem, group="query_id", fill=lambda t: _with_texts(t, q, p)
-    )
+    if texts:
+        p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)])
+        fill = lambda t: _with_texts(t, q, p)  # noqa: E731
+    else:
+        fill = lambda t: _with_dataset(t, q)  # noqa: E731
+    return write_request_shards(ids, out_dir, per_shard, prefix=candidates.stem, group="query_id", fill=fill)
 
 
 def write_requests(
-    candidate_files: list[Path], queries: str | Path, pool: str | Path, out_dir: Path, cfg: MiningConfig
+    candidate_files: list[Path],
+    queries: str | Path,
+    pool: str | Path,
+    out_dir: Path,
+    cfg: MiningConfig,
+    texts: bool = True,
 ) -> list[Path]:
     """The request shards of every candidates file (one Ray task per file, i.e. per dataset), each
-    shard `judge_shard_queries` whole queries; `queries` and `pool` are the QUERIES and POOL files."""
+    shard `judge_shard_queries` whole queries; `queries` and `pool` are the QUERIES and POOL files.
+    Without `texts` the shards hold the JUDGE_SCORES columns but the score (what bring-your-own scores
+    are joined on), not JUDGE_REQUESTS."""
     files = sorted(candidate_files)
-    todo = [(path, str(queries), str(pool), out_dir, cfg.judge_shard_queries) for path in files]
+    todo = [(path, str(queries), str(pool), out_dir, cfg.judge_shard_queries, texts) for path in files]
     shards: list[list[Path]] = [[] for _ in files]
     for i, paths, _ in run_tasks(_dataset_requests, todo):
         shards[i] = paths

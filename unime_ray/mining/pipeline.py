@@ -146,8 +146,11 @@ def run_mining(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
 
     def judge(d: Path) -> dict:
         candidates = files("retrieve")
+        # bring-your-own scores are joined on ids: their requests carry no texts (a backend change
+        # redoes the whole stage, so a model judge never finds these)
+        texts = cfg.judge.backend != "precomputed"
         requests = requests_once(
-            d / "requests", lambda r: write_requests(candidates, queries, pool, r, cfg.mining)
+            d / "requests", lambda r: write_requests(candidates, queries, pool, r, cfg.mining, texts)
         )
         return run_judge(requests, d / "results", cfg.judge, image_root, cfg.mining)
 
