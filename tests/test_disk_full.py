@@ -2,12 +2,14 @@
 CI; skipped with the reason elsewhere). A write that meets ENOSPC leaves nothing under the file's name
 and says the file, the bytes it needed and the bytes free; a mining job that fills its disk mid-stage
 stops with that one line, keeps only whole files, and once space is freed resumes to outputs identical,
-byte for byte, to those of a run that never met the full disk."""
+byte for byte, to those of a run that never met the full disk; a training whose checkpoint fills it
+stops with one line too, and its rerun never starts from the partial checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import re
@@ -27,6 +29,7 @@ from planted import planted_embeddings
 from unime_ray.assets import synthetic_overrides
 from unime_ray.config import Config, load_config
 from unime_ray.data.synthetic import make_world, write_oracle_scores
+from unime_ray.demo import mine_with_oracle
 from unime_ray.io import DiskFullError, atomic_path, disk_full, file_sha256, write_parquet, write_text
 from unime_ray.mining import pipeline
 
@@ -183,3 +186,52 @@ def test_mining_that_fills_its_disk_stops_in_one_line_and_resumes_to_the_clean_o
         pipeline.main(argv)
         assert "[mine] retrieve: done earlier, skipped" in capfd.readouterr().out
         assert _stage_files(disk / "run") == _stage_files(clean)
+
+
+def test_training_that_fills_its_disk_stops_in_one_line_and_reruns_without_the_partial_checkpoint(
+    local_ray, tmp_path
+):
+    """The embedder's training on a tmpfs left with 200 KB: Ray Train's copy of the first checkpoint
+    meets the full disk inside a worker. The command stops with one line naming the run folder; the
+    partial checkpoint folder left was never registered, so once space is freed the rerun starts from
+    step 0 (not from it) and finishes with a whole checkpoint."""
+    clean = tmp_path / "clean"
+    overrides = mine_with_oracle(ROOT / "jobs/configs/tiny.yaml", clean)
+    hard = clean / "mining/sample/hard_negatives.parquet"
+    with small_disk(tmp_path / "fs", "8m") as disk:
+        run = disk / "run"
+        settings = [o for o in overrides if not o.startswith("run.output_dir=")] + [
+            f"run.output_dir={run}",
+            f"train.data_path={hard}",
+            "train.steps=4",
+            "train.checkpoint_every=2",
+            "train.max_failures=0",  # Ray Train would retry the full disk (and leave a folder) per attempt
+        ]
+        argv = ["train-embed", "--config", str(ROOT / "jobs/configs/tiny.yaml")]
+        argv += [x for s in settings for x in ("--set", s)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address,
+        }
+        ballast = fill(disk, 200 * 1024)
+        job = subprocess.run(
+            [sys.executable, "-m", "unime_ray.cli", *argv], capture_output=True, text=True, env=env
+        )
+        assert job.returncode == 1, job.stdout + job.stderr
+        message = job.stderr.strip()
+        assert message.startswith(f"[train-embed] stopped: {run}: no space left on the device ("), job.stderr
+        assert "\n" not in message and "No space left on device)" in message  # the one line that matters
+        partials = sorted(str(p) for p in (run / "ray_train/train_embed").glob("checkpoint_*"))
+        assert partials
+
+        ballast.unlink()
+        job = subprocess.run(
+            [sys.executable, "-m", "unime_ray.cli", *argv], capture_output=True, text=True, env=env
+        )
+        assert job.returncode == 0, job.stdout + job.stderr
+        final = json.loads((run / "train_embed/final_rank0.json").read_text())
+        assert (final["step"], final["resumed_from"]) == (4, 0)
+        summary = json.loads(job.stdout.strip().splitlines()[-1])
+        assert not any(summary["weights"].startswith(p) for p in partials)
+        assert (Path(summary["weights"]) / "adapter_model.safetensors").is_file()

@@ -87,6 +87,13 @@ def _is_enospc(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
+def _enospc_line(e: BaseException) -> str:
+    """The one line of an error's text that says the device is full: an error gathered from elsewhere
+    (Ray Train's worker failures) carries whole tracebacks, the console gets the line that matters."""
+    lines = [line.strip() for line in str(e).splitlines() if "No space left on device" in line]
+    return lines[-1] if lines else str(e)
+
+
 def _full_error(path: Path, written: int, needs: str) -> DiskFullError:
     """The DiskFullError of a write of `path` that failed after `written` bytes reached its temporary
     file: the bytes needed (the caller's `needs`, else at least `written`) and the bytes free now."""
@@ -96,11 +103,11 @@ def _full_error(path: Path, written: int, needs: str) -> DiskFullError:
     )
 
 
-def _free(path: Path) -> str:
-    """What to say of the free space where `path` is, and what to do."""
+def _free(path: Path, partial: str = "Nothing partial was kept") -> str:
+    """What to say of the free space where `path` is, of what the write left, and what to do."""
     folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
     return (
-        f", {shutil.disk_usage(folder).free:,} bytes are free there. Nothing partial was kept: "
+        f", {shutil.disk_usage(folder).free:,} bytes are free there. {partial}: "
         "free space and rerun the same command; finished work is not redone"
     )
 
@@ -128,8 +135,13 @@ def disk_full(e: BaseException, where: str | Path) -> DiskFullError | None:
     if raw is None:
         return None
     path = Path(getattr(raw, "filename", None) or where)
-    said = getattr(raw, "strerror", None) or raw
-    message = f"{path}: no space left on the device ({said}); the bytes it needed are not known{_free(path)}"
+    said = getattr(raw, "strerror", None) or _enospc_line(raw)
+    # A write outside `atomic_path` (e.g. Ray Train copying a checkpoint) may leave a partial file or
+    # folder; the stages never take one as finished (a checkpoint counts once Ray Train registered it).
+    left = "A partial file it left is never taken as finished"
+    message = (
+        f"{path}: no space left on the device ({said}); the bytes it needed are not known{_free(path, left)}"
+    )
     return DiskFullError(message, str(path))
 
 
