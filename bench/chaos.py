@@ -279,7 +279,23 @@ def _same_files(a: Path, b: Path, pattern: str, drop: tuple[str, ...] = ()) -> b
     fa, fb = sorted(a.glob(pattern)), sorted(b.glob(pattern))
     if [f.name for f in fa] != [f.name for f in fb] or not fa:
         return False
-    return all(_table([x], drop).equals(_table([y], drop)) for x, y in zip(fa, fb, strict=True))
+    return all(_equal(_table([x], drop), _table([y], drop)) for x, y in zip(fa, fb, strict=True))
+
+
+def _equal(x: pa.Table, y: pa.Table) -> bool:
+    """Equal tables, where a NaN equals a NaN: Arrow's `equals` says NaN != NaN, and the judge requests of
+    positives carry a NaN `sim` (they were not retrieved), so it would call any two runs different."""
+    if x.schema != y.schema or x.num_rows != y.num_rows:
+        return False
+    for cx, cy in zip(x.columns, y.columns, strict=True):
+        if not pa.types.is_floating(cx.type):
+            if not cx.equals(cy):
+                return False
+        elif not cx.is_null().equals(cy.is_null()) or not np.array_equal(
+            cx.to_numpy(zero_copy_only=False), cy.to_numpy(zero_copy_only=False), equal_nan=True
+        ):
+            return False
+    return True
 
 
 # Report entries that say how a run went (time, work done in this attempt), not what it produced.
@@ -310,14 +326,17 @@ def exactly_once(run: Path) -> bool:
     return unique == got.num_rows == req.num_rows and same
 
 
+def _report(run: Path, stage: str) -> dict:
+    """A mining stage's report as `counts` has it, its run folder written as "<run>" (the sample report
+    lists the score files it read by path)."""
+    text = (run / "mining" / stage / "_SUCCESS.json").read_text().replace(str(run), "<run>")
+    return counts(json.loads(text)["report"])
+
+
 def compare_mining(a: Path, b: Path) -> dict:
     m, n = a / "mining", b / "mining"
-    reports = {
-        s: counts(json.loads((m / s / "_SUCCESS.json").read_text())["report"])
-        == counts(json.loads((n / s / "_SUCCESS.json").read_text())["report"])
-        for s in ("ingest", "embed", "retrieve", "judge", "sample")
-    }
-    hn = ("hard_negatives.parquet", "hard_negatives.json", "report.json")
+    reports = {s: _report(a, s) == _report(b, s) for s in ("ingest", "embed", "retrieve", "judge", "sample")}
+    hn = ("hard_negatives.parquet", "hard_negatives.json")  # report.json names its run's files: above
     return {
         "embeddings": _same_files(m / "embed", n / "embed", "results/*.parquet"),
         "candidates": _same_files(m / "retrieve", n / "retrieve", "*.parquet"),
