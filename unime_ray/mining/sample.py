@@ -43,7 +43,8 @@ with another beta, interval or count costs seconds, not another judge run. It wr
 - `scores.png` — histograms of those three score populations.
 
 Score files are read one at a time (a query's rows never span files; if they do, it is an error), so
-memory holds one file plus, for the whole run, only row indices and float scores.
+a task's memory holds one file plus its datasets' row indices and scores; the report's score populations
+reach the driver as files, summarised one at a time (`score_stats.py`).
 """
 
 from __future__ import annotations
@@ -60,8 +61,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
@@ -77,6 +76,7 @@ from unime_ray.io import (
     write_parquet,
 )
 from unime_ray.keyed import key_rng as query_rng  # one query's fallback draw
+from unime_ray.mining.score_stats import POPULATIONS, plot_scores, save_scores, score_stats
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
 
@@ -251,13 +251,7 @@ def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[pa.Table]]:
     return table.append_column("pool_row", pool_row).filter(keep).sort_by("query_id"), problems
 
 
-REPORT_ARRAYS = (
-    "pos_score",
-    "candidate_score",
-    "neg_score",
-    "num_survivors",
-    "fallback",
-)  # per task, for the report
+REPORT_ARRAYS = ("num_survivors", "fallback")  # per task, for the report; the scores go to files
 
 
 class _Collector:
@@ -326,12 +320,6 @@ def _hard_negatives_table(
     return pa.table(columns, schema=HARD_NEGATIVES).sort_by("id")
 
 
-def _stats(values: np.ndarray) -> dict:
-    if len(values) == 0:
-        return {"count": 0, "mean": None, "median": None}
-    return {"count": len(values), "mean": float(np.mean(values)), "median": float(np.median(values))}
-
-
 def _json_floats(values: pa.Array) -> list[float]:
     """Each float32 value as the float of its shortest decimal (0.9, not 0.8999999761581421), as
     `float(str(np.float32(v)))` gives it: Arrow formats a float32 with its shortest round-trip digits and
@@ -383,44 +371,6 @@ def _write_official_json(parts: list[Path], order: np.ndarray, path: Path) -> No
     finally:
         for reader in readers:
             reader.close()
-
-
-def _plot_scores(
-    positives: np.ndarray, candidates: np.ndarray, negatives: np.ndarray, beta: float, path: Path
-):
-    """The three score populations on one axis, as densities: their sizes differ by 10-50x."""
-    # A bare Figure with an Agg canvas: no pyplot, so no global backend switch in the caller's process.
-    fig = Figure(figsize=(10, 5.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    everything = np.concatenate([positives, candidates, negatives])
-    # Judge scores live in [0, 1]; scores brought from elsewhere may not, and must still show.
-    low = min(0.0, float(everything.min())) if len(everything) else 0.0
-    high = max(1.0, float(everything.max())) if len(everything) else 1.0
-    bins = np.linspace(low, high, 41)
-    for values, label, color in [
-        (candidates, f"all judged candidates (n={len(candidates)})", "tab:gray"),
-        (negatives, f"selected negatives (n={len(negatives)}, with repeats and fallback 1.0s)", "tab:red"),
-        (positives, f"positives s(q, c_t) (n={len(positives)})", "tab:green"),
-    ]:
-        if len(values):
-            ax.hist(
-                values, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=color, label=label
-            )
-            ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.5, color=color)
-    ax.set_xlim(low, high)
-    ax.set_xlabel("judge score s = e_yes / (e_yes + e_no)")
-    ax.set_ylabel("density (each histogram has area 1)")
-    ax.set_title(
-        f"Judge scores of {len(positives)} sampled queries: {len(candidates)} judged candidates, "
-        f"{len(negatives)} selected negatives (beta = {beta:g})"
-    )
-    ax.grid(alpha=0.3)
-    if len(everything):
-        ax.legend(loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def _rows_of(source: pa.Table | str, datasets: list[str], columns: list[str]) -> pa.Table:
@@ -599,6 +549,8 @@ def _sample_files(
         pa.concat_tables([QUARANTINE.empty_table(), *sampler.problems]),
         out.with_suffix(".quarantine.parquet"),
     )
+    for key in POPULATIONS.values():
+        save_scores(result[key], _score_file(out, key))
     file_of_query = sampler.file_of_query
     seen = queries["id"].combine_chunks().filter(pa.array(file_of_query >= 0))
     return {
@@ -606,6 +558,10 @@ def _sample_files(
         "file_of_seen": pa.array([str(files[i]) for i in file_of_query[file_of_query >= 0]], pa.string()),
         **{k: result[k] for k in REPORT_ARRAYS},
     }
+
+
+def _score_file(part: Path, key: str) -> Path:
+    return part.with_suffix(f".{key}.npy")
 
 
 def _datasets_of(path: Path) -> tuple[str, ...]:
@@ -664,13 +620,15 @@ def run_sample(
     num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES, order)
     _write_official_json(parts, order, out_dir / "hard_negatives.json")
     by_reason = _merge_quarantine(parts, unjudged, out_dir / "quarantine.parquet")
+    scores = {name: [_score_file(p, key) for p in parts] for name, key in POPULATIONS.items()}
+    plot_scores(scores, cfg.beta, out_dir / "scores.png")
+    stats = {name: score_stats(files) for name, files in scores.items()}
     shutil.rmtree(parts_dir)
 
     out = {
         key: np.concatenate([np.zeros(0, _Collector.DTYPES[key])] + [r[key] for r in results])
         for key in REPORT_ARRAYS
     }
-    _plot_scores(out["pos_score"], out["candidate_score"], out["neg_score"], cfg.beta, out_dir / "scores.png")
     report = {
         "beta": cfg.beta,
         "interval": cfg.interval,
@@ -678,7 +636,7 @@ def run_sample(
         "num_negatives": cfg.num_negatives,
         "seed": seed,
         "score_files": [str(path) for path in score_files],
-        **_counts(len(query_ids), num_out, out),
+        **_counts(len(query_ids), num_out, out, stats),
         "quarantine_by_reason": dict(by_reason),
         "nodes": len(nodes),
     }
@@ -729,7 +687,7 @@ def _merge_quarantine(parts: list[Path], unjudged: pa.ChunkedArray, path: Path) 
     return by_reason
 
 
-def _counts(num_queries: int, num_out: int, out: dict[str, np.ndarray]) -> dict:
+def _counts(num_queries: int, num_out: int, out: dict[str, np.ndarray], scores: dict[str, dict]) -> dict:
     """The report's query counts, fallbacks, survivors histogram and score statistics."""
     num_fallback = int(out["fallback"].sum())
     survivors, counts = np.unique(out["num_survivors"], return_counts=True)
@@ -740,9 +698,5 @@ def _counts(num_queries: int, num_out: int, out: dict[str, np.ndarray]) -> dict:
         "fallback": num_fallback,
         "fallback_pct": 100.0 * num_fallback / num_out if num_out else 0.0,
         "survivors_histogram": [[int(k), int(n)] for k, n in zip(survivors, counts, strict=True)],
-        "scores": {
-            "positives": _stats(out["pos_score"]),
-            "candidates": _stats(out["candidate_score"]),
-            "negatives": _stats(out["neg_score"]),
-        },
+        "scores": scores,
     }
