@@ -395,3 +395,54 @@ def test_a_query_split_over_two_files_is_an_error(local_ray, tmp_path):
     pq.write_table(pa.Table.from_pylist([score_row("q", "c", 0, 0.1)], schema=JUDGE_SCORES), files[1])
     with pytest.raises(DataError, match="all rows of a query must be in one file"):
         run_sample(files, queries, pool, tmp_path / "out", MiningConfig(), seed=0)
+
+
+def _mixed_files(
+    tmp_path: Path, rows_a: list[str], rows_b: list[str]
+) -> tuple[pa.Table, pa.Table, list[Path]]:
+    """Queries q1, q2, q5 of dataset "ds", q3 of "ds2", q4 of "ds3"; file a holds the rows of `rows_a`
+    (datasets ds and ds2 when q3 is among them), file b those of `rows_b` (ds only): ds is read by two
+    tasks. Each query has its positive p<n> and one candidate c<n> of its own dataset."""
+    dataset = {"q1": "ds", "q2": "ds", "q3": "ds2", "q4": "ds3", "q5": "ds"}
+    queries = pa.Table.from_pylist(
+        [{"id": q, "dataset": d, "text": q, "image": "", "pos_id": f"p{q[1]}"} for q, d in dataset.items()],
+        schema=QUERIES,
+    )
+    pool = pa.Table.from_pylist(
+        [
+            {"id": f"{k}{q[1]}", "dataset": d, "text": k, "image": ""}
+            for q, d in dataset.items()
+            for k in "pc"
+        ],
+        schema=POOL,
+    )
+
+    def rows(names: list[str]) -> pa.Table:
+        out = []
+        for q in names:
+            out += [score_row(q, f"p{q[1]}", -1, 0.9, True), score_row(q, f"c{q[1]}", 0, 0.1)]
+        return pa.Table.from_pylist(
+            [{**r, "dataset": dataset[r["query_id"]]} for r in out], schema=JUDGE_SCORES
+        )
+
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pq.write_table(rows(rows_a), files[0])
+    pq.write_table(rows(rows_b), files[1])
+    return queries, pool, files
+
+
+def test_a_dataset_read_by_two_tasks_counts_each_query_once(local_ray, tmp_path):
+    """Score files that mix datasets differently make two tasks read one dataset: a query neither of them
+    saw (q5), and one of a dataset no file names (q4), are the unjudged ones, in QUERIES order; a query
+    whose rows are in files of both tasks is an error."""
+    queries, pool, files = _mixed_files(tmp_path, ["q1", "q3"], ["q2"])
+    report = run_sample(files, queries, pool, tmp_path / "out", MiningConfig(), seed=0)
+    assert (report["queries_in"], report["queries_out"]) == (5, 3)
+    quarantine = pq.read_table(tmp_path / "out/quarantine.parquet").to_pylist()
+    assert [(r["id"], r["reason"]) for r in quarantine] == [
+        ("q4", "no_judge_scores"),
+        ("q5", "no_judge_scores"),
+    ]
+    queries, pool, files = _mixed_files(tmp_path, ["q1", "q3"], ["q1", "q2"])
+    with pytest.raises(DataError, match="all rows of a query must be in one file"):
+        run_sample(files, queries, pool, tmp_path / "out2", MiningConfig(), seed=0)

@@ -525,6 +525,7 @@ class _FilesSampler:
 def _sample_files(
     files: list[Path],
     datasets: list[str],
+    shared: list[str],
     queries_src: pa.Table | str,
     pool_src: pa.Table | str,
     cfg: MiningConfig,
@@ -532,9 +533,9 @@ def _sample_files(
     out: Path,
 ) -> dict:
     """One Ray task of `run_sample`: the score files of some datasets, against only those datasets'
-    queries and pool. Writes `out` (HARD_NEGATIVES, sorted by id) and `<out>.quarantine.parquet`; returns
-    the ids of the queries it sampled or found without a usable row (for the run-wide checks) and the
-    score arrays of the report."""
+    queries and pool. Writes `out` (HARD_NEGATIVES, sorted by id), `<out>.quarantine.parquet` and the
+    report's score files; returns, for the run-wide checks, the ids of its queries that no score file held
+    and, of the `shared` datasets (read by other tasks too), the ids it did find, with their files."""
     queries = _rows_of(queries_src, datasets, ["id", "dataset", "text", "image", "pos_id"])
     pool = _rows_of(pool_src, datasets, ["id", "dataset", "text", "image"])
     sampler = _FilesSampler(queries, pool, cfg, seed)
@@ -551,11 +552,15 @@ def _sample_files(
     )
     for key in POPULATIONS.values():
         save_scores(result[key], _score_file(out, key))
-    file_of_query = sampler.file_of_query
-    seen = queries["id"].combine_chunks().filter(pa.array(file_of_query >= 0))
+    ids, file_of_query = queries["id"].combine_chunks(), sampler.file_of_query
+    seen = file_of_query >= 0
+    shared_seen = seen & pc.is_in(queries["dataset"], value_set=pa.array(shared, pa.string())).to_numpy(
+        zero_copy_only=False
+    )
     return {
-        "seen": seen,
-        "file_of_seen": pa.array([str(files[i]) for i in file_of_query[file_of_query >= 0]], pa.string()),
+        "unseen": ids.filter(pa.array(~seen)),
+        "seen_shared": ids.filter(pa.array(shared_seen)),
+        "file_of_seen_shared": pa.array([str(files[i]) for i in file_of_query[shared_seen]], pa.string()),
         **{k: result[k] for k in REPORT_ARRAYS},
     }
 
@@ -598,10 +603,13 @@ def run_sample(
     groups: dict[tuple[str, ...], list[Path]] = {}
     for path in score_files:
         groups.setdefault(_datasets_of(Path(path)), []).append(Path(path))
+    # A dataset is read by several tasks only when score files mix it with different datasets.
+    tasks_of = Counter(name for names in groups for name in names)
+    shared = sorted(name for name, n in tasks_of.items() if n > 1)
     parts_dir = out_dir / "parts"
     parts = [parts_dir / f"part-{i:05d}.parquet" for i in range(len(groups))]
     todo = [
-        (files, list(names), sources["queries"], sources["pool"], cfg, seed, part)
+        (files, list(names), shared, sources["queries"], sources["pool"], cfg, seed, part)
         for (names, files), part in zip(groups.items(), parts, strict=True)
     ]
     results: list[dict] = [{}] * len(todo)
@@ -610,12 +618,8 @@ def run_sample(
         results[i] = result
         nodes.add(node)
 
-    seen = _seen_once(results)
-    src = sources["queries"]
-    query_ids = (
-        ray.get(src)["id"] if isinstance(src, ray.ObjectRef) else pq.read_table(src, columns=["id"])["id"]
-    )
-    unjudged = query_ids.filter(pc.invert(pc.is_in(query_ids, value_set=seen)))
+    _check_seen_once(results)
+    unjudged, num_queries = _unjudged(results, tasks_of, sources["queries"])
     order = merge_order(parts, "id")
     num_out = merge_sorted(parts, "id", out_dir / "hard_negatives.parquet", HARD_NEGATIVES, order)
     _write_official_json(parts, order, out_dir / "hard_negatives.json")
@@ -636,7 +640,7 @@ def run_sample(
         "num_negatives": cfg.num_negatives,
         "seed": seed,
         "score_files": [str(path) for path in score_files],
-        **_counts(len(query_ids), num_out, out, stats),
+        **_counts(num_queries, num_out, out, stats),
         "quarantine_by_reason": dict(by_reason),
         "nodes": len(nodes),
     }
@@ -658,17 +662,41 @@ def _checked_sources(sources: dict[str, pa.Table | str | Path]) -> dict[str, pa.
     return out
 
 
-def _seen_once(results: list[dict]) -> pa.Array:
-    """The ids of the queries the tasks found in their score files; DataError for a query that two tasks
-    found (its rows span files of different dataset groups)."""
-    seen = pa.concat_arrays([pa.array([], pa.string())] + [r["seen"] for r in results])
-    seen_in = pa.concat_arrays([pa.array([], pa.string())] + [r["file_of_seen"] for r in results])
+def _check_seen_once(results: list[dict]) -> None:
+    """DataError for a query that two tasks found (its rows span files of different dataset groups);
+    only queries of datasets that several tasks read can be."""
+    seen = pa.concat_arrays([pa.array([], pa.string())] + [r["seen_shared"] for r in results])
+    seen_in = pa.concat_arrays([pa.array([], pa.string())] + [r["file_of_seen_shared"] for r in results])
     counts = pc.value_counts(seen).flatten()
     twice = pc.filter(counts[0], pc.greater(counts[1], 1))
     if len(twice):
         files = pc.filter(seen_in, pc.equal(seen, twice[0])).to_pylist()
         raise _split_query_error(twice[0].as_py(), files[0], files[1])
-    return seen
+
+
+def _unjudged(
+    results: list[dict], tasks_of: Counter, queries: str | ray.ObjectRef
+) -> tuple[pa.ChunkedArray, int]:
+    """The ids of the queries no score file held, in QUERIES order, and the number of queries. A query
+    is unjudged when no score file names its dataset, or when every task that read its dataset left it
+    unseen; QUERIES is read a batch at a time, so the driver never holds every id."""
+    unseen = pc.value_counts(
+        pa.concat_arrays([pa.array([], pa.string())] + [r["unseen"] for r in results])
+    ).flatten()
+    names = pa.array(list(tasks_of), pa.string())
+    tasks = pa.array(list(tasks_of.values()), pa.int64())
+    if isinstance(queries, ray.ObjectRef):
+        batches = ray.get(queries).select(["id", "dataset"]).to_batches(MERGE_ROWS)
+    else:
+        batches = pq.ParquetFile(queries).iter_batches(batch_size=MERGE_ROWS, columns=["id", "dataset"])
+    found, count = [], 0
+    for batch in batches:
+        count += batch.num_rows
+        needed = pc.take(tasks, pc.index_in(batch["dataset"], value_set=names))  # null: no score file
+        times = pc.fill_null(pc.take(unseen[1], pc.index_in(batch["id"], value_set=unseen[0])), 0)
+        missing = pc.fill_null(pc.equal(times, needed), True)
+        found.append(batch["id"].filter(missing))
+    return pa.chunked_array(found, pa.string()), count
 
 
 def _merge_quarantine(parts: list[Path], unjudged: pa.ChunkedArray, path: Path) -> Counter:
