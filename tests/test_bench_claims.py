@@ -120,3 +120,26 @@ def test_quick_shrinks_every_size_and_keeps_its_summary_out_of_bench_results(tmp
     quick = mc.parse_args(["--out", str(tmp_path), "--quick"])
     assert quick.train_rows == 60 and quick.seeds == "0" and quick.teacher_steps < 10
     assert Path(quick.results) == tmp_path / "method_claims.json"
+
+
+def test_real_judge_counts_queries_with_a_non_match_at_or_above_their_positive():
+    """The mining stage's figure: a class-mate (true match) scored at the positive's level does not
+    count, a non-match above it does; the AUCs as counted by hand."""
+    import pyarrow as pa
+    import real_judge
+
+    table = pa.table(
+        {
+            "query_id": [0, 0, 0, 1, 1, 1, 2, 2],
+            "cand_id": [0, 1, 2, 0, 1, 2, 0, 1],
+            "is_positive": [True, False, False, True, False, False, True, False],
+            "score": [0.9, 0.2, 0.95, 0.5, 0.1, 0.4, 0.3, 0.3],
+            "seconds": [0.1] * 8,
+            "true": [1, 0, 0, 1, 0, 0, 1, 1],
+        }
+    )
+    f = real_judge.figures(table, beta=0.01)
+    assert f["queries_negative_at_or_above_positive"] == 1  # query 0's 0.95 over its 0.9
+    # positives 0.9, 0.5, 0.3 against non-matches 0.2, 0.95, 0.1, 0.4: 6 of 9 pairs won
+    assert f["auc_positive_vs_non_matches"] == pytest.approx(6 / 9)
+    assert (f["fn_filter_dropped"], f["fn_filter_dropped_true"]) == (2, 1)
