@@ -26,8 +26,9 @@ from commands import overrides, run, scores, weights, world_settings
 
 
 def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
-    """`n` seeded training queries in the eval format, each ranking all the world's captions (its own
-    first): the reranker's own training queries, held to the same test as the eval split."""
+    """`n` seeded training queries in the eval format, each ranking all the captions of the world's
+    training rows (its own first; a small world may lack a class): the reranker's own training queries,
+    held to the same test as the eval split."""
     rows = [json.loads(line) for line in (world / "train/FashionMNIST.jsonl").read_text().splitlines()]
     captions = sorted({r["pos_text"] for r in rows})
     rng = random.Random(seed)
@@ -41,7 +42,7 @@ def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
                 "qry_text": r["qry"],
                 "qry_img_path": r["qry_image_path"],
                 "tgt_text": tgt,
-                "tgt_img_path": [""] * 10,
+                "tgt_img_path": [""] * len(tgt),
             }
         )
     (out / "FashionMNIST.jsonl").parent.mkdir(parents=True, exist_ok=True)
