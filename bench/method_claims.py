@@ -273,7 +273,9 @@ def markdown(summary: dict) -> str:
             f">= {JUDGE_AUC_GOAL} | {VERDICT[j['met']]} |"
         )
     for dataset, v in summary.get("soft_vs_hard", {}).items():
-        cells = " / ".join(f"{k} {t['mean']} ({t['spread']})" for k, t in v["p@1"].items())
+        cells = " / ".join(
+            f"{k} {v['p@1'][k]['mean']} ({v['p@1'][k]['spread']})" for k in soft_vs_hard.VARIANTS
+        )
         rows.append(
             f"| 2. soft vs hard, {dataset} P@1 mean (spread) | {cells} | soft >= hard > in-batch "
             f"beyond {v['margin']} | {VERDICT[v['met']]} |"
