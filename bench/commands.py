@@ -1,5 +1,6 @@
 """What the benches that drive the project's own commands share: run one `unime-ray` command as a
-subprocess, turn settings into `--set` arguments, and read a finished run's outputs."""
+subprocess, turn settings into `--set` arguments, read a finished run's outputs, and run a bench's
+stages so that a stopped bench continues where it stopped (`Stages`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,32 @@ def scores(results: Path) -> dict[str, dict]:
         }
         for name, d in datasets.items()
     }
+
+
+class Stages:
+    """A bench's resumable stages: each stage's figures go into one results file as the stage ends, and
+    a stage whose figures are there is skipped, so a stopped bench continues where it stopped. `only`:
+    run only the stages whose names start with one of these (empty: all), e.g. to share the cores
+    between two processes on one results file."""
+
+    def __init__(self, results_file: Path, settings: dict, only: list[str], tag: str) -> None:
+        self.file, self.settings, self.only, self.tag = results_file, settings, only, tag
+
+    def read(self) -> dict:
+        return json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def __call__(self, key: str, fn: Callable[..., dict], *fn_args) -> dict | None:
+        """`fn(*fn_args)`'s figures under `key`, computed unless the results file has them already (None:
+        a stage `only` leaves out, not done yet). Another process may write other stages meanwhile: the
+        file is read again and merged before each write."""
+        from unime_ray.io import write_json
+
+        done = self.read()
+        if key in done or (self.only and not key.startswith(tuple(self.only))):
+            return done.get(key)
+        print(f"[{self.tag}] {key}: started", flush=True)
+        start = time.perf_counter()
+        figures = {**fn(*fn_args), "stage_seconds": time.perf_counter() - start}
+        write_json({**self.read(), "args": self.settings, key: figures}, self.file)
+        print(f"[{self.tag}] {key}: done in {figures['stage_seconds']:.0f} s", flush=True)
+        return figures

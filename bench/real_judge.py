@@ -11,6 +11,7 @@ pairs: what a judge trained on W's train split has never seen); otherwise a new 
 Figures, from the mined judge scores and `oracle_scores`' truth:
 - AUC of each query's positive against its retrieved candidates that are not true matches;
 - AUC of true matches against non-matches over every scored (query, candidate) (the positives included);
+- the queries with a non-match scored at or above their positive;
 - the false-negative filter (drop s > s_pos - beta): how many candidates it drops, how many of those are
   true matches, and how many of the retrieved true matches it catches;
 - judge seconds per call (the backend's own measure, model loading excluded).
@@ -98,6 +99,7 @@ def figures(table: pa.Table, beta: float) -> dict:
     cands = rows[~rows.is_positive].copy()
     cands["s_pos"] = pos.reindex(cands.query_id).to_numpy()
     cands["dropped"] = cands.score > cands.s_pos - beta
+    non = cands[cands.true == 0]
     versus = rows[rows.is_positive | (rows.true == 0)]
     true_cands = cands[cands.true == 1]
     return {
@@ -106,7 +108,10 @@ def figures(table: pa.Table, beta: float) -> dict:
         "auc_positive_vs_non_matches": auc(versus.score.to_numpy(), versus.is_positive.to_numpy()),
         "auc_true_vs_non_matches": auc(rows.score.to_numpy(), (rows.true == 1).to_numpy()),
         "mean_score_positive": float(pos.mean()),
-        "mean_score_non_matches": float(cands[cands.true == 0].score.mean()),
+        "mean_score_non_matches": float(non.score.mean()),
+        "queries_negative_at_or_above_positive": int(
+            (non.score >= non.s_pos).groupby(non.query_id).any().sum()
+        ),
         "fn_filter_dropped": int(cands.dropped.sum()),
         "fn_filter_dropped_true": int((cands.dropped & (cands.true == 1)).sum()),
         "retrieved_true_matches": int(len(true_cands)),
@@ -115,7 +120,7 @@ def figures(table: pa.Table, beta: float) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/real-judge")
     p.add_argument("--results", default="")
@@ -129,7 +134,11 @@ def main() -> None:
     p.add_argument("--top-n", type=int, default=9, help="candidates judged per query (+ its positive)")
     p.add_argument("--world", default="", help="an existing world whose held-out rows are judged")
     p.add_argument("--held-out", type=int, default=100, help="with --world: held-out rows per dataset")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Mine the judged world (the mining stages resume) and return the module docstring's figures."""
     out = Path(args.out).resolve()
     world = out / "world"
     if args.world:
@@ -140,15 +149,20 @@ def main() -> None:
     sets = settings(out, world, args)
     seconds = run("mine", "--config", "jobs/configs/fastvlm.yaml", *sets)
     beta = load_config("jobs/configs/fastvlm.yaml", sets[1::2]).mining.beta
-    summary = {
+    return {
         "settings": vars(args),
         "beta": beta,
         "mine_seconds": round(seconds),
         **figures(judged(out, world), beta),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    summary = measure(parse_args(argv))
     print(json.dumps(summary, indent=1))
-    if args.results:
-        Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
+    if summary["settings"]["results"]:
+        Path(summary["settings"]["results"]).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from commands import overrides, run, scores, weights, world_settings
 
 
 def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
-    """`n` seeded training queries in the eval format, each ranking all the world's captions (its own
-    first): the reranker's own training queries, held to the same test as the eval split."""
+    """`n` seeded training queries in the eval format, each ranking all the captions of the world's
+    training rows (its own first; a small world may lack a class): the reranker's own training queries,
+    held to the same test as the eval split."""
     rows = [json.loads(line) for line in (world / "train/FashionMNIST.jsonl").read_text().splitlines()]
     captions = sorted({r["pos_text"] for r in rows})
     rng = random.Random(seed)
@@ -41,7 +42,7 @@ def train_as_eval(world: Path, out: Path, n: int, seed: int) -> Path:
                 "qry_text": r["qry"],
                 "qry_img_path": r["qry_image_path"],
                 "tgt_text": tgt,
-                "tgt_img_path": [""] * 10,
+                "tgt_img_path": [""] * len(tgt),
             }
         )
     (out / "FashionMNIST.jsonl").parent.mkdir(parents=True, exist_ok=True)
@@ -74,24 +75,41 @@ def ranking_checks(out: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if any(k.endswith("p@1") and "_" in k for k in r)]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/rr")
     p.add_argument("--results", default="")
+    p.add_argument("--train-size", type=int, default=3000, help="make-world: training photos")
+    p.add_argument("--eval-size", type=int, default=1000, help="make-world: held-out photos")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-queries", type=int, default=500)
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for both training jobs")
-    args = p.parse_args()
-    out = Path(args.out).resolve()
-    world, model = out / "world", out / "models/mid"
-    times = {}
+    return p.parse_args(argv)
+
+
+def build(out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The Fashion-MNIST world `out/world` and the mid model `out/models/mid`, unless they exist; the
+    seconds of what was built."""
+    world, model, times = out / "world", out / "models/mid", {}
     if not (world / "world.json").is_file():
-        times["world"] = run("make-world", str(world), "--source", "fashion-mnist")
+        sizes = ["--train-size", str(args.train_size), "--eval-size", str(args.eval_size)]
+        times["world"] = run("make-world", str(world), "--source", "fashion-mnist", *sizes)
     if not (model / "config.json").is_file():
         times["model"] = run("make-tiny", str(model), "--arch", "qwen2-vl", "--size", "mid")
-    s = settings(out, model, world, args)
-    cfg = ["--config", "jobs/configs/tiny.yaml", *s]
+    return times
+
+
+def command_settings(out: Path, args: argparse.Namespace) -> list[str]:
+    """The config and settings of every command of the run in `out` (its world, model and steps)."""
+    return ["--config", "jobs/configs/tiny.yaml", *settings(out, out / "models/mid", out / "world", args)]
+
+
+def train(out: Path, args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
+    """Oracle mining of `out/world` (unless mined), then the embedder and the reranker on it (each job
+    skips a finished run); the command-line settings of the run and the seconds of each step."""
+    world, times = out / "world", {}
+    cfg = command_settings(out, args)
     hard = out / "mining/sample/hard_negatives.parquet"
     if not hard.is_file():
         times["retrieve"] = run("mine", *cfg, "--until", "retrieve")
@@ -103,19 +121,36 @@ def main() -> None:
         )
     times["train_embed"] = run("train-embed", *cfg)
     times["train_rerank"] = run("train-rerank", *cfg)
-    own = train_as_eval(world, out / "train_as_eval", args.train_queries, seed=0)
-    figures = {}
-    for split, eval_dir in (("held_out", world / "eval"), ("own_training", own)):
-        res = out / f"eval_{split}"
-        times[f"eval_{split}"] = run(
-            "eval", *cfg, "--set", f"data.eval_dir={eval_dir}", "--out", str(res),
-            "--model", weights(out, "embed"), "--reranker", weights(out, "rerank"),
-        )  # fmt: skip
-        (figures[split],) = scores(res).values()
+    return cfg, times
+
+
+def eval_split(cfg: list[str], eval_dir: Path, res: Path, embedder: str, reranker: str, *more: str) -> dict:
+    """`unime-ray eval` of `embedder` with `reranker` on the eval files of `eval_dir` into `res` (`more`:
+    further eval arguments); P@1 per mode of its one dataset, and the command's seconds."""
+    seconds = run(
+        "eval", *cfg, "--set", f"data.eval_dir={eval_dir}", "--out", str(res),
+        "--model", embedder, "--reranker", reranker, *more,
+    )  # fmt: skip
+    (figures,) = scores(res).values()
+    return {**figures, "seconds": round(seconds)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    times = build(out, args)
+    cfg, trained = train(out, args)
+    own = train_as_eval(out / "world", out / "train_as_eval", args.train_queries, seed=0)
+    figures = {
+        split: eval_split(cfg, eval_dir, out / f"eval_{split}", weights(out, "embed"), weights(out, "rerank"))
+        for split, eval_dir in (("held_out", out / "world/eval"), ("own_training", own))
+    }
+    times |= trained | {f"eval_{split}": f.pop("seconds") for split, f in figures.items()}
     summary = {"settings": vars(args), "seconds": times, "p@1": figures, "checks": ranking_checks(out)}
     print(json.dumps(summary, indent=1))
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

@@ -43,13 +43,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from commands import Stages
 
 from unime_ray.config import ModelConfig, load_config
 from unime_ray.data.mmeb import data_files, read_eval
 from unime_ray.data.synthetic import PHRASES, caption, make_world, paraphrases
 from unime_ray.demo import mine_with_oracle
 from unime_ray.eval.metrics import precision_at_1
-from unime_ray.io import write_json
 from unime_ray.mining.agree import auc, judge_agree
 from unime_ray.models.backbone import load_model, load_processor
 from unime_ray.models.embedder import load_image
@@ -322,25 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
 
-    def read() -> dict:
-        return json.loads(results_file.read_text()) if results_file.is_file() else {}
-
-    only = [k for k in args.only.split(",") if k]
-
-    def stage(key: str, fn, *fn_args) -> dict | None:
-        """`fn(*fn_args)`'s figures under `key`, computed unless results.json has them already (None: a
-        stage `--only` leaves out, not done yet). Another process may write other stages meanwhile: the
-        file is read again and merged before each write."""
-        done = read()
-        if key in done or (only and not key.startswith(tuple(only))):
-            return done.get(key)
-        print(f"[smol-reranker] {key}: started", flush=True)
-        start = time.perf_counter()
-        figures = {**fn(*fn_args), "stage_seconds": time.perf_counter() - start}
-        settings = {k: v for k, v in vars(args).items() if k not in ("only", "results")}
-        write_json({**read(), "args": settings, key: figures}, results_file)
-        print(f"[smol-reranker] {key}: done in {figures['stage_seconds']:.0f} s", flush=True)
-        return figures
+    settings = {k: v for k, v in vars(args).items() if k not in ("only", "results")}
+    stage = Stages(results_file, settings, [k for k in args.only.split(",") if k], "smol-reranker")
 
     run, world = out / "run", out / "run" / "world"
     models = out / "models"
@@ -427,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(results_file, args.results)
-    return read()
+    return stage.read()
 
 
 if __name__ == "__main__":

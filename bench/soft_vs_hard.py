@@ -32,6 +32,8 @@ from pathlib import Path
 
 from commands import overrides, run, scores, weights, world_settings
 
+from unime_ray.io import write_json
+
 VARIANTS = {  # name -> settings that differ
     "soft": {"train.loss": "jeffreys"},
     "hard": {"train.loss": "infonce"},
@@ -90,15 +92,20 @@ def mine(out: Path, world: Path, args) -> tuple[Path, float]:
 
 
 def train_and_eval(out: Path, world: Path, hard: Path, variant: str, seed: int, args) -> dict:
-    """One trained adapter's held-out P@1 per dataset, and the seconds of its training and eval."""
+    """One trained adapter's held-out P@1 per dataset, and the seconds of its training and eval; kept
+    in the run's `figures.json`, which a rerun reads instead of starting the two commands again."""
     tag = "".join(f"-{kv.replace('=', '')}" for kv in args.set)
     run_dir = out / f"{variant}{tag}-seed{seed}"
+    if (run_dir / "figures.json").is_file():
+        return json.loads((run_dir / "figures.json").read_text())
     s = {**base_settings(run_dir, world, args), "run.seed": seed, "train.data_path": hard}
     s.update({**VARIANTS[variant], **dict(kv.split("=", 1) for kv in args.set)})
     cfg = ["--config", args.config, *overrides(s)]
     times = {"train_embed": run("train-embed", *cfg)}
     times["eval"] = run("eval", *cfg, "--model", weights(run_dir, "embed"), "--out", str(run_dir / "eval"))
-    return {"p@1": scores(run_dir / "eval"), "seconds": {k: round(v) for k, v in times.items()}}
+    figures = {"p@1": scores(run_dir / "eval"), "seconds": {k: round(v) for k, v in times.items()}}
+    write_json(figures, run_dir / "figures.json")
+    return figures
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -116,7 +123,7 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return table
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", required=True, help="a make-world folder")
     p.add_argument("--model", required=True, help="the embedder's base model folder")
@@ -134,25 +141,42 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for every training run (a sweep)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path, float]:
+    """The output folder, the world subset, its judge-mined hard negatives and the mining seconds (0
+    when they were mined before)."""
     out = Path(args.out).resolve()
-    start = time.perf_counter()
     world = subset_world(Path(args.world).resolve(), out / "world", args.train_rows, args.eval_rows)
     hard, mine_seconds = mine(out, world, args)
+    return out, world, hard, mine_seconds
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Mine (unless mined), then every variant x seed not yet trained and evaluated; the summary."""
+    start = time.perf_counter()
+    out, world, hard, mine_seconds = prepare(args)
     runs = {
         v: {int(s): train_and_eval(out, world, hard, v, int(s), args) for s in args.seeds.split(",")}
         for v in args.variants.split(",")
     }
-    summary = {
+    return {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "mine_seconds": round(mine_seconds),
         "p@1": summarise(runs),
         "runs": runs,
         "seconds": round(time.perf_counter() - start),
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    summary = measure(args)
     print(json.dumps(summary["p@1"], indent=1))
     if args.results:
         Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
