@@ -51,6 +51,7 @@ from unime_ray.io import digest, file_sha256, weight_stamps, write_json
 from unime_ray.models.backbone import load_model
 from unime_ray.record import changed_keys, record_stage
 from unime_ray.tracking import end_stage, metric_name, start_stage, store_uri, worker_logger
+from unime_ray.train.buildlock import clear_stale_build_locks
 from unime_ray.train.export import save_model_folder
 
 STATE_TAG = "state"
@@ -205,6 +206,8 @@ def worker_loop(config: dict) -> None:
     tcfg = getattr(cfg, SECTIONS[kind])
     task: Task = {"embed": EmbedTask, "rerank": RerankTask}[kind](cfg)
     rank = ray.train.get_context().get_world_rank()
+    for lock in clear_stale_build_locks():  # a worker killed while loading an op would hang us forever
+        print(f"[train-{kind}] removed a stale build lock no process holds: {lock}", flush=True)
     torch.manual_seed(cfg.run.seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
