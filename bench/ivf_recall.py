@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from unime_ray.engine.index import PoolIndex
-from unime_ray.mining.retrieve import _matrix
+from unime_ray.mining.retrieve import _matrix, dataset_embeddings
 
 K = 50
 QUERIES = 2000
@@ -53,10 +51,8 @@ def planted(kind: str, n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 def harness_vectors(run: Path, dataset: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A dataset's pool and QUERIES of its queries, from a scale run's embed stage."""
-    source = pads.dataset(str(run / "mining" / "embed" / "results"), format="parquet")
-    rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == dataset)
-    pool = _matrix(rows.filter(pc.equal(rows["kind"], "candidate")), dataset, None)
-    queries = _matrix(rows.filter(pc.equal(rows["kind"], "query")), dataset, None)
+    query_rows, pool_rows = dataset_embeddings(str(run / "mining" / "embed" / "results"), dataset)
+    pool, queries = _matrix(pool_rows, dataset, None), _matrix(query_rows, dataset, None)
     pick = np.random.default_rng(seed).choice(len(queries), min(QUERIES, len(queries)), replace=False)
     return pool, queries[pick]
 

@@ -181,24 +181,19 @@ def recall_at_top_n(mining: Path, embeddings: Path, cfg, n: int, seed: int) -> d
     lowest mean of a dataset."""
     import numpy as np
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from unime_ray.mining.retrieve import _matrix, _positives, retrieve_candidates
+    from unime_ray.mining.retrieve import _matrix, _positives, dataset_embeddings, retrieve_candidates
 
     queries = pq.read_table(mining / "ingest" / "queries.parquet", columns=["id", "dataset", "pos_id"])
     pick = np.random.default_rng(seed).choice(queries.num_rows, size=min(n, queries.num_rows), replace=False)
     drawn = queries.take(np.sort(pick))
-    source = pads.dataset(str(embeddings), format="parquet")
     per_query: list[float] = []
     per_dataset: dict[str, float] = {}
     for name in sorted(pc.unique(drawn["dataset"]).to_pylist()):
         mine = drawn.filter(pc.equal(drawn["dataset"], name))
-        rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == name)
-        pool = rows.filter(pc.equal(rows["kind"], "candidate"))
-        asked = rows.filter(
-            pc.and_(pc.equal(rows["kind"], "query"), pc.is_in(rows["id"], value_set=mine["id"]))
-        )
+        query_rows, pool = dataset_embeddings(str(embeddings), name)
+        asked = query_rows.filter(pc.is_in(query_rows["id"], value_set=mine["id"]))
         exact = retrieve_candidates(
             asked["id"].to_numpy(),
             _matrix(asked, name, None),

@@ -213,20 +213,25 @@ def _candidates_table(
     )
 
 
+def dataset_embeddings(embeddings: str | list[str], name: str) -> tuple[pa.Table, pa.Table]:
+    """The query and the pool rows (id, kind, embedding; each sorted by id) of dataset `name` in an
+    EMBEDDINGS file, folder or list of files; row groups of other datasets are skipped by their
+    statistics. An embedding kind other than query or candidate is a ValueError."""
+    source = pads.dataset(embeddings, format="parquet")
+    rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == name)
+    unknown = set(pc.unique(rows["kind"]).to_pylist()) - {"query", "candidate"}
+    if unknown:
+        raise ValueError(f"dataset {name!r}: unknown embedding kind {sorted(unknown, key=str)}")
+    return tuple(rows.filter(pc.equal(rows["kind"], kind)).sort_by("id") for kind in ("query", "candidate"))
+
+
 def retrieve_dataset(
     embeddings: str | list[str], queries: pa.Table | str, name: str, path: Path, cfg: MiningConfig
 ) -> dict:
     """Retrieve the candidates of dataset `name` into `path` (a Ray task of `run_retrieve`): reads only
     that dataset's embeddings (row groups of other datasets are skipped by their statistics) and its
     queries, so the memory of one task is one dataset's vectors, never the run's."""
-    source = pads.dataset(embeddings, format="parquet")
-    rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == name)
-    unknown = set(pc.unique(rows["kind"]).to_pylist()) - {"query", "candidate"}
-    if unknown:
-        raise ValueError(f"dataset {name!r}: unknown embedding kind {sorted(unknown, key=str)}")
-    query_rows = rows.filter(pc.equal(rows["kind"], "query")).sort_by("id")
-    pool_rows = rows.filter(pc.equal(rows["kind"], "candidate")).sort_by("id")
-    del rows
+    query_rows, pool_rows = dataset_embeddings(embeddings, name)
     if isinstance(queries, pa.Table):
         mine = queries.filter(pc.equal(queries["dataset"], name)).select(["id", "pos_id"])
     else:
