@@ -138,6 +138,10 @@ JUDGE_SCORES = pa.schema(
     ]
 )
 
+# A judge request's columns in JUDGE_SCORES (all but the score): what every backend keeps of a request, and
+# all the request files of bring-your-own scores hold (only a model judge reads the texts).
+JUDGE_REQUEST_IDS = pa.schema([field for field in JUDGE_SCORES if field.name != "score"])
+
 # What the model backends (vllm, transformers) add to each JUDGE_SCORES row: the call's prompt tokens, how
 # many of them vLLM served from its prefix cache (0 in transformers), the image tokens among each, and the
 # call's share of the wall time of the batch it was judged in (model loading excluded). Computed tokens =

@@ -33,6 +33,7 @@ import ray
 from unime_ray.config import JudgeConfig, MiningConfig, config_from_dict
 from unime_ray.data.schemas import (
     JUDGE_COSTS,
+    JUDGE_REQUEST_IDS,
     JUDGE_REQUESTS,
     JUDGE_SCORES,
     USER_SCORES,
@@ -83,7 +84,7 @@ class JudgeActor:
         return scores, tokens, seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = [n for n in JUDGE_SCORES.names if n != "score"] + [PATH_COL]
+        keep = [*JUDGE_REQUEST_IDS.names, PATH_COL]
         scores, tokens, seconds = self._score(batch)
         out = batch.select(keep).append_column("score", pa.array(scores, pa.float32()))
         for j, name in enumerate(TOKEN_COLUMNS):
@@ -143,8 +144,8 @@ def _with_dataset(ids: pa.Table, queries: pa.Table) -> pa.Table:
     """The id columns with the query's dataset: all a bring-your-own score is joined on (the JUDGE_SCORES
     columns but the score). Only a model judge reads the texts, and writing them is most of the bytes."""
     q = queries.take(_lookup(queries, ids["query_id"], "query"))
-    columns = {name: q["dataset"] if name == "dataset" else ids[name] for name in JUDGE_SCORES.names[:-1]}
-    return pa.table(columns, schema=pa.schema(list(JUDGE_SCORES)[:-1]))
+    columns = {name: q["dataset"] if name == "dataset" else ids[name] for name in JUDGE_REQUEST_IDS.names}
+    return pa.table(columns, schema=JUDGE_REQUEST_IDS)
 
 
 def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
@@ -279,7 +280,7 @@ def _attach_bucket(shards: list[Path], fragments: list[Path], out_dir: Path, sco
     in their order, each with its score)."""
     keys = ["query_id", "cand_id"]
     user = pa.concat_tables([pq.read_table(f) for f in fragments]) if fragments else USER_SCORES.empty_table()
-    columns = [n for n in JUDGE_SCORES.names if n != "score"]
+    columns = JUDGE_REQUEST_IDS.names
     requests = [pq.read_table(shard, columns=columns) for shard in shards]
     user_key, *request_keys = _pair_keys([user, *requests])
     order = np.argsort(user_key, kind="stable")

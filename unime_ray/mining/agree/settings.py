@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from unime_ray.config import JudgeConfig, MiningConfig
-from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_SCORES
+from unime_ray.data.schemas import JUDGE_COSTS, JUDGE_REQUEST_IDS
 from unime_ray.io import write_parquet
 from unime_ray.mining.agree.cost import (
     LLM_PARAMS_B,
@@ -52,9 +52,7 @@ def _from_score_folder(folder: Path, requests: list[Path], out: Path) -> None:
     """A folder of judge score files (e.g. a run's mining/judge/results) as a setting: the rows of the
     sample's requests, with their token counts when the files have them."""
     keys = ["query_id", "cand_id"]
-    req = pa.concat_tables(
-        pq.read_table(p, columns=[n for n in JUDGE_SCORES.names if n != "score"]) for p in requests
-    )
+    req = pa.concat_tables(pq.read_table(p, columns=JUDGE_REQUEST_IDS.names) for p in requests)
     qids = pc.unique(req["query_id"]).to_pylist()
     files = sorted(folder.glob("*.parquet"))
     costs = all(set(JUDGE_COSTS.names) <= set(pq.read_schema(f).names) for f in files) and bool(files)
