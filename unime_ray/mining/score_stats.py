@@ -51,28 +51,37 @@ def _value(key: int) -> np.float32:
     return np.array([bits], dtype=np.uint32).view(np.float32)[0]
 
 
-def _kth(files: list[Path], k: int) -> np.float32:
-    """The k-th smallest (0-based) value over `files`: the bucket of its top 16 bits, then within it."""
-    size = 1 << HALF
-    high = sum((np.bincount(_sortable(_load(f)) >> HALF, minlength=size) for f in files), np.zeros(size, int))
-    bucket = int(np.searchsorted(np.cumsum(high), k, side="right"))
-    k -= int(high[:bucket].sum())
-    low = np.zeros(size, int)
-    for f in files:
-        keys = _sortable(_load(f))
-        low += np.bincount(keys[(keys >> HALF) == bucket] & (size - 1), minlength=size)
-    return _value((bucket << HALF) | int(np.searchsorted(np.cumsum(low), k, side="right")))
-
-
 def score_stats(files: list[Path]) -> dict:
     """count, mean and median of the values of `files`, the median as `np.median` gives it (for an even
-    count the float32 mean of the two middle values)."""
-    count = sum(len(_load(f)) for f in files)
+    count the float32 mean of the two middle values). Each file is read twice: for the count, the sum and
+    the values per bucket of their top 16 bits; then for the middle values' buckets, per low 16 bits."""
+    size = 1 << HALF
+    count, total, high = 0, 0.0, np.zeros(size, int)
+    for f in files:
+        values = _load(f)
+        count, total = count + len(values), total + float(values.sum(dtype=np.float64))
+        high += np.bincount(_sortable(values) >> HALF, minlength=size)
     if count == 0:
         return {"count": 0, "mean": None, "median": None}
-    total = sum(float(_load(f).sum(dtype=np.float64)) for f in files)
-    middle = np.array([_kth(files, k) for k in sorted({(count - 1) // 2, count // 2})], dtype=np.float32)
-    return {"count": count, "mean": total / count, "median": float(np.mean(middle))}
+    upto = np.cumsum(high)  # values in the buckets up to and including each
+    ranks = sorted({(count - 1) // 2, count // 2})  # the middle value(s), 0-based
+    buckets = [int(np.searchsorted(upto, k, side="right")) for k in ranks]
+    low = {bucket: np.zeros(size, int) for bucket in buckets}
+    for f in files:
+        keys = _sortable(_load(f))
+        for bucket, counts in low.items():
+            counts += np.bincount(keys[(keys >> HALF) == bucket] & (size - 1), minlength=size)
+    middle = []
+    for k, bucket in zip(ranks, buckets, strict=True):
+        within = k - (int(upto[bucket - 1]) if bucket else 0)
+        middle.append(
+            _value((bucket << HALF) | int(np.searchsorted(np.cumsum(low[bucket]), within, side="right")))
+        )
+    return {
+        "count": count,
+        "mean": total / count,
+        "median": float(np.mean(np.array(middle, dtype=np.float32))),
+    }
 
 
 def plot_scores(populations: dict[str, list[Path]], beta: float, path: Path) -> None:
