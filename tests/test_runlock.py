@@ -20,9 +20,12 @@ from unime_ray.runlock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-# A job that takes the run folder's lock as every command does, says so, then works for `seconds`.
+# A job that takes the run folder's lock as every command does, says so, then works for `seconds`. It
+# takes Ctrl-C as a terminal's job does: started in the background by a non-interactive shell (as a
+# test loop may be), it would inherit SIGINT ignored, and Python then installs no KeyboardInterrupt.
 HOLD = (
-    "import sys, time\n"
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "from unime_ray.runlock import command_lock\n"
     "with command_lock(sys.argv[1], 'hold'):\n"
     "    print('held', flush=True)\n"

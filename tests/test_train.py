@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -35,10 +36,10 @@ from unime_ray.train.loop import (
     lr_lambda,
     run_inputs,
     run_training,
-    train_dataset,
 )
 from unime_ray.train.losses import LOSSES
 from unime_ray.train.rerank import RerankTask, answer_batch, examples
+from unime_ray.train.rows import TrainRows, read_rows
 
 ROOT = Path(__file__).parents[1]
 
@@ -259,21 +260,32 @@ def test_two_workers_zero2_agree_with_one_worker(mined, one_worker, tmp_path):
 
 
 def test_training_data_is_shuffled_across_datasets_afresh_every_epoch(mined):
-    """Mining writes the rows grouped by dataset; training reads every row once per pass, in a new global
-    order each pass (reproducible from the seed), with the datasets mixed as a random order mixes them."""
+    """Mining writes the rows grouped by dataset; training reads every row once per pass (but the few
+    that do not fill a global batch), in a new global order each pass fixed by (seed, epoch), with the
+    datasets mixed as a random order mixes them, and the ranks' micro-batches disjoint."""
     base, _ = mined
     path = str(base / "mining/sample/hard_negatives.parquet")
     dataset_of = {r["id"]: r["dataset"] for r in pq.read_table(path, columns=["id", "dataset"]).to_pylist()}
     in_file = list(dataset_of)
-    ds = train_dataset(path, seed=0)
-    first, second = ([r["id"] for r in ds.iter_rows()] for _ in range(2))
-    again = [r["id"] for r in train_dataset(path, seed=0).iter_rows()]
-    other = [r["id"] for r in train_dataset(path, seed=1).iter_rows()]
+    rows = TrainRows(read_rows(path), path)
+
+    def order(rows: TrainRows, seed: int, epoch: int) -> list[str]:
+        return [r["id"] for batch in rows.epoch(seed, epoch, 1, 0, 1) for r in batch]
+
+    first, second = order(rows, 0, 0), order(rows, 0, 1)
     assert sorted(first) == sorted(second) == sorted(in_file)  # each pass: every row exactly once
-    assert first != second and first == again and first != other
+    assert first != second and first != order(rows, 1, 0)
+    # another read gives the same order, however Ray Data made and finished the blocks
+    assert order(TrainRows(read_rows(path), path), 0, 0) == first
+    # 2 ranks x 3 rows: rank r takes rows [6b + 3r, 6b + 3r + 3) of the epoch's order, the rest dropped
+    full = len(in_file) // 6
+    assert rows.batches_per_epoch(2, 3) == full
+    for r in (0, 1):
+        got = [[x["id"] for x in batch] for batch in rows.epoch(0, 0, 2, r, 3)]
+        assert got == [first[6 * b + 3 * r : 6 * b + 3 * r + 3] for b in range(full)]
     withheld = set(in_file[::7])  # the reranker's held-out check rows are withheld this way
-    kept = [r["id"] for r in train_dataset(path, seed=0, exclude=withheld).iter_rows()]
-    assert sorted(kept) == sorted(set(in_file) - withheld)
+    kept = TrainRows(read_rows(path, exclude=withheld), path)
+    assert sorted(order(kept, 0, 0)) == sorted(set(in_file) - withheld)
 
     def changes(order: list[str]) -> int:
         return sum(dataset_of[a] != dataset_of[b] for a, b in zip(order, order[1:]))
@@ -284,6 +296,36 @@ def test_training_data_is_shuffled_across_datasets_afresh_every_epoch(mined):
     expected = (n - 1) * (1 - sum(k * (k - 1) for k in sizes.values()) / (n * (n - 1)))
     assert len(sizes) > 1 and changes(in_file) == len(sizes) - 1
     assert min(changes(first), changes(second)) > 0.7 * expected, (changes(first), expected)
+
+
+def test_a_resumed_epoch_skips_exactly_the_micro_batches_done(tmp_path, local_ray):
+    """A run stopped after d micro-batches continues with batch d mod per_epoch of epoch d // per_epoch:
+    the stream stopped and resumed at every point is the stream never stopped. Repeated ids and too few
+    rows for one step are refused, naming the file."""
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": [f"q{i:02d}" for i in range(23)], "x": list(range(23))}), path)
+    rows = TrainRows(read_rows(str(path)), str(path))
+    per_epoch = rows.batches_per_epoch(2, 2)
+    assert per_epoch == 5  # 23 rows // (2 x 2)
+
+    def stream(done: int, n: int) -> list[list[int]]:
+        """Rank 1's next n micro-batches after `done`, as the training loop walks them."""
+        out: list[list[int]] = []
+        while len(out) < n:
+            epoch, skip = divmod(done + len(out), per_epoch)
+            out += [[r["x"] for r in batch] for batch in rows.epoch(7, epoch, 2, 1, 2, skip)]
+        return out[:n]
+
+    never_stopped = stream(0, 17)
+    for d in range(17):
+        assert stream(0, d) + stream(d, 17 - d) == never_stopped
+    assert never_stopped[:5] != never_stopped[5:10]  # epochs differ
+    pq.write_table(pa.table({"id": ["a", "b", "a"], "x": [0, 1, 2]}), path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: id a is on more than one row"):
+        TrainRows(read_rows(str(path)), str(path))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "x": [0, 1, 2]}), path)
+    with pytest.raises(ValueError, match=r": 3 training rows do not fill one step of .* = 2 x 2$"):
+        TrainRows(read_rows(str(path)), str(path)).batches_per_epoch(2, 2)
 
 
 def _copy_rows(src: Path, dst: Path, keep=lambda i: True) -> Path:
@@ -350,6 +392,15 @@ def test_killed_worker_resumes_from_checkpoint_and_rerun_continues(mined, tmp_pa
     # that the resumed attempt logs again, never step 1 again.
     steps = [m["step"] for m in _metrics(tmp_path)]
     assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 9))
+    # Killed and resumed, the run ends as a run never stopped ends: the same loss at every step (a step
+    # redone after the kill: both times) and the same weights, bit for bit.
+    clean = run_training(_cfg(mined, *more, out=tmp_path / "clean"), "embed")
+    losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "clean")}
+    assert [m["loss"] for m in _metrics(tmp_path)] == [losses[step] for step in steps]
+    resumed_weights = load_file(Path(summary["weights"], "adapter_model.safetensors"))
+    clean_weights = load_file(Path(clean["weights"], "adapter_model.safetensors"))
+    assert clean_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(clean_weights[k], resumed_weights[k]) for k in clean_weights)
     # A rerun of the same run with more steps continues from step 8, not from 0.
     longer = _cfg(
         mined, "train.steps=10", "train.checkpoint_every=2", f"train.data_path={data}", out=tmp_path
@@ -464,15 +515,3 @@ def test_without_lora_the_language_model_trains_and_vision_stays_frozen(mined, t
     image = {"text": "", "image": "train/00001.png"}
     p_yes = reranker.pointwise({"text": "a red circle", "image": ""}, [image])
     assert p_yes.shape == (1,) and 0 < p_yes[0] < 1
-
-
-def test_workers_that_take_every_cpu_are_warned_about(local_ray, capsys):
-    """On the 2-CPU test cluster, 2 workers x 1 CPU leave Ray Data's readers none (the job would wait
-    silently); 2 x 0.5 leave one."""
-    from unime_ray.config import TrainConfig
-    from unime_ray.train.loop import _warn_if_no_cpu_left
-
-    _warn_if_no_cpu_left(TrainConfig(num_workers=2, cpus_per_worker=1.0), "embed")
-    assert "take 2 of the cluster's 2" in capsys.readouterr().out
-    _warn_if_no_cpu_left(TrainConfig(num_workers=2, cpus_per_worker=0.5), "embed")
-    assert capsys.readouterr().out == ""

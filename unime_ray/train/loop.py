@@ -7,7 +7,8 @@ into a loss; everything else lives here once:
 - `deepspeed.initialize` with a client AdamW (no FusedAdam compile on CPU) and a warmup + decay
   schedule; gloo on CPU, nccl on GPU (Ray Train sets up the process group); bf16 on GPU only.
 - Gradient accumulation up to `global_batch_size = micro_batch_size x accumulation x workers`.
-- Data: the mined rows in a fresh global order every epoch (`train_dataset`), split across the ranks.
+- Data: the mined rows in a fresh global order every epoch, fixed by (seed, epoch), each rank taking
+  its micro-batches of every global batch (`train/rows.py`).
 - Every `checkpoint_every` steps all ranks write their DeepSpeed state (frozen base weights excluded),
   rank 0 the peft adapter, and all call `ray.train.report(..., checkpoint=...)`: Ray Train merges the
   ranks' files into one checkpoint and keeps the last `keep_checkpoints`.
@@ -15,8 +16,9 @@ into a loss; everything else lives here once:
   each checkpoint, as each `ray.train.report` is a cross-rank barrier that waits on the controller;
   with tracking on, the same rows to MLflow from rank 0 (unime_ray/tracking.py).
 - Resume: a restarted worker group (FailureConfig) or a rerun with the same run name finds the last
-  checkpoint with `ray.train.get_checkpoint()` and continues from its step; its data stream starts a
-  new pass (the optimizer state is restored, the position within an epoch is not). Its files are read
+  checkpoint with `ray.train.get_checkpoint()` and continues from its step, skipping the micro-batches
+  the checkpoint holds; with the optimizer state restored and dropout seeded per micro-batch, it ends
+  with the weights of a run that never stopped (bench/chaos.py compares them). Its files are read
   as data only (`load_state_file`: torch's weights_only unpickler), not with DeepSpeed's own
   `torch.load(weights_only=False)`, which would run whatever code a tampered file carries.
 - Resume is keyed on every input (`run_training`): only a rerun whose data, model and settings equal
@@ -48,11 +50,13 @@ import torch
 
 from unime_ray.config import Config, LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from unime_ray.io import digest, file_sha256, weight_stamps, write_json
+from unime_ray.keyed import key_int
 from unime_ray.models.backbone import load_model
 from unime_ray.record import changed_keys, record_stage
 from unime_ray.tracking import end_stage, metric_name, start_stage, store_uri, worker_logger
 from unime_ray.train.buildlock import clear_stale_build_locks
 from unime_ray.train.export import save_model_folder
+from unime_ray.train.rows import TrainRows, read_rows
 
 STATE_TAG = "state"
 SECTIONS = {"embed": "train", "rerank": "reranker"}  # training kind -> its config section
@@ -70,8 +74,8 @@ class Task(Protocol):
     model: torch.nn.Module
 
     def loss(self, rows: list[dict], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """A micro-batch of mined rows -> (loss, metrics); `epoch` = passes over the data so far in
-        this attempt, for tasks that redraw per pass."""
+        """A micro-batch of mined rows -> (loss, metrics); `epoch` = the pass over the data the batch
+        belongs to, for tasks that redraw per pass."""
         ...
 
     def monitor(self, samples: dict[str, list[dict]]) -> dict[str, float]:
@@ -204,11 +208,12 @@ def worker_loop(config: dict) -> None:
     cfg: Config = config_from_dict(Config, config["cfg"])
     kind = config["task"]
     tcfg = getattr(cfg, SECTIONS[kind])
+    torch.manual_seed(cfg.run.seed)  # LoRA's initial weights: the same in every run of the seed
     task: Task = {"embed": EmbedTask, "rerank": RerankTask}[kind](cfg)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     for lock in clear_stale_build_locks():  # a worker killed while loading an op would hang us forever
         print(f"[train-{kind}] removed a stale build lock no process holds: {lock}", flush=True)
-    torch.manual_seed(cfg.run.seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
@@ -224,17 +229,19 @@ def worker_loop(config: dict) -> None:
     mlflow = worker_logger(config.get("tracking"))  # rank 0's MLflow, None with tracking off
     if step == 0 and rank == 0 and samples:  # the untrained model's figures, as step 0
         _append(metrics_file, {"step": 0, **check()}, mlflow)
-    shard = ray.train.get_dataset_shard("train")
-    epoch, sums, micro, start = 0, {}, 0, time.perf_counter()
+    rows = TrainRows(config["rows"], config["rows_source"])
+    per_epoch = rows.batches_per_epoch(world, tcfg.micro_batch_size)
+    done = step * accumulation_steps(tcfg)  # this rank's micro-batches the checkpoint holds
+    sums, micro, start = {}, 0, time.perf_counter()
     while step < tcfg.steps:
-        # drop_last: every rank runs the same number of micro-batches (DeepSpeed all-reduces); the
-        # rows left over differ per epoch, as each epoch is a new global order.
-        batches = shard.iter_batches(batch_size=tcfg.micro_batch_size, batch_format="pyarrow", drop_last=True)
-        for batch in batches:
-            loss, metrics = task.loss(batch.to_pylist(), epoch)
+        epoch, skip = divmod(done, per_epoch)  # a resumed run continues mid-epoch where it stopped
+        for batch in rows.epoch(cfg.run.seed, epoch, world, rank, tcfg.micro_batch_size, skip):
+            # dropout draws depend on the micro-batch, not on what this process ran before it
+            torch.manual_seed(key_int(f"{cfg.run.seed}:{rank}:{done}"))
+            loss, metrics = task.loss(batch, epoch)
             engine.backward(loss)
             engine.step()
-            micro += 1
+            done, micro = done + 1, micro + 1
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
             if engine.global_steps == step:
@@ -262,7 +269,6 @@ def worker_loop(config: dict) -> None:
             sums, micro, start = {}, 0, time.perf_counter()
             if step >= tcfg.steps:
                 break
-        epoch += 1
     # ZeRO-2 keeps a full copy of the parameters on every rank: a checksum per rank shows they agree.
     checksum = sum(p.detach().double().sum().item() for p in params)
     final = metrics_file.with_name(f"final_rank{rank}.json")
@@ -317,23 +323,6 @@ def monitor_samples(cfg: Config, kind: str, data: str) -> dict[str, list[dict]]:
     return {"train": train, "held_out": held_out}
 
 
-def train_dataset(path: str, seed: int, exclude: set[str] = frozenset()) -> ray.data.Dataset:
-    """The mined rows, globally shuffled afresh on every pass (each epoch is a new execution), the same
-    orders again for the same seed. Mining writes them sorted by query id, i.e. grouped by dataset: read
-    in file order, a local shuffle buffer mixes only the blocks it holds, each a slice of the file (~40k
-    rows), so an epoch would walk MMEB's datasets one or two at a time (docs/experiment-log.md). The rows hold
-    texts and image paths, not pixels (~3 KB a row, ~2 GB for MMEB's 662k), so they are read once into
-    the object store, and each epoch shuffles the blocks held instead of re-reading the file
-    (docs/experiment-log.md, "The training stream and the global shuffle")."""
-    from ray.data import RandomSeedConfig
-    from ray.data.expressions import col
-
-    rows = ray.data.read_parquet(path)
-    if exclude:  # the held-out rows of the reranker's ranking check
-        rows = rows.filter(expr=col("id").not_in(sorted(exclude)))
-    return rows.materialize().random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-
-
 # Keys of a training section that a run may change and still resume: the step budget, and what only
 # decides how often it reports, checkpoints and retries. Any other change is a new run.
 BUDGET_KEYS = ("steps", "checkpoint_every", "report_every", "keep_checkpoints", "max_failures")
@@ -366,7 +355,6 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     metrics_path = out / name / "metrics.jsonl"
     samples = monitor_samples(cfg, kind, data)
     held_out = {r["id"] for r in samples.get("held_out", [])}
-    _warn_if_no_cpu_left(tcfg, kind)
     # rank 0 logs each step into it (a resumed run continues its nested run); the caller closes it
     run_id = start_stage(cfg, name, resume=kept_run_id)
     _record_run(out, name, inputs, run_id)
@@ -384,8 +372,9 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
             "metrics_path": str(metrics_path),
             "monitor": samples,
             "tracking": tracking,
+            "rows": read_rows(data, exclude=held_out),
+            "rows_source": data,
         },
-        datasets={"train": train_dataset(data, cfg.run.seed, exclude=held_out)},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
@@ -413,21 +402,6 @@ def run_training(cfg: Config, kind: str, restart: bool = False) -> dict:
     }
     write_json({"fingerprint": fingerprint, "summary": summary}, marker)
     return summary
-
-
-def _warn_if_no_cpu_left(tcfg: TrainConfig, kind: str) -> None:
-    """The workers' CPUs leave none of the cluster's free: Ray Data's readers, which feed the workers,
-    then never get a CPU and the job waits without an error. A warning, not a stop: an autoscaling
-    cluster may add the CPUs later."""
-    total, taken = ray.cluster_resources().get("CPU", 0), tcfg.num_workers * tcfg.cpus_per_worker
-    if taken > total - 1:
-        section = "train" if kind == "embed" else "reranker"
-        print(
-            f"[train-{kind}] warning: {tcfg.num_workers} workers x {tcfg.cpus_per_worker} CPUs take "
-            f"{taken:g} of the cluster's {total:g}; Ray Data's readers need one free CPU or the job "
-            f"waits for it (lower {section}.cpus_per_worker, e.g. 0.5 on a 2-core machine)",
-            flush=True,
-        )
 
 
 def _check_settings(cfg: Config, kind: str) -> str:
