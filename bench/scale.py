@@ -24,8 +24,8 @@ What one run does (`bench/scale_data.py` writes every input and documents the da
    retrieve. With code that has no `embedder.backend` (the code before the rework) the harness writes the
    embed stage's output itself: EMBEDDINGS shards plus the `_SUCCESS.json` marker carrying the code's own
    fingerprint, so that code's `run_mining` skips embed and goes on; such runs say so in `mode`.
-3. Reads the mined rows once the way training does (`train_dataset(path, seed)`, one pass of
-   `iter_batches`).
+3. Reads the mined rows once the way training does (`train/rows.py`: into the object store, then one
+   epoch's micro-batches).
 
 Measured per stage: wall seconds (inside the job, around the `run_mining` call), the job's peak RSS
 (exact: VmHWM, reset per stage through /proc/self/clear_refs), the peak RSS of the largest Ray worker
@@ -232,7 +232,7 @@ def job(
     from unime_ray.config import Config, load_config
     from unime_ray.mining.pipeline import STAGES, fingerprints, run_mining
     from unime_ray.ray_utils import init_ray
-    from unime_ray.train.loop import train_dataset
+    from unime_ray.train.rows import TrainRows, read_rows
 
     code = Path(unime_ray.__file__).resolve().parents[1]
     # The code before the rework has no precomputed embedder (EmbedderConfig did not exist).
@@ -346,14 +346,12 @@ def job(
                 break
 
         def read_epoch() -> dict:
-            ds = train_dataset(str(mining / "sample" / "hard_negatives.parquet"), cfg.run.seed)
-            rows = 0
-            # As a training worker reads its shard: micro-batches of pyarrow rows, the last partial dropped.
-            for batch in ds.iter_batches(
-                batch_size=cfg.train.micro_batch_size, batch_format="pyarrow", drop_last=True
-            ):
-                rows += batch.num_rows
-            return {"rows": rows, "bytes": _dir_bytes(mining / "sample" / "hard_negatives.parquet")}
+            path = str(mining / "sample" / "hard_negatives.parquet")
+            rows, read = TrainRows(read_rows(path), path), 0
+            # As a training worker of one reads: an epoch's micro-batches as rows, the last partial dropped.
+            for batch in rows.epoch(cfg.run.seed, 0, 1, 0, cfg.train.micro_batch_size):
+                read += len(batch)
+            return {"rows": read, "bytes": _dir_bytes(mining / "sample" / "hard_negatives.parquet")}
 
         if until == "sample":
             measured("train_read", read_epoch)

@@ -235,7 +235,7 @@ class TrainConfig:
         default="", metadata={"help": "hard-negative Parquet; empty = this run's mining/sample output"}
     )
     cpus_per_worker: float = field(
-        default=1.0, metadata={"help": "CPUs reserved per training worker (leave some for Ray Data)"}
+        default=1.0, metadata={"help": "CPUs reserved per training worker (Ray gives it that many threads)"}
     )
     max_failures: int = field(
         default=3, metadata={"help": "worker failures survived by restarting from the last checkpoint"}
