@@ -11,7 +11,6 @@ Ray runs those again (`max_retries`).
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -58,18 +57,10 @@ def _settle(refs: list[ray.ObjectRef], timeout: float = 10) -> None:
     """Cancel the tasks still running when the caller stops early (one task's error, e.g. a full disk,
     or a caller that stopped reading) and take the outcomes of those that end within `timeout` s:
     Ray would otherwise print each one's error, traceback and all, as an unhandled one, after the
-    stage's own error. The cancel is sent again every second to the tasks not yet ended: one that
-    reaches a task pushed to a worker still starting up can be lost (Ray's cancel race,
-    ray-project/ray#24359), and that task would then run to its end, writing its output after the
-    stage has failed (tests/test_tasks.py caught it once in CI)."""
-    deadline = time.monotonic() + timeout
-    while refs:
-        for ref in refs:
-            ray.cancel(ref)
-        wait = min(1.0, max(0.0, deadline - time.monotonic()))
-        ended, refs = ray.wait(refs, num_returns=len(refs), timeout=wait)
-        for ref in ended:
-            with contextlib.suppress(Exception):
-                ray.get(ref)
-        if time.monotonic() >= deadline:
-            return
+    stage's own error."""
+    for ref in refs:
+        ray.cancel(ref)
+    ended, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    for ref in ended:
+        with contextlib.suppress(Exception):
+            ray.get(ref)
