@@ -11,6 +11,7 @@ Ray runs those again (`max_retries`).
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,11 @@ import ray
 
 
 def _run_on_node(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
+    # ray.cancel stops a running task by raising KeyboardInterrupt in it, which Python cannot do where
+    # SIGINT is ignored: a job started with `nohup` or `&` from a script passes SIG_IGN down to Ray's
+    # workers, and a failed stage's other tasks would run on and write their outputs.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return fn(*args), ray.get_runtime_context().get_node_id()
 
 
