@@ -200,8 +200,6 @@ def _save(engine, tmp: Path, step: int, rank: int, tcfg: TrainConfig) -> None:
 
 def worker_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import deepspeed
-
     from unime_ray.train.embed import EmbedTask
     from unime_ray.train.rerank import RerankTask
 
@@ -215,13 +213,7 @@ def worker_loop(config: dict) -> None:
     for lock in clear_stale_build_locks():  # a worker killed while loading an op would hang us forever
         print(f"[train-{kind}] removed a stale build lock no process holds: {lock}", flush=True)
     params = [p for p in task.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=task.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
-    )
-    task.model = engine  # forward through the engine
-    engine.checkpoint_engine.load = load_state_file  # resume reads data only, never runs pickled code
+    engine, scheduler = _engine(task, params, tcfg)
     step = resumed_from = _resume(engine, kind)  # 0, or a checkpoint's step after a restart or a rerun
     metrics_file = Path(config["metrics_path"])
     samples = config.get("monitor") or {}  # rows whose ranking rank 0 checks (train/monitor.py)
@@ -279,6 +271,21 @@ def worker_loop(config: dict) -> None:
         "peak_mem_mb": peak_mem_mb(),
     }
     final.write_text(json.dumps(summary))
+
+
+def _engine(task: Task, params: list[torch.nn.Parameter], tcfg: TrainConfig) -> tuple[Any, Any]:
+    """DeepSpeed around the task's model with a client AdamW and the warmup + decay schedule; the task
+    then forwards through the engine. Returns (engine, its scheduler)."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=task.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
+    )
+    task.model = engine  # forward through the engine
+    engine.checkpoint_engine.load = load_state_file  # resume reads data only, never runs pickled code
+    return engine, scheduler
 
 
 def _resume(engine, kind: str) -> int:
