@@ -224,7 +224,15 @@ def recall_at_top_n(mining: Path, embeddings: Path, cfg, n: int, seed: int) -> d
 
 
 def job(
-    run: Path, data: Path, dim: int, seed: int, progress: Path, sets: list[str], until: str, recall_n: int
+    run: Path,
+    data: Path,
+    dim: int,
+    seed: int,
+    progress: Path,
+    sets: list[str],
+    until: str,
+    recall_n: int,
+    topics: int = 0,
 ) -> None:
     """The driver: the real pipeline, stage by stage, each bracketed by progress events; `sets` are
     extra config overrides (e.g. an approximate index), `until` the last stage to run."""
@@ -292,6 +300,8 @@ def job(
                     str(dim),
                     "--seed",
                     str(seed),
+                    "--topics",
+                    str(topics),
                 ]
                 if old:  # the old code's embed output: embed/results/*.parquet, plus its marker below
                     args += ["--shards", "--out", str(mining / "embed" / "results")]
@@ -464,7 +474,7 @@ def harness(args: argparse.Namespace) -> dict:
     log = (run / "job.log").open("w")
     cmd = [sys.executable, str(Path(__file__).resolve()), "job", "--run", str(run), "--data", str(data_dir)]
     cmd += ["--dim", str(args.dim), "--seed", str(args.seed), "--progress", str(progress)]
-    cmd += ["--until", args.until, "--recall-queries", str(args.recall_queries)]
+    cmd += ["--until", args.until, "--recall-queries", str(args.recall_queries), "--topics", str(args.topics)]
     cmd += [f"--set={kv}" for kv in args.set]
     # cwd = the code's own tree: Ray ships the driver's sys.path / cwd to its workers.
     proc = subprocess.Popen(cmd, cwd=code, stdout=log, stderr=subprocess.STDOUT)
@@ -479,7 +489,7 @@ def harness(args: argparse.Namespace) -> dict:
         "code": {"path": str(code), "commit": _git_commit(code)},
         "data": {"rows": args.n, "datasets": len(data["datasets"]), "bytes": data["bytes"]},
         "limits": {"max_rss_gb": args.max_rss_gb, "timeout_min": args.timeout_min},
-        "settings": {"set": args.set, "until": args.until},
+        "settings": {"set": args.set, "until": args.until, "topics": args.topics},
         "stages": {},
         "status": "running",
     }
@@ -567,12 +577,20 @@ def main() -> None:
         p.add_argument("--until", required=True)
         p.add_argument("--recall-queries", type=int, required=True)
         p.add_argument("--set", action="append", default=[])
+        p.add_argument("--topics", type=int, default=0)
         a = p.parse_args()
-        job(a.run, a.data, a.dim, a.seed, a.progress, a.set, a.until, a.recall_queries)
+        job(a.run, a.data, a.dim, a.seed, a.progress, a.set, a.until, a.recall_queries, a.topics)
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20000, help="MMEB-train pairs (662000 = the paper's size)")
     p.add_argument("--dim", type=int, default=256, help="embedding dimension")
+    p.add_argument(
+        "--topics",
+        type=int,
+        default=0,
+        help="concepts per topic in the planted embeddings (0: flat; 16 gives neighbourhoods of ~64 items, "
+        "what an approximate index needs: bench/scale_data.py)",
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/unime-scale"), help="data and run folders")
     p.add_argument("--label", default="new", help="results key with --n (e.g. new, old)")
     p.add_argument("--seed", type=int, default=0)

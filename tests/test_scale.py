@@ -362,3 +362,38 @@ def test_a_replaced_input_file_changes_the_fingerprint_its_path_alone_would_not(
     ]
     os.utime(emb, ns=(1, 1))  # the same size, touched: embed and everything after are redone
     assert [fingerprints(cfg())[s] == again[s] for s in ("ingest", "embed")] == [True, False]
+
+
+def test_planted_topics_make_neighbourhoods_and_leave_the_flat_vectors_alone():
+    """bench/scale_data.py's vectors against the cosines its docstring promises, grouped by concept and
+    topic indices computed here from the id hashes: flat, concept mates ~0.8 and everything else ~0;
+    with topics of 4 concepts, concept mates ~(1 + 0.49) / 1.74 = 0.86, topic mates ~1 / 1.74 = 0.57,
+    the rest ~0. Judge scores key on concepts, which topics leave as they were."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import scale_data
+
+    ids = pa.array([f"D/{i}" for i in range(800)])
+    datasets = pa.array(["D"] * 800)
+    concepts = {"D": 40}  # 20 items per concept; 10 topics of 4 concepts
+    concept = scale_data.hash_ids(ids) % np.uint64(40)
+    topic = concept % np.uint64(10)
+    same_concept = concept[:, None] == concept[None, :]
+    same_topic = (topic[:, None] == topic[None, :]) & ~same_concept
+    other = ~same_concept & ~same_topic
+    off_diagonal = ~np.eye(800, dtype=bool)
+
+    def mean_cos(v: np.ndarray, mask: np.ndarray) -> float:
+        return float((v @ v.T)[mask & off_diagonal].mean())
+
+    flat = scale_data.item_vectors(0, ids, datasets, concepts, 256)
+    assert abs(mean_cos(flat, same_concept) - 0.8) < 0.03
+    assert abs(mean_cos(flat, same_topic)) < 0.02 and abs(mean_cos(flat, other)) < 0.02
+    topics = scale_data.item_vectors(0, ids, datasets, concepts, 256, topics=4)
+    assert abs(mean_cos(topics, same_concept) - 1.49 / 1.74) < 0.03
+    assert abs(mean_cos(topics, same_topic) - 1 / 1.74) < 0.03
+    assert abs(mean_cos(topics, other)) < 0.02
+    for k in (0, 4):
+        assert np.array_equal(scale_data.concept_of(ids, datasets, concepts, k)[1],
+                              scale_data.concept_of(ids, datasets, concepts)[1])  # fmt: skip
