@@ -3,6 +3,8 @@ with the number of MMEB-train pairs, with no model anywhere, on a laptop-sized m
 
     python bench/scale.py --n 20000                        # this tree's code, label "new"
     python bench/scale.py --n 2000 --dim 64 --out /tmp/s  # a quick check
+    # approximate retrieval on planted vectors with neighbourhoods, its recall checked against exact search
+    python bench/scale.py --n 662000 --topics 16 --set mining.index=ivf --set mining.ivf_nprobe=8
     # the baseline, the code before the rework (old code: no precomputed embedder, so the harness
     # writes the embed stage's output itself):
     git worktree add /tmp/unime-old 72b41fa
