@@ -234,10 +234,11 @@ def job(
     sets: list[str],
     until: str,
     recall_n: int,
-    topics: int = 0,
+    topics: int,
 ) -> None:
     """The driver: the real pipeline, stage by stage, each bracketed by progress events; `sets` are
-    extra config overrides (e.g. an approximate index), `until` the last stage to run."""
+    extra config overrides (e.g. an approximate index), `until` the last stage to run, `topics` the
+    planted embeddings' concepts per topic (0: flat)."""
     import unime_ray
     from unime_ray.config import Config, load_config
     from unime_ray.mining.pipeline import STAGES, fingerprints, run_mining
@@ -579,7 +580,7 @@ def main() -> None:
         p.add_argument("--until", required=True)
         p.add_argument("--recall-queries", type=int, required=True)
         p.add_argument("--set", action="append", default=[])
-        p.add_argument("--topics", type=int, default=0)
+        p.add_argument("--topics", type=int, required=True)
         a = p.parse_args()
         job(a.run, a.data, a.dim, a.seed, a.progress, a.set, a.until, a.recall_queries, a.topics)
         return
