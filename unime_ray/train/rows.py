@@ -55,7 +55,12 @@ class TrainRows:
         self.source = source
         self.table = pa.concat_tables(ray.get(blocks))
         ids = self.table["id"]
-        self.by_id = pc.sort_indices(ids)  # row number -> position in the blocks
+        self.by_id = pc.sort_indices(ids).to_numpy().astype(np.int64)  # row number -> position in the blocks
+        # A row is read as a slice of its own record batch: `Table.take` of a few rows from a table of
+        # many chunks works through every chunk of every column, which at the paper's size cost far more
+        # than the rows themselves (docs/benchmarks.md, "The training read").
+        self.batches = self.table.to_batches()
+        self.starts = np.cumsum([0] + [len(b) for b in self.batches])
         counts = pc.value_counts(ids)
         twice = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(twice):  # a repeated id would make the order depend on how the blocks were read
@@ -78,4 +83,9 @@ class TrainRows:
     ) -> Iterator[list[dict]]:
         """Rank `rank`'s micro-batches of `epoch` (rows as dicts), the first `skip` left out."""
         for numbers in epoch_batches(len(self), seed, epoch, world, rank, micro)[skip:]:
-            yield self.table.take(self.by_id.take(pa.array(numbers))).to_pylist()
+            yield [self.row(p) for p in self.by_id[numbers]]
+
+    def row(self, position: int) -> dict:
+        """The row at `position` of the blocks, as a dict (a zero-copy slice of its record batch)."""
+        batch = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return self.batches[batch].slice(position - self.starts[batch], 1).to_pylist()[0]
