@@ -237,8 +237,9 @@ def job(
     topics: int,
 ) -> None:
     """The driver: the real pipeline, stage by stage, each bracketed by progress events; `sets` are
-    extra config overrides (e.g. an approximate index), `until` the last stage to run, `topics` the
-    planted embeddings' concepts per topic (0: flat)."""
+    extra config overrides (e.g. an approximate index), `until` the last phase to run (a stage, or
+    "read": the training read after sample), `topics` the planted embeddings' concepts per topic (0:
+    flat)."""
     import unime_ray
     from unime_ray.config import Config, load_config
     from unime_ray.mining.pipeline import STAGES, fingerprints, run_mining
@@ -366,7 +367,7 @@ def job(
                 read += len(batch)
             return {"rows": read, "bytes": _dir_bytes(mining / "sample" / "hard_negatives.parquet")}
 
-        if until == "sample":
+        if until == "read":
             measured("train_read", read_epoch)
         _emit(progress, "end")
     except Exception as error:
@@ -609,9 +610,9 @@ def main() -> None:
     )
     p.add_argument(
         "--until",
-        default="sample",
-        choices=["ingest", "embed", "retrieve", "judge", "sample"],
-        help="the last stage to run (the training read runs only after sample)",
+        default="read",
+        choices=["ingest", "embed", "retrieve", "judge", "sample", "read"],
+        help="the last phase to run: a stage, or the training read after sample (one epoch's micro-batches)",
     )
     p.add_argument(
         "--recall-queries",
