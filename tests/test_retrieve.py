@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unime_ray.config import MiningConfig
+from unime_ray.config import SEARCH_QUERY_BLOCK, MiningConfig
 from unime_ray.data.schemas import CANDIDATES, EMBEDDINGS, QUERIES
 from unime_ray.engine.index import PoolIndex, search_topk
 from unime_ray.mining.retrieve import SEARCH_MARGIN, STATS_KEY, retrieve_candidates, run_retrieve
@@ -316,10 +316,11 @@ def write_embeddings(rows: list[dict], folder) -> None:
     pq.write_table(pa.Table.from_pylist(rows[1::2], schema=EMBEDDINGS), folder / "part-1.parquet")
 
 
-def test_run_retrieve_per_dataset_files(local_ray, tmp_path):
+@pytest.mark.parametrize("query_block", [SEARCH_QUERY_BLOCK, 1])
+def test_run_retrieve_per_dataset_files(local_ray, tmp_path, query_block):
     emb, queries = world()
     write_embeddings(emb, tmp_path / "emb")
-    cfg = MiningConfig(top_n=5, delta=0.95)
+    cfg = MiningConfig(top_n=5, delta=0.95, query_block=query_block)
     report = run_retrieve(tmp_path / "emb", queries, tmp_path / "out", cfg)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A.parquet", "B.parquet"]  # no temp
     a, b = pq.read_table(tmp_path / "out" / "A.parquet"), pq.read_table(tmp_path / "out" / "B.parquet")
@@ -331,6 +332,8 @@ def test_run_retrieve_per_dataset_files(local_ray, tmp_path):
         ("A/q1", "A/pos0", 1),
     ]
     assert rows_of(b) == [("B/q0", "B/leak", 0)]
+    # Written as the blocks of queries come, one row group each: A's 2 queries in blocks of 1 make 2.
+    assert pq.read_metadata(tmp_path / "out" / "A.parquet").num_row_groups == (2 if query_block == 1 else 1)
     # A fresh search also reports its dimension and the Ray node that ran it (a resumed one cannot).
     assert report["A"].pop("node") and report["A"].pop("dim") == 2
     assert report["A"] == dict(

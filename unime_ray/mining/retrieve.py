@@ -31,7 +31,7 @@ not searched again (resume), and a task lost with its node is run again by Ray.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from unime_ray.config import IVF_NPROBE, SEARCH_CHUNK_SIZE, SEARCH_QUERY_BLOCK, 
 from unime_ray.data.schemas import CANDIDATES
 from unime_ray.engine.index import PoolIndex, blocks
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import finished_parquet, write_parquet
+from unime_ray.io import atomic_path, finished_parquet
 
 SEARCH_MARGIN = 16  # neighbours searched beyond top_n: room for the own positive and near duplicates
 SEARCH_CELLS = 1 << 24  # (query, neighbour) cells searched at once: ~200 MB of scores and rows
@@ -58,22 +58,41 @@ def retrieve_candidates(
     pos_ids: Sequence[str],
     pool_ids: Sequence[str],
     pool_vecs: np.ndarray,
+    **settings,
+) -> pa.Table:
+    """The potential hard negatives of ONE dataset as a CANDIDATES table (see the module docstring):
+    `candidate_blocks` gathered into one table. Rows are ordered by query (input order), then rank. The
+    schema metadata under `STATS_KEY` holds the JSON of `candidate_blocks`' stats."""
+    stats: dict = {}
+    blocks_ = list(
+        candidate_blocks(query_ids, query_vecs, pos_ids, pool_ids, pool_vecs, stats=stats, **settings)
+    )
+    table = pa.concat_tables(blocks_) if blocks_ else CANDIDATES.empty_table()
+    return table.replace_schema_metadata({STATS_KEY: json.dumps(stats)})
+
+
+def candidate_blocks(
+    query_ids: Sequence[str],
+    query_vecs: np.ndarray,
+    pos_ids: Sequence[str],
+    pool_ids: Sequence[str],
+    pool_vecs: np.ndarray,
     *,
     top_n: int,
     delta: float,
     dataset: str,
+    stats: dict,
     chunk_size: int = SEARCH_CHUNK_SIZE,
     index: str = "exact",
     use_gpu: bool | None = None,
     nprobe: int = IVF_NPROBE,
     query_block: int = SEARCH_QUERY_BLOCK,
-) -> pa.Table:
-    """The potential hard negatives of ONE dataset as a CANDIDATES table (see the module docstring).
-
-    Rows are ordered by query (input order), then rank. The schema metadata under `STATS_KEY` holds a
-    JSON object: queries, pool, candidates, short_queries (fewer than top_n results), excluded_by_delta,
-    top_n, delta, index.
-    """
+) -> Iterator[pa.Table]:
+    """The potential hard negatives of ONE dataset as CANDIDATES tables, one per block of `query_block`
+    queries in input order, each ordered by query, then rank: a caller that writes each block as it comes
+    holds one block's candidates, never the dataset's (25M rows, ~2 GB as Arrow strings, for a pool of
+    500k). `stats` is filled as the blocks come and complete after the last: queries, pool, candidates,
+    short_queries (fewer than top_n results), excluded_by_delta, top_n, delta, index."""
     query_ids, pos_ids, pool_ids = (np.asarray(a, dtype=str) for a in (query_ids, pos_ids, pool_ids))
     query_vecs = np.ascontiguousarray(query_vecs, dtype=np.float32)
     pool_vecs = np.asarray(pool_vecs, dtype=np.float32)
@@ -83,19 +102,19 @@ def retrieve_candidates(
     searcher = PoolIndex(
         pool_vecs, index=index, chunk_size=chunk_size, use_gpu=use_gpu, nprobe=nprobe, query_block=query_block
     )
-    found, short, excluded = _search(searcher, query_vecs, pos, top_n, np.float32(delta), query_block)
-    table = _candidates_table(found, query_ids, pool_ids, dataset)
-    stats = dict(
-        queries=len(query_ids),
-        pool=len(pool_ids),
-        candidates=table.num_rows,
-        short_queries=short,
-        excluded_by_delta=excluded,
-        top_n=top_n,
-        delta=delta,
-        index=index,
+    stats.update(
+        queries=len(query_ids), pool=len(pool_ids), candidates=0, short_queries=0, excluded_by_delta=0
     )
-    return table.replace_schema_metadata({STATS_KEY: json.dumps(stats)})
+    stats.update(top_n=top_n, delta=delta, index=index)
+    for block in blocks(len(query_ids), query_block):
+        found, short, excluded = _search(
+            searcher, query_vecs, np.arange(len(query_ids))[block], pos, top_n, delta
+        )
+        table = _candidates_table(found, query_ids, pool_ids, dataset)
+        stats["candidates"] += table.num_rows
+        stats["short_queries"] += short
+        stats["excluded_by_delta"] += excluded
+        yield table
 
 
 def _check_inputs(
@@ -155,43 +174,38 @@ def _positive_rows(
 
 
 def _search(
-    searcher: PoolIndex,
-    query_vecs: np.ndarray,
-    pos: np.ndarray,
-    top_n: int,
-    limit: np.float32,
-    query_block: int,
+    searcher: PoolIndex, query_vecs: np.ndarray, rows: np.ndarray, pos: np.ndarray, top_n: int, delta: float
 ) -> tuple[list[tuple[np.ndarray, ...]], int, int]:
-    """([(query row, pool row, rank, sim), ...] of the kept candidates, queries left short of top_n,
-    pairs excluded by delta): each query searched with k = top_n + SEARCH_MARGIN, then with a doubled k
-    while it has fewer than top_n qualifying candidates and the pool holds more."""
-    nq, nc = len(query_vecs), len(searcher.pool)
+    """([(query row, pool row, rank, sim), ...] of the kept candidates of the query `rows`, queries left
+    short of top_n, pairs excluded by delta): each query searched with k = top_n + SEARCH_MARGIN, then
+    with a doubled k while it has fewer than top_n qualifying candidates and the pool holds more."""
+    nc, limit = len(searcher.pool), np.float32(delta)
     empty = np.empty(0, dtype=np.int64)
     parts = [(empty, empty, empty, np.empty(0, dtype=np.float32))]
     short = excluded = 0
-    for block in blocks(nq, query_block):
-        pending = np.arange(nq)[block]
-        k = min(top_n + SEARCH_MARGIN, nc)
-        while pending.size:
-            again = []
-            # As k doubles, fewer queries are searched at once: [queries, k] stays under SEARCH_CELLS,
-            # however many near duplicates (or collapsed embeddings) push k towards the pool size.
-            for sub in blocks(len(pending), max(1, SEARCH_CELLS // k)):
-                rows_q = pending[sub]
-                scores, idx = searcher.search(query_vecs[rows_q], k)
-                valid = (idx >= 0) & (idx != pos[rows_q, None])
-                near = valid & (scores >= limit)
-                keep = valid & ~near
-                # Done: enough qualify, or every reachable candidate was seen (ivf pads, or k is the pool).
-                done = (keep.sum(axis=1) >= top_n) | (idx[:, -1] < 0) | (k == nc)
-                rank = np.cumsum(keep, axis=1) - 1
-                rows, cols = np.nonzero(keep & (rank < top_n) & done[:, None])
-                parts.append((rows_q[rows], idx[rows, cols], rank[rows, cols], scores[rows, cols]))
-                short += int((keep[done].sum(axis=1) < top_n).sum())
-                excluded += int(near[done].sum())
-                again.append(rows_q[~done])
-            pending = np.concatenate(again)
-            k = min(2 * k, nc)
+    pending, k = rows, min(top_n + SEARCH_MARGIN, nc)
+    while pending.size:
+        again = []
+        # As k doubles, fewer queries are searched at once: [queries, k] stays under SEARCH_CELLS,
+        # however many near duplicates (or collapsed embeddings) push k towards the pool size.
+        for sub in blocks(len(pending), max(1, SEARCH_CELLS // k)):
+            rows_q = pending[sub]
+            scores, idx = searcher.search(query_vecs[rows_q], k)
+            valid = (idx >= 0) & (idx != pos[rows_q, None])
+            near = valid & (scores >= limit)
+            keep = valid & ~near
+            # Done: enough qualify, or every reachable candidate was seen (ivf pads, or k is the pool).
+            done = (keep.sum(axis=1) >= top_n) | (idx[:, -1] < 0) | (k == nc)
+            rank = np.cumsum(keep, axis=1) - 1
+            found_rows, cols = np.nonzero(keep & (rank < top_n) & done[:, None])
+            parts.append(
+                (rows_q[found_rows], idx[found_rows, cols], rank[found_rows, cols], scores[found_rows, cols])
+            )
+            short += int((keep[done].sum(axis=1) < top_n).sum())
+            excluded += int(near[done].sum())
+            again.append(rows_q[~done])
+        pending = np.concatenate(again)
+        k = min(2 * k, nc)
     return parts, short, excluded
 
 
@@ -216,13 +230,19 @@ def _candidates_table(
 def dataset_embeddings(embeddings: str | list[str], name: str) -> tuple[pa.Table, pa.Table]:
     """The query and the pool rows (id, kind, embedding; each sorted by id) of dataset `name` in an
     EMBEDDINGS file, folder or list of files; row groups of other datasets are skipped by their
-    statistics. An embedding kind other than query or candidate is a ValueError."""
+    statistics. An embedding kind other than query or candidate is a ValueError. Each kind is read by a
+    scan of its own, so only one kind's rows are ever held twice (while sorted), never both kinds'."""
     source = pads.dataset(embeddings, format="parquet")
-    rows = source.to_table(columns=["id", "kind", "embedding"], filter=pc.field("dataset") == name)
-    unknown = set(pc.unique(rows["kind"]).to_pylist()) - {"query", "candidate"}
+    in_dataset = pc.field("dataset") == name
+    kinds = source.to_table(columns=["kind"], filter=in_dataset)["kind"]
+    unknown = set(pc.unique(kinds).to_pylist()) - {"query", "candidate"}
     if unknown:
         raise ValueError(f"dataset {name!r}: unknown embedding kind {sorted(unknown, key=str)}")
-    return tuple(rows.filter(pc.equal(rows["kind"], kind)).sort_by("id") for kind in ("query", "candidate"))
+    columns = ["id", "kind", "embedding"]
+    return tuple(
+        source.to_table(columns=columns, filter=in_dataset & (pc.field("kind") == kind)).sort_by("id")
+        for kind in ("query", "candidate")
+    )
 
 
 def retrieve_dataset(
@@ -230,7 +250,8 @@ def retrieve_dataset(
 ) -> dict:
     """Retrieve the candidates of dataset `name` into `path` (a Ray task of `run_retrieve`): reads only
     that dataset's embeddings (row groups of other datasets are skipped by their statistics) and its
-    queries, so the memory of one task is one dataset's vectors, never the run's."""
+    queries, and writes the candidates block by block (`candidate_blocks`), so the memory of one task is
+    one dataset's vectors and index and one block's candidates, never the run's."""
     query_rows, pool_rows = dataset_embeddings(embeddings, name)
     if isinstance(queries, pa.Table):
         mine = queries.filter(pc.equal(queries["dataset"], name)).select(["id", "pos_id"])
@@ -239,24 +260,34 @@ def retrieve_dataset(
     pos_ids = _positives(query_rows["id"], mine, name)
     query_vecs = _matrix(query_rows, name, None)
     pool_vecs = _matrix(pool_rows, name, query_vecs.shape[1] if len(query_vecs) else None)
-    table = retrieve_candidates(
-        query_rows["id"].to_numpy(),
+    query_ids, pool_ids = query_rows["id"].to_numpy(), pool_rows["id"].to_numpy()
+    del query_rows, pool_rows, mine  # the vectors live on in the matrices
+    pa.default_memory_pool().release_unused()  # the scans' and sorts' buffers, which Arrow's pool keeps
+    stats: dict = {}
+    found = candidate_blocks(
+        query_ids,
         query_vecs,
         pos_ids,
-        pool_rows["id"].to_numpy(),
+        pool_ids,
         pool_vecs,
         top_n=cfg.top_n,
         delta=cfg.delta,
         dataset=name,
+        stats=stats,
         chunk_size=cfg.chunk_size,
         index=cfg.index,
         use_gpu=cfg.faiss_gpu,
         nprobe=cfg.ivf_nprobe,
         query_block=cfg.query_block,
     )
-    write_parquet(table, path)
+    needs = f"about {len(query_ids) * cfg.top_n * 40:,} bytes (40 a candidate)"
+    with atomic_path(path, needs) as tmp, pq.ParquetWriter(tmp, CANDIDATES) as writer:
+        for table in found:
+            writer.write_table(table)
+        writer.add_key_value_metadata({STATS_KEY: json.dumps(stats)})
+    pa.default_memory_pool().release_unused()  # the blocks' buffers: the worker goes on to other tasks
     dim = int(query_vecs.shape[1]) if len(query_vecs) else 0
-    return {**json.loads(table.schema.metadata[STATS_KEY]), "resumed": False, "dim": dim}
+    return {**stats, "resumed": False, "dim": dim}
 
 
 def run_retrieve(
@@ -308,7 +339,7 @@ def run_retrieve(
 
 
 def _resumed_stats(path: Path, cfg: MiningConfig) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+    meta = pq.read_metadata(path).metadata or {}  # the file's key-value metadata (retrieve_dataset)
     if STATS_KEY not in meta:
         return {"candidates": pq.read_metadata(path).num_rows, "resumed": True}
     stats = json.loads(meta[STATS_KEY])
