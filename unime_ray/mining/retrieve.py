@@ -24,7 +24,8 @@ many near duplicates, or collapsed embeddings, cannot blow up memory.
 
 `run_retrieve` runs each dataset as one Ray task (`retrieve_dataset`, spread over the nodes) that reads
 only that dataset's embeddings and queries and writes `<out_dir>/<dataset>.parquet` (CANDIDATES schema)
-atomically with its stats in the schema metadata (key `STATS_KEY`); a dataset whose output exists is
+atomically, block by block of queries, with its stats in the file's key-value metadata (key `STATS_KEY`,
+`pq.read_metadata(path).metadata`); a dataset whose output exists is
 not searched again (resume), and a task lost with its node is run again by Ray.
 """
 
