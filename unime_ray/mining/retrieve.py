@@ -340,9 +340,10 @@ def run_retrieve(
 
 
 def _resumed_stats(path: Path, cfg: MiningConfig) -> dict:
-    meta = pq.read_metadata(path).metadata or {}  # the file's key-value metadata (retrieve_dataset)
+    footer = pq.read_metadata(path)
+    meta = footer.metadata or {}  # the file's key-value metadata (retrieve_dataset)
     if STATS_KEY not in meta:
-        return {"candidates": pq.read_metadata(path).num_rows, "resumed": True}
+        return {"candidates": footer.num_rows, "resumed": True}
     stats = json.loads(meta[STATS_KEY])
     if (stats["top_n"], stats["delta"]) != (cfg.top_n, cfg.delta):
         raise ValueError(
