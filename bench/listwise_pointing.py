@@ -82,7 +82,7 @@ def world_rows(world: Path, split: str) -> list[dict]:
 
 def image_lists(
     tokenizer, world: Path, captions: list[str], pool: list[dict], n: int, rng: random.Random, size: int
-):
+) -> list[tuple]:
     """`n` lists: a photo of `pool` and the class captions, its own at a random position."""
     out = []
     for row in rng.sample(pool, n):
@@ -96,7 +96,7 @@ def image_lists(
     return out
 
 
-def copy_task(args, tokenizer):
+def copy_task(tokenizer):
     """The copy task's readings ({name: lists}) and a function drawing `n` training lists from an rng."""
     words = vocabulary_words(tokenizer)
     held, train = words[:300], words[300:]
@@ -127,11 +127,11 @@ def tasks(args, tokenizer):
     """The readings and a function drawing one training batch from an rng. `mixed`: half of each batch
     copy lists, half image lists (does pointing learned on text carry the image task?)."""
     if args.task == "copy":
-        reads, draw = copy_task(args, tokenizer)
+        reads, draw = copy_task(tokenizer)
     elif args.task == "image":
         reads, draw = image_task(args, tokenizer)
     else:
-        (copy_reads, copy_draw), (reads, image_draw) = copy_task(args, tokenizer), image_task(args, tokenizer)
+        (copy_reads, copy_draw), (reads, image_draw) = copy_task(tokenizer), image_task(args, tokenizer)
         reads |= {f"copy_{name}": lists for name, lists in copy_reads.items()}
         half = args.batch // 2
         return reads, lambda rng: copy_draw(half, rng) + image_draw(args.batch - half, rng)
