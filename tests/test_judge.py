@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from unime_ray.config import JudgeConfig, MiningConfig, ModelConfig
-from unime_ray.data.schemas import JUDGE_REQUESTS
+from unime_ray.data.schemas import JUDGE_REQUEST_IDS, JUDGE_REQUESTS
 from unime_ray.mining.judge import attach_precomputed, run_judge
 from unime_ray.models import processing_unime
 from unime_ray.models.backbone import load_model, load_processor
@@ -162,6 +162,43 @@ def test_precomputed_scores_validated_by_id(local_ray, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query_id": "q0", "score": 1.0}]), user)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['cand_id'\]"):
         attach_precomputed(reqs, tmp_path / "out4", str(user))
+
+
+def test_precomputed_scores_over_several_buckets_and_chunks(local_ray, tmp_path, monkeypatch):
+    """Request shards grouped into three buckets and a shuffled score file cut into several partitioning
+    tasks, so every task's rows fall in every bucket: each request still gets its own score, in the
+    requests' order, and the rows of queries no request names are counted unused."""
+    from unime_ray.mining import judge
+
+    monkeypatch.setattr(judge, "BUCKET_ROWS", 40)  # read by the driver: shards of 30 rows, one per bucket
+    monkeypatch.setattr(judge, "CHUNK_ROWS", 25)  # row groups of 10: three groups per task
+    reqs = []
+    for shard in range(3):
+        rows = [
+            {"query_id": f"s{shard}q{q}", "dataset": "d", "cand_id": f"c{c}", "is_positive": c == 0}
+            | {"rank": c - 1, "sim": 0.5}
+            for q in range(10)
+            for c in range(3)
+        ]
+        reqs.append(tmp_path / "req" / f"d-{shard:05d}.parquet")
+        reqs[-1].parent.mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=JUDGE_REQUEST_IDS), reqs[-1])
+    want = {
+        (f"s{s}q{q}", f"c{c}"): s * 100 + q * 10 + c for s in range(3) for q in range(10) for c in range(3)
+    }
+    rows = [{"query_id": q, "cand_id": c, "score": float(v)} for (q, c), v in want.items()]
+    rows += [{"query_id": "nobody", "cand_id": "c0", "score": -1.0}]
+    np.random.default_rng(0).shuffle(rows)
+    user = tmp_path / "scores.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), user, row_group_size=10)
+    report = attach_precomputed(reqs, tmp_path / "out", str(user))
+    assert report == {"rows": 90, "user_rows_unused": 1}
+    for path in reqs:
+        out = pq.read_table(tmp_path / "out" / path.name).to_pylist()
+        assert [(r["query_id"], r["cand_id"]) for r in out] == [
+            (r["query_id"], r["cand_id"]) for r in pq.read_table(path).to_pylist()
+        ]
+        assert [r["score"] for r in out] == [want[r["query_id"], r["cand_id"]] for r in out]
 
 
 def test_prompt_variant_and_candidate_cap(tiny_qwen):

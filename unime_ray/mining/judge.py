@@ -249,8 +249,12 @@ def _partition_user_scores(
     files `b<bucket>-c<chunk>.parquet`; rows of a query no request names go to bucket -1 (unused)."""
     parts: dict[int, list[pa.Table]] = {}
     for batch in _user_batches(path, row_groups):
-        where = pc.index_in(batch["query_id"], value_set=buckets["query_id"])
-        bucket = pc.fill_null(pc.take(buckets["bucket"], where), -1)
+        # pc.index_in hashes its value_set on every call: against all of the run's queries, each batch
+        # would cost the whole run's size, and the step would grow with its square. So only the batch's
+        # own queries are hashed, and every request's query is probed against them (a cheap pass).
+        named = buckets.filter(pc.is_in(buckets["query_id"], value_set=pc.unique(batch["query_id"])))
+        where = pc.index_in(batch["query_id"], value_set=named["query_id"])
+        bucket = pc.fill_null(pc.take(named["bucket"], where), -1)
         for b in pc.unique(bucket).to_pylist():
             parts.setdefault(b, []).append(batch.filter(pc.equal(bucket, b)))
     return [
@@ -340,7 +344,9 @@ def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) ->
         {"query_id": pa.chunked_array(ids, pa.string()), "bucket": pa.chunked_array(bucket_of, pa.int32())}
     )
     work = out_dir / "_user_scores"
-    items = [(scores_path, rgs, i, buckets, work) for i, rgs in enumerate(chunks)]
+    # Stored once: a table among a task's arguments is copied into the object store for every task.
+    shared = ray.put(buckets)
+    items = [(scores_path, rgs, i, shared, work) for i, rgs in enumerate(chunks)]
     fragments = requests_once(
         work, lambda _: [p for _, paths, _ in run_tasks(_partition_user_scores, items) for p in paths]
     )
