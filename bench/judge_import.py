@@ -1,15 +1,14 @@
-"""The bring-your-own judge-score import (`mining.judge.attach_precomputed`) alone, on a finished
-`bench/scale.py` run: its judge request shards and planted scores in, fresh score files out, compared
-file by file with the run's own judge output.
+"""The judge stage's bring-your-own path alone, on a finished `bench/scale.py` run: the request shards
+written from the run's candidates (`write_requests`, ids only), then the planted scores joined onto them
+(`attach_precomputed`); both compared file by file, byte for byte, with the run's own.
 
     python bench/judge_import.py /tmp/unime-scale/new-n662000 --out /tmp/ji-new
     # the code before a change, on the same run (a worktree of the old commit):
     PYTHONPATH=/tmp/unime-old python bench/judge_import.py RUN --out /tmp/ji-old --label old
 
-Measured: wall seconds around the call, the peak RSS of the largest Ray worker (`ray::` processes of
-this session, sampled every 0.2 s; the work runs in tasks, so the driver's GIL does not stop the
-sampler), and how many output files equal the run's (`Table.equals`). Results go to
-`bench/results/judge_import.json`, one entry per (label, run).
+Measured per phase: wall seconds, and the peak RSS of the largest Ray worker (`ray::` processes of this
+session, sampled every 0.2 s; the work runs in tasks, so the driver's GIL does not stop the sampler).
+Results go to `bench/results/judge_import.json`, one entry per (label, run).
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 
-from unime_ray.mining.judge import attach_precomputed
+from unime_ray.config import MiningConfig
+from unime_ray.mining.judge import attach_precomputed, write_requests
 from unime_ray.ray_utils import init_ray
 
 RESULTS = Path(__file__).parent / "results" / "judge_import.json"
+FOLDERS = {"requests": "requests", "scores": "results"}  # each phase's output folder under judge/
 
 
 def largest_worker_mb(stop: threading.Event, peak: list[float]) -> None:
@@ -45,31 +45,39 @@ def largest_worker_mb(stop: threading.Event, peak: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished bench/scale.py run folder")
-    parser.add_argument("--out", type=Path, required=True, help="where the fresh score files go (replaced)")
+    parser.add_argument("--out", type=Path, required=True, help="where the fresh requests and scores go (replaced)")
     parser.add_argument("--label", default="new", help="the code's name in the results")
     args = parser.parse_args()
-    judge = args.run / "mining" / "judge"
-    requests = sorted((judge / "requests").glob("*.parquet"))
-    shutil.rmtree(args.out, ignore_errors=True)
+    mining, out = args.run / "mining", args.out
+    shutil.rmtree(out, ignore_errors=True)
     init_ray()
-    stop, peak = threading.Event(), [0.0]
-    sampler = threading.Thread(target=largest_worker_mb, args=(stop, peak), daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    report = attach_precomputed(requests, args.out, str(args.run / "inputs" / "scores.parquet"))
-    seconds = time.perf_counter() - start
-    stop.set()
-    same = sum(pq.read_table(args.out / p.name).equals(pq.read_table(judge / p.name)) for p in requests)
-    entry = dict(
-        label=args.label,
-        run=str(args.run),
-        date=time.strftime("%Y-%m-%d"),
-        seconds=round(seconds, 1),
-        largest_worker_mb=round(peak[0]),
-        rows=report["rows"],
-        files=len(requests),
-        files_equal_to_run=int(same),
-    )
+    phases = {
+        "requests": lambda: write_requests(
+            sorted((mining / "retrieve").glob("*.parquet")),
+            mining / "ingest" / "queries.parquet",
+            mining / "ingest" / "pool.parquet",
+            out / "requests",
+            MiningConfig(),
+            texts=False,
+        ),
+        "scores": lambda: attach_precomputed(
+            sorted((out / "requests").glob("*.parquet")),
+            out / "results",
+            str(args.run / "inputs/scores.parquet"),
+        ),
+    }
+    entry: dict = dict(label=args.label, run=str(args.run), date=time.strftime("%Y-%m-%d"))
+    for phase, fn in phases.items():
+        stop, peak = threading.Event(), [0.0]
+        threading.Thread(target=largest_worker_mb, args=(stop, peak), daemon=True).start()
+        start = time.perf_counter()
+        fn()
+        entry[phase] = {"seconds": round(time.perf_counter() - start, 1), "largest_worker_mb": round(peak[0])}
+        stop.set()
+        folder = FOLDERS[phase]
+        ours = sorted((out / folder).glob("*.parquet"))
+        same = sum(p.read_bytes() == (mining / "judge" / folder / p.name).read_bytes() for p in ours)
+        entry[phase] |= {"files": len(ours), "files_equal_to_run": same}
     print(json.dumps(entry))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     results = [r for r in results if (r["label"], r["run"]) != (entry["label"], entry["run"])] + [entry]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -42,8 +43,10 @@ def write_request_shards(
     if group is None:
         starts = list(range(0, table.num_rows, per_shard))
     else:
-        values = table[group].to_numpy(zero_copy_only=False)
-        group_starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else []
+        # Compared in Arrow: a NumPy array of the ids would be one Python object per row.
+        values = table[group]
+        changed = pc.not_equal(values.slice(1), values.slice(0, max(len(values) - 1, 0)))
+        group_starts = np.flatnonzero(np.r_[True, changed.to_numpy()]) if len(values) else []
         starts = [int(i) for i in group_starts[::per_shard]]
     bounds = starts + [table.num_rows]
     return [

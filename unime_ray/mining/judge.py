@@ -101,9 +101,12 @@ def _lookup(table: pa.Table, ids: pa.ChunkedArray | pa.Array, what: str) -> pa.A
     return rows
 
 
-def _request_ids(candidates: pa.Table, queries: pa.Table) -> pa.Table:
+def _request_ids(candidates: pa.Table, queries: pa.Table, pool: pa.Table | None = None) -> pa.Table:
     """The id columns of the judge requests: per query with candidates, its positive (rank -1) and then
-    its candidates by rank; queries in id order."""
+    its candidates by rank; queries in id order. Each row also carries the row of its query in `queries`
+    (`_qrow`) and, given a `pool`, of its candidate there (`_crow`): each table is hashed once, so that
+    filling a shard's columns is a take. (A lookup per shard hashed the dataset's whole queries table
+    for every shard of it, and the judge stage grew with the square of the dataset's size.)"""
     cands = candidates.select(["query_id", "cand_id", "rank", "sim"])
     qids = pc.unique(cands["query_id"])
     pos = queries["pos_id"].take(_lookup(queries, qids, "query"))
@@ -118,13 +121,17 @@ def _request_ids(candidates: pa.Table, queries: pa.Table) -> pa.Table:
     flags = [pa.repeat(pa.scalar(flag), n) for flag, n in ((True, len(qids)), (False, cands.num_rows))]
     rows = pa.concat_tables([positives, cands.cast(positives.schema)])
     rows = rows.append_column("is_positive", pa.concat_arrays(flags))
-    return rows.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    rows = rows.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    rows = rows.append_column("_qrow", _lookup(queries, rows["query_id"], "query"))
+    if pool is not None:
+        rows = rows.append_column("_crow", _lookup(pool, rows["cand_id"], "candidate"))
+    return rows
 
 
 def _with_texts(ids: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
-    """JUDGE_REQUESTS rows: the id columns with the query's and the candidate's texts and images."""
-    q = queries.take(_lookup(queries, ids["query_id"], "query"))
-    c = pool.take(_lookup(pool, ids["cand_id"], "candidate"))
+    """JUDGE_REQUESTS rows: the id columns (`_request_ids` with a pool) with the query's and the
+    candidate's texts and images."""
+    q, c = queries.take(ids["_qrow"]), pool.take(ids["_crow"])
     columns = {
         "query_id": ids["query_id"],
         "dataset": q["dataset"],
@@ -143,14 +150,14 @@ def _with_texts(ids: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
 def _with_dataset(ids: pa.Table, queries: pa.Table) -> pa.Table:
     """The id columns with the query's dataset: all a bring-your-own score is joined on (the JUDGE_SCORES
     columns but the score). Only a model judge reads the texts, and writing them is most of the bytes."""
-    q = queries.take(_lookup(queries, ids["query_id"], "query"))
-    columns = {name: q["dataset"] if name == "dataset" else ids[name] for name in JUDGE_REQUEST_IDS.names}
+    dataset = queries["dataset"].take(ids["_qrow"])
+    columns = {name: dataset if name == "dataset" else ids[name] for name in JUDGE_REQUEST_IDS.names}
     return pa.table(columns, schema=JUDGE_REQUEST_IDS)
 
 
 def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> pa.Table:
     """CANDIDATES rows -> JUDGE_REQUESTS rows, ordered by query id, each query's positive first."""
-    return _with_texts(_request_ids(candidates, queries), queries, pool)
+    return _with_texts(_request_ids(candidates, queries, pool), queries, pool)
 
 
 def _dataset_requests(
@@ -163,10 +170,10 @@ def _dataset_requests(
     names = pc.unique(cands["dataset"]).to_pylist()
     columns = ["id", "dataset", "text", "image"] if texts else ["id", "dataset"]
     q = pq.read_table(queries, columns=[*columns, "pos_id"], filters=[("dataset", "in", names)])
-    ids = _request_ids(cands, q)
+    p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)]) if texts else None
+    ids = _request_ids(cands, q, p)
     del cands
     if texts:
-        p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)])
         fill = lambda t: _with_texts(t, q, p)  # noqa: E731
     else:
         fill = lambda t: _with_dataset(t, q)  # noqa: E731
