@@ -235,12 +235,11 @@ def job(
     until: str,
     recall_n: int,
     topics: int,
-    drop_inputs: bool = False,
 ) -> None:
     """The driver: the real pipeline, stage by stage, each bracketed by progress events; `sets` are
     extra config overrides (e.g. an approximate index), `until` the last phase to run (a stage, or
     "read": the training read after sample), `topics` the planted embeddings' concepts per topic (0:
-    flat); `drop_inputs` deletes each harness input once its stage has imported it."""
+    flat)."""
     import unime_ray
     from unime_ray.config import Config, load_config
     from unime_ray.mining.pipeline import STAGES, fingerprints, run_mining
@@ -354,9 +353,6 @@ def job(
                 return figures
 
             measured(stage, one, harness_written=(old and stage == "embed"))
-            if drop_inputs and stage in ("embed", "judge"):
-                name = "embeddings" if stage == "embed" else "scores"
-                (inputs / f"{name}.parquet").unlink(missing_ok=True)
             if stage == "retrieve" and cfg.mining.index != "exact" and recall_n:
                 embeddings = mining / "embed" / "results"
                 measured("recall", lambda e=embeddings: recall_at_top_n(mining, e, cfg, recall_n, seed))
@@ -483,7 +479,7 @@ def harness(args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "job", "--run", str(run), "--data", str(data_dir)]
     cmd += ["--dim", str(args.dim), "--seed", str(args.seed), "--progress", str(progress)]
     cmd += ["--until", args.until, "--recall-queries", str(args.recall_queries), "--topics", str(args.topics)]
-    cmd += [f"--set={kv}" for kv in args.set] + (["--drop-inputs"] if args.drop_inputs else [])
+    cmd += [f"--set={kv}" for kv in args.set]
     # cwd = the code's own tree: Ray ships the driver's sys.path / cwd to its workers.
     proc = subprocess.Popen(cmd, cwd=code, stdout=log, stderr=subprocess.STDOUT)
     print(f"[scale] job pid {proc.pid}, code {code}, log {run / 'job.log'}", flush=True)
@@ -497,12 +493,7 @@ def harness(args: argparse.Namespace) -> dict:
         "code": {"path": str(code), "commit": _git_commit(code)},
         "data": {"rows": args.n, "datasets": len(data["datasets"]), "bytes": data["bytes"]},
         "limits": {"max_rss_gb": args.max_rss_gb, "timeout_min": args.timeout_min},
-        "settings": {
-            "set": args.set,
-            "until": args.until,
-            "topics": args.topics,
-            "drop_inputs": args.drop_inputs,
-        },
+        "settings": {"set": args.set, "until": args.until, "topics": args.topics},
         "stages": {},
         "status": "running",
     }
@@ -591,20 +582,8 @@ def main() -> None:
         p.add_argument("--recall-queries", type=int, required=True)
         p.add_argument("--set", action="append", default=[])
         p.add_argument("--topics", type=int, required=True)
-        p.add_argument("--drop-inputs", action="store_true")
         a = p.parse_args()
-        job(
-            a.run,
-            a.data,
-            a.dim,
-            a.seed,
-            a.progress,
-            a.set,
-            a.until,
-            a.recall_queries,
-            a.topics,
-            a.drop_inputs,
-        )
+        job(a.run, a.data, a.dim, a.seed, a.progress, a.set, a.until, a.recall_queries, a.topics)
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=20000, help="MMEB-train pairs (662000 = the paper's size)")
@@ -622,12 +601,6 @@ def main() -> None:
     p.add_argument("--max-rss-gb", type=float, default=20.0, help="kill the job above this summed RSS")
     p.add_argument("--timeout-min", type=float, default=0, help="kill the job after this long (0 = never)")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument(
-        "--drop-inputs",
-        action="store_true",
-        help="delete the harness's planted embeddings and scores once their stage imported them (at 6.6M "
-        "they are 20 GB of the run's disk); their sizes stay in the results",
-    )
     p.add_argument(
         "--set",
         action="append",
