@@ -28,6 +28,7 @@ from unime_ray.config import EmbedderConfig, MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import EMBEDDINGS, USER_EMBEDDINGS, check_parquet_types, parquet_errors
 from unime_ray.engine.embed import embed_dataset, embeddings_table
+from unime_ray.engine.lookup import rows_named
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, write_parquet
@@ -130,15 +131,16 @@ def _import_part(path: str, row_groups: list[int], first_row: int, items: pa.Tab
             f"{path}: row {first_row + row}: field 'embedding' of {table['id'][row].as_py()!r} is not "
             "finite or is all zeros"
         )
-    where = pc.index_in(table["id"], value_set=items["id"])
+    named = rows_named(items, "id", table["id"])  # not all the run's items: engine/lookup.py
+    where = pc.index_in(table["id"], value_set=named["id"])
     known = pc.is_valid(where).to_numpy(zero_copy_only=False)
     rows = where.drop_null()
     unit = (matrix[known] / norms[known, None]).astype(np.float32)
     part = pa.table(
         {
             "id": table["id"].filter(known),
-            "dataset": items["dataset"].take(rows),
-            "kind": items["kind"].take(rows),
+            "dataset": named["dataset"].take(rows),
+            "kind": named["kind"].take(rows),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)), dim).cast(
                 pa.list_(pa.float32())
             ),

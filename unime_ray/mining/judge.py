@@ -41,6 +41,7 @@ from unime_ray.data.schemas import (
     parquet_errors,
 )
 from unime_ray.engine.actors import map_with_actors
+from unime_ray.engine.lookup import rows_named
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, write_parquet
@@ -256,10 +257,7 @@ def _partition_user_scores(
     files `b<bucket>-c<chunk>.parquet`; rows of a query no request names go to bucket -1 (unused)."""
     parts: dict[int, list[pa.Table]] = {}
     for batch in _user_batches(path, row_groups):
-        # pc.index_in hashes its value_set on every call: against all of the run's queries, each batch
-        # would cost the whole run's size, and the step would grow with its square. So only the batch's
-        # own queries are hashed, and every request's query is probed against them (a cheap pass).
-        named = buckets.filter(pc.is_in(buckets["query_id"], value_set=pc.unique(batch["query_id"])))
+        named = rows_named(buckets, "query_id", batch["query_id"])  # not all the run's queries: lookup.py
         where = pc.index_in(batch["query_id"], value_set=named["query_id"])
         bucket = pc.fill_null(pc.take(named["bucket"], where), -1)
         for b in pc.unique(bucket).to_pylist():

@@ -65,6 +65,7 @@ import ray
 from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
 from unime_ray.data.schemas import HARD_NEGATIVES, JUDGE_SCORES, QUARANTINE
+from unime_ray.engine.lookup import index_in_many
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import (
     MERGE_ROWS,
@@ -79,6 +80,7 @@ from unime_ray.keyed import key_rng as query_rng  # one query's fallback draw
 from unime_ray.mining.score_stats import POPULATIONS, plot_scores, save_scores, score_stats
 
 SCORE_COLUMNS = ["query_id", "cand_id", "is_positive", "rank", "score"]
+LOOKUP_ROWS = 1 << 20  # score rows whose ids are looked up at once (`_FilesSampler.sample_files`)
 
 
 @dataclass
@@ -227,28 +229,29 @@ def _index_in(values: pa.ChunkedArray, ids: pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(pc.index_in(values, value_set=ids), -1).to_numpy()
 
 
-def _usable_rows(path: Path, pool: pa.Table) -> tuple[pa.Table, list[pa.Table]]:
-    """The score rows of one file that can be sampled, each with its candidate's row in `pool`, sorted by
-    query id; and the quarantine rows of the others."""
+def _read_scores(path: Path) -> pa.Table:
     wanted = pa.schema([JUDGE_SCORES.field(column) for column in SCORE_COLUMNS])
     try:
-        table = pq.read_table(path, columns=SCORE_COLUMNS).cast(wanted)
+        return pq.read_table(path, columns=SCORE_COLUMNS).cast(wanted)
     except (OSError, KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise DataError(f"{path}: not a judge score file with columns {wanted}: {e}") from e
-    pool_row = pc.index_in(table["cand_id"], value_set=pool["id"])
+
+
+def _usable_rows(path: Path, table: pa.Table) -> tuple[pa.Table, list[pa.Table]]:
+    """The score rows of one file (with its rows' `pool_row` and `query_row`, null where the id is
+    unknown) that can be sampled, sorted by query id; and the quarantine rows of the others."""
     checks = [(column, "null_value", pc.is_null(table[column])) for column in SCORE_COLUMNS]
     checks.append(("score", "nan_score", pc.is_nan(table["score"])))
     # The positive's text comes from QUERIES.pos_id, so only a negative needs its own pool row.
-    checks.append(
-        ("cand_id", "unknown_candidate", pc.and_(pc.invert(table["is_positive"]), pc.is_null(pool_row)))
-    )
+    unknown = pc.and_(pc.invert(table["is_positive"]), pc.is_null(table["pool_row"]))
+    checks.append(("cand_id", "unknown_candidate", unknown))
     keep = np.ones(table.num_rows, dtype=bool)
     problems = []
     for field, reason, hits in checks:
         rows = np.flatnonzero(pc.fill_null(hits, False).to_numpy(zero_copy_only=False) & keep)
         problems.append(_problems(path, rows, table["query_id"].take(rows), field, reason))
         keep[rows] = False
-    return table.append_column("pool_row", pool_row).filter(keep).sort_by("query_id"), problems
+    return table.filter(keep).sort_by("query_id"), problems
 
 
 REPORT_ARRAYS = ("num_survivors", "fallback")  # per task, for the report; the scores go to files
@@ -414,10 +417,29 @@ class _FilesSampler:
         self.problems: list[pa.Table] = []
         self.collector = _Collector()
 
-    def sample_file(self, files: list[Path], file_no: int) -> None:
-        """Sample every query of `files[file_no]`, quarantining the rows and queries that cannot be."""
+    def sample_files(self, files: list[Path]) -> None:
+        """Sample every query of `files`, in order. Their ids are looked up in the task's pool and queries
+        for a chunk of files at once (LOOKUP_ROWS rows): a lookup hashes the whole pool, or all the
+        queries, and once per file it grew with the square of a dataset (engine/lookup.py)."""
+        chunk: list[tuple[int, pa.Table]] = []
+        rows = 0
+        for file_no, path in enumerate(files):
+            chunk.append((file_no, _read_scores(path)))
+            rows += chunk[-1][1].num_rows
+            if rows >= LOOKUP_ROWS or file_no == len(files) - 1:
+                tables = [t for _, t in chunk]
+                pool_rows = index_in_many([t["cand_id"] for t in tables], self.pool["id"])
+                query_rows = index_in_many([t["query_id"] for t in tables], self.queries["id"])
+                for (no, table), pool_row, query_row in zip(chunk, pool_rows, query_rows, strict=True):
+                    table = table.append_column("pool_row", pool_row).append_column("query_row", query_row)
+                    self.sample_file(files, no, table)
+                chunk, rows = [], 0
+
+    def sample_file(self, files: list[Path], file_no: int, table: pa.Table) -> None:
+        """Sample every query of `files[file_no]` (its rows `table`, with their `pool_row` and
+        `query_row`), quarantining the rows and queries that cannot be."""
         path = files[file_no]
-        table, file_problems = _usable_rows(path, self.pool)
+        table, file_problems = _usable_rows(path, table)
         self.problems += file_problems
         ids = table["query_id"].to_numpy(zero_copy_only=False)
         is_positive = table["is_positive"].to_numpy(zero_copy_only=False)
@@ -425,7 +447,7 @@ class _FilesSampler:
         starts = np.flatnonzero(np.r_[len(ids) > 0, ids[1:] != ids[:-1]])
         sizes = np.diff(np.r_[starts, len(ids)])
         group = np.repeat(np.arange(len(starts)), sizes)
-        q = _index_in(table["query_id"], self.queries["id"])[starts]
+        q = pc.fill_null(table["query_row"], -1).to_numpy()[starts]
         self._claim(q, ids[starts], files, file_no)
         positives = np.bincount(group, weights=is_positive.astype(np.float64), minlength=len(starts))
         positives = positives.astype(np.int64)
@@ -539,8 +561,7 @@ def _sample_files(
     queries = _rows_of(queries_src, datasets, ["id", "dataset", "text", "image", "pos_id"])
     pool = _rows_of(pool_src, datasets, ["id", "dataset", "text", "image"])
     sampler = _FilesSampler(queries, pool, cfg, seed)
-    for file_no in range(len(files)):
-        sampler.sample_file(files, file_no)
+    sampler.sample_files(files)
     result = sampler.collector.arrays()
     table = _hard_negatives_table(result, queries, pool, sampler.pos_pool_row)
     write_parquet(table, out, PART_ROWS)
