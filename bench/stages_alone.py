@@ -13,8 +13,9 @@ Phases (`--phases`, in this order by default):
     # the code before a change, on the same run (a worktree of the old commit):
     PYTHONPATH=/tmp/unime-old python bench/stages_alone.py RUN --out /tmp/alone-old --label old
 
-Measured per phase: wall seconds, and the peak RSS of the largest Ray worker (`ray::` processes of this
-session, sampled every 0.2 s; the work runs in tasks, so the driver's GIL does not stop the sampler).
+Measured per phase: wall seconds, and the peak RSS of the largest Ray worker (`scale.py`'s `/proc`
+reading of this process's `ray::` workers, every 0.2 s; the work runs in tasks, so the driver's GIL does
+not stop the sampler).
 The settings are the run's (its config overrides, from its progress file). Results go to
 `bench/results/stages_alone.json`, one entry per (label, run).
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
-import psutil
+from scale import sample  # bench/, this script's folder
 
 import unime_ray
 from unime_ray.config import load_config
@@ -42,15 +44,10 @@ SAMPLE_FILES = ["hard_negatives.parquet", "hard_negatives.json", "quarantine.par
 
 
 def largest_worker_mb(stop: threading.Event, peak: list[float]) -> None:
-    """Until `stop`: the largest RSS of this process's `ray::` descendants, in MB, into peak[0]."""
-    me = psutil.Process()
+    """Until `stop`: the largest RSS of this process's Ray workers (as `scale.py` measures a stage's),
+    in MB, into peak[0]."""
     while not stop.wait(0.2):
-        for child in me.children(recursive=True):
-            try:
-                if child.name().startswith("ray::"):
-                    peak[0] = max(peak[0], child.memory_info().rss / 2**20)
-            except psutil.Error:
-                continue
+        peak[0] = max(peak[0], sample(os.getpid())["worker"])
 
 
 def phases(run: Path, out: Path) -> dict:
