@@ -11,6 +11,8 @@ Three tasks:
   the photo's class and point at that caption. `--pool` training photos are trained on; "own" is 64 of
   them, "held" 64 photos of the eval split.
 - `mixed`: half of each batch from each task, read on both (the copy readings as `copy_held`, `copy_own`).
+- `curriculum`: the copy task alone for `--copy-steps` steps, then the image task alone, read on both as
+  `mixed` is (does pointing, once learned on text, carry over to photos?).
 
 Accuracy is the share of lists whose whole answer ("Ans: (n)" and the end of turn) is the model's
 argmax at every position: what greedy decoding of the inference path (`Reranker.listwise`) answers.
@@ -124,8 +126,9 @@ def image_task(args, tokenizer):
 
 
 def tasks(args, tokenizer):
-    """The readings and a function drawing one training batch from an rng. `mixed`: half of each batch
-    copy lists, half image lists (does pointing learned on text carry the image task?)."""
+    """The readings and a function drawing the training batch of a step from an rng. `mixed`: half of
+    each batch copy lists, half image lists; `curriculum`: copy lists before `--copy-steps`, image lists
+    after."""
     if args.task == "copy":
         reads, draw = copy_task(tokenizer)
     elif args.task == "image":
@@ -133,15 +136,20 @@ def tasks(args, tokenizer):
     else:
         (copy_reads, copy_draw), (reads, image_draw) = copy_task(tokenizer), image_task(args, tokenizer)
         reads |= {f"copy_{name}": lists for name, lists in copy_reads.items()}
+        if args.task == "curriculum":
+            return reads, lambda rng, step: (image_draw if step >= args.copy_steps else copy_draw)(
+                args.batch, rng
+            )
         half = args.batch // 2
-        return reads, lambda rng: copy_draw(half, rng) + image_draw(args.batch - half, rng)
-    return reads, lambda rng: draw(args.batch, rng)
+        return reads, lambda rng, step: copy_draw(half, rng) + image_draw(args.batch - half, rng)
+    return reads, lambda rng, step: draw(args.batch, rng)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="a FastVLM folder (make-tiny --arch fast-vlm)")
-    p.add_argument("--task", default="copy", choices=["copy", "image", "mixed"])
+    p.add_argument("--task", default="copy", choices=["copy", "image", "mixed", "curriculum"])
+    p.add_argument("--copy-steps", type=int, default=120, help="curriculum: copy-task steps before photos")
     p.add_argument("--world", type=Path, help="image task: a make-world --source fashion-mnist folder")
     p.add_argument("--pool", type=int, default=512, help="image task: training photos trained on")
     p.add_argument("--image-size", type=int, default=96)
@@ -191,7 +199,7 @@ def main() -> None:
             args.out.write_text(json.dumps({"settings": settings, "log": log}, indent=1) + "\n")
         if step == args.steps:
             break
-        loss = answer_losses(model, *batch(draw(rng))).total.mean()
+        loss = answer_losses(model, *batch(draw(rng, step))).total.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -41,9 +41,9 @@ def settings(out: Path, model: Path, world: Path, size: int, lr: float, args) ->
         "train.num_workers": 2,
         "train.steps": args.steps,
         "train.lr": lr,
-        "train.global_batch_size": 8,
+        "train.global_batch_size": args.batch,
         "train.micro_batch_size": 2,
-        "train.num_negatives": 3,
+        "train.num_negatives": args.negatives,
         "train.checkpoint_every": args.steps,
     }
     return overrides(s)
@@ -103,7 +103,9 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=800)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--align-steps", type=int, default=120)
-    p.add_argument("--steps", type=int, default=60, help="train-embed steps (global batch 8)")
+    p.add_argument("--steps", type=int, default=60, help="train-embed steps")
+    p.add_argument("--batch", type=int, default=8, help="train-embed global batch (queries per step)")
+    p.add_argument("--negatives", type=int, default=3, help="hard negatives per query in train-embed")
     p.add_argument("--models", default="fast-vlm,mid")
     p.add_argument("--lr-fast-vlm", type=float, default=2e-4, help="LoRA learning rate of the FastVLM")
     p.add_argument("--lr-mid", type=float, default=2e-3, help="LoRA learning rate of the mid model")
