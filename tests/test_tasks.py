@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray.cloudpickle
 
@@ -83,3 +85,20 @@ def test_an_error_stops_the_tasks_still_running(local_ray, tmp_path):
     (tmp_path / "release").touch()
     time.sleep(5)
     assert not list(tmp_path.glob("*.json"))
+
+
+def _table_sum(table, k: int) -> int:
+    return pc.sum(table["x"]).as_py() * k
+
+
+def test_a_table_shared_by_items_is_stored_once(local_ray, monkeypatch):
+    import unime_ray.engine.tasks as tasks
+
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(tasks.ray, "put", lambda value: puts.append(value) or real_put(value))
+    shared, other = pa.table({"x": [1, 2, 3]}), pa.table({"x": [10]})
+    items = [(shared, k) for k in range(4)] + [(other, 5)]
+    got = dict((i, result) for i, result, _ in run_tasks(_table_sum, items))
+    assert got == {0: 0, 1: 6, 2: 12, 3: 18, 4: 50}  # each task read its own table's values
+    assert len(puts) == 2 and puts[0] is shared and puts[1] is other  # one copy per distinct table

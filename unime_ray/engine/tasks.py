@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 
@@ -38,14 +39,15 @@ def run_tasks(
 ) -> Iterator[tuple[int, Any, str]]:
     """Run `fn(*item)` for every item as a Ray task; yield (item index, result, node id) as each ends.
 
-    Tasks are scheduled with the SPREAD strategy, so the units of a stage land on every node. An
+    Tasks are scheduled with the SPREAD strategy, so the units of a stage land on every node. A table
+    among the items' arguments is put into Ray's object store once, however many items share it. An
     exception inside `fn` (bad input) is raised here at once, not retried: only system failures (a dead
     worker or node) are."""
     remote = ray.remote(_run_on_node).options(
         num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD", max_retries=max_retries
     )
     limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-3)))
-    pending, running = list(enumerate(items)), {}
+    pending, running = list(enumerate(_tables_stored_once(items))), {}
     try:
         while pending or running:
             while pending and len(running) < limit:
@@ -57,6 +59,22 @@ def run_tasks(
             yield i, result, node
     finally:
         _settle(list(running))
+
+
+def _tables_stored_once(items: Sequence[tuple]) -> list[tuple]:
+    """The items with each distinct `pa.Table` argument replaced by one object-store ref: Ray copies an
+    argument into the store for every task it is passed to, so a table shared by N items would be
+    stored N times (a stage's whole query table, once per file)."""
+    refs: dict[int, ray.ObjectRef] = {}
+
+    def stored(arg: Any) -> Any:
+        if not isinstance(arg, pa.Table):
+            return arg
+        if id(arg) not in refs:
+            refs[id(arg)] = ray.put(arg)
+        return refs[id(arg)]
+
+    return [tuple(stored(arg) for arg in item) for item in items]
 
 
 def _settle(refs: list[ray.ObjectRef], timeout: float = 10) -> None:

@@ -180,9 +180,8 @@ def import_embeddings(path: str, queries: str | Path, pool: str | Path, out_dir:
         if rows - first >= IMPORT_ROWS or rg == meta.metadata.num_row_groups - 1:
             parts.append((group, first))
             group, first = [], rows
-    items_ref = ray.put(items)
     todo = [
-        (path, groups, start, items_ref, dim, out_dir / f"part-{i:05d}.parquet")
+        (path, groups, start, items, dim, out_dir / f"part-{i:05d}.parquet")
         for i, (groups, start) in enumerate(parts)
         if not finished_parquet(out_dir / f"part-{i:05d}.parquet")
     ]

@@ -349,9 +349,7 @@ def attach_precomputed(requests: list[Path], out_dir: Path, scores_path: str) ->
         {"query_id": pa.chunked_array(ids, pa.string()), "bucket": pa.chunked_array(bucket_of, pa.int32())}
     )
     work = out_dir / "_user_scores"
-    # Stored once: a table among a task's arguments is copied into the object store for every task.
-    shared = ray.put(buckets)
-    items = [(scores_path, rgs, i, shared, work) for i, rgs in enumerate(chunks)]
+    items = [(scores_path, rgs, i, buckets, work) for i, rgs in enumerate(chunks)]
     fragments = requests_once(
         work, lambda _: [p for _, paths, _ in run_tasks(_partition_user_scores, items) for p in paths]
     )

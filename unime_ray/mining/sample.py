@@ -60,7 +60,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from unime_ray.config import MiningConfig
 from unime_ray.data.mmeb import DataError
@@ -669,17 +668,14 @@ def run_sample(
     return report
 
 
-def _checked_sources(sources: dict[str, pa.Table | str | Path]) -> dict[str, pa.Table | str | ray.ObjectRef]:
-    """{name: table or path} with unique ids, as the tasks take them: paths as strings, and tables put in
-    Ray's object store (once, not once per task) when the queries are a table."""
+def _checked_sources(sources: dict[str, pa.Table | str | Path]) -> dict[str, pa.Table | str]:
+    """{name: table or path} with unique ids, as the tasks take them: tables, and paths as strings."""
     out: dict = {}
     for name, src in sources.items():
         out[name] = src if isinstance(src, pa.Table) else str(src)
         ids = src["id"] if isinstance(src, pa.Table) else pq.read_table(src, columns=["id"])["id"]
         if pc.count_distinct(ids).as_py() != len(ids):
             raise DataError(f"the {name} table has duplicate ids")
-    if isinstance(sources["queries"], pa.Table):
-        out = {k: ray.put(v) if isinstance(v, pa.Table) else v for k, v in out.items()}
     return out
 
 
@@ -695,9 +691,7 @@ def _check_seen_once(results: list[dict]) -> None:
         raise _split_query_error(twice[0].as_py(), files[0], files[1])
 
 
-def _unjudged(
-    results: list[dict], tasks_of: Counter, queries: str | ray.ObjectRef
-) -> tuple[pa.ChunkedArray, int]:
+def _unjudged(results: list[dict], tasks_of: Counter, queries: pa.Table | str) -> tuple[pa.ChunkedArray, int]:
     """The ids of the queries no score file held, in QUERIES order, and the number of queries. A query
     is unjudged when no score file names its dataset, or when every task that read its dataset left it
     unseen; QUERIES is read a batch at a time, so the driver never holds every id."""
@@ -706,8 +700,8 @@ def _unjudged(
     ).flatten()
     names = pa.array(list(tasks_of), pa.string())
     tasks = pa.array(list(tasks_of.values()), pa.int64())
-    if isinstance(queries, ray.ObjectRef):
-        batches = ray.get(queries).select(["id", "dataset"]).to_batches(MERGE_ROWS)
+    if isinstance(queries, pa.Table):
+        batches = queries.select(["id", "dataset"]).to_batches(MERGE_ROWS)
     else:
         batches = pq.ParquetFile(queries).iter_batches(batch_size=MERGE_ROWS, columns=["id", "dataset"])
     found, count = [], 0
