@@ -8,13 +8,23 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from mined import BETA, DATASETS, expected_outcomes
 
 from unime_ray.cli import main as cli
-from unime_ray.inspector import SCORE_BINS, Thumbnails, build_report, choose_queries, collect, mining_dir
+from unime_ray.inspector import (
+    SCORE_BINS,
+    Thumbnails,
+    _row_groups_with,
+    _rows,
+    build_report,
+    choose_queries,
+    collect,
+    mining_dir,
+)
 
 
 class Page(HTMLParser):
@@ -168,3 +178,23 @@ def test_thumbnails_stay_under_the_image_root(world, tmp_path):
     rel = os.path.relpath(outside, world / "images")
     assert rel.startswith("..") and (world / "images" / rel).resolve() == outside.resolve()
     assert thumbs(rel) is None and thumbs(str(outside)) is None and thumbs("missing.png") is None
+
+
+def test_rows_reads_only_the_row_groups_that_can_hold_the_ids(tmp_path):
+    # ids q00..q11 sorted, in row groups of 4: [q00-q03], [q04-q07], [q08-q11]; a list column before `id`
+    # (the hard negatives' layout), so the statistics' leaf index is not the field index
+    ids = [f"q{i:02d}" for i in range(12)]
+    table = pa.table({"neg": [[i, i + 1] for i in range(12)], "id": ids, "x": list(range(12))})
+    sorted_file, shuffled_file = tmp_path / "sorted.parquet", tmp_path / "shuffled.parquet"
+    pq.write_table(table, sorted_file, row_group_size=4)
+    pq.write_table(table.take([11, 0, 5, 6, 1, 10, 2, 9, 3, 4, 7, 8]), shuffled_file, row_group_size=4)
+    wanted = ["q01", "q02", "q09", "zz"]  # "zz" is in no file
+    assert _row_groups_with(pq.ParquetFile(sorted_file), "id", sorted(wanted)) == [0, 2]
+    # shuffled groups span q00-q11, q01-q10 and q03-q08: only the last one holds none of the ids' range
+    assert _row_groups_with(pq.ParquetFile(shuffled_file), "id", sorted(wanted)) == [0, 1]
+    for path in (sorted_file, shuffled_file):
+        got = _rows(path, "id", wanted).sort_by("id")
+        assert got.to_pydict() == table.take([1, 2, 9]).to_pydict()
+    both = _rows([sorted_file, shuffled_file], "id", ["q05"], ["id", "x"])
+    assert both.to_pydict() == {"id": ["q05", "q05"], "x": [5, 5]}
+    assert _rows(sorted_file, "id", []).num_rows == 0  # no id: an empty table of the file's columns
