@@ -13,10 +13,11 @@ Phases (`--phases`, in this order by default):
     # the code before a change, on the same run (a worktree of the old commit):
     PYTHONPATH=/tmp/unime-old python bench/stages_alone.py RUN --out /tmp/alone-old --label old
 
-Measured per phase: wall seconds, the peak RSS of the driver (this process) and of the largest Ray
-worker (`scale.py`'s `/proc` reading of this process and its `ray::` workers, every 0.2 s; the work runs
-mostly in tasks, so the driver's GIL rarely stops the sampler). The driver's figure is the phase alone,
-without what a whole `mine` run's driver keeps from the stages before.
+Measured per phase: wall seconds, the driver's peak RSS (this process's VmHWM, reset at the phase's
+start, as `scale.py` measures a stage's: the phase alone, without what a whole run's driver keeps from
+the stages before), and the peak RSS of the largest Ray worker (`scale.py`'s `/proc` reading of this
+process's `ray::` workers, every 0.2 s; the work runs in tasks, so the driver's GIL does not stop the
+sampler).
 The settings are the run's (its config overrides, from its progress file). Results go to
 `bench/results/stages_alone.json`, one entry per (label, run).
 """
@@ -31,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from scale import sample  # bench/, this script's folder
+from scale import _reset_peak, _status_kb, sample  # bench/, this script's folder
 
 import unime_ray
 from unime_ray.config import load_config
@@ -44,13 +45,11 @@ RESULTS = Path(__file__).parent / "results" / "stages_alone.json"
 SAMPLE_FILES = ["hard_negatives.parquet", "hard_negatives.json", "quarantine.parquet"]
 
 
-def peaks_mb(stop: threading.Event, peak: dict[str, float]) -> None:
-    """Until `stop`: the largest RSS of this process (the driver) and of its Ray workers (as `scale.py`
-    measures a stage's), in MB, into `peak`."""
+def largest_worker_mb(stop: threading.Event, peak: list[float]) -> None:
+    """Until `stop`: the largest RSS of this process's Ray workers (as `scale.py` measures a stage's),
+    in MB, into peak[0]."""
     while not stop.wait(0.2):
-        now = sample(os.getpid())
-        for key in peak:
-            peak[key] = max(peak[key], now[key])
+        peak[0] = max(peak[0], sample(os.getpid())["worker"])
 
 
 def phases(run: Path, out: Path) -> dict:
@@ -106,18 +105,20 @@ def main() -> None:
     todo = phases(args.run, args.out)
     for phase in args.phases:
         call, files = todo[phase]
-        stop, peak = threading.Event(), {"driver": 0.0, "worker": 0.0}
-        threading.Thread(target=peaks_mb, args=(stop, peak), daemon=True).start()
+        stop, peak = threading.Event(), [0.0]
+        threading.Thread(target=largest_worker_mb, args=(stop, peak), daemon=True).start()
+        exact = _reset_peak()
         start = time.perf_counter()
         call()
         seconds = round(time.perf_counter() - start, 1)
+        driver = round(_status_kb(os.getpid())["VmHWM"] / 1024) if exact else None  # before the compare
         stop.set()
         compared = files()
         same = sum(ours.read_bytes() == theirs.read_bytes() for ours, theirs in compared)
         entry[phase] = {
             "seconds": seconds,
-            "driver_mb": round(peak["driver"]),
-            "largest_worker_mb": round(peak["worker"]),
+            "driver_mb": driver,
+            "largest_worker_mb": round(peak[0]),
         }
         entry[phase] |= {"files": len(compared), "files_equal_to_run": same}
         print(json.dumps({phase: entry[phase]}), flush=True)
