@@ -195,8 +195,8 @@ def _rows(
 ) -> pa.Table:
     """Rows whose `column` is in `ids`, from one or several Parquet files, read one row group at a time.
     A row group whose min/max statistics leave out every id is not read, so the run's id-sorted files
-    (the hard negatives) cost a few row groups, and memory holds one row group, never a whole file:
-    Arrow's filtered read of a 2M-query hard-negative file decoded it whole, 5 GB of texts."""
+    (the hard negatives) cost a few row groups, and memory holds one row group, never a whole file
+    (Arrow's filtered `read_table` decoded the whole file, texts and all, to keep a hundred rows)."""
     paths = [paths] if isinstance(paths, Path) else paths
     wanted = sorted(set(ids))
     value_set = pa.array(wanted, pa.string())
