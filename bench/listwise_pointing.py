@@ -2,7 +2,7 @@
 (`listwise_content`, `answer_batch`, `answer_losses`), LoRA on a FastVLM's language model, trained on
 many distinct lists of 10 with nothing else in the loss, its accuracy read every `--every` steps.
 
-Three tasks:
+Four tasks:
 - `copy`: the query is a word and the positive the same word among 9 other words (single-token
   lowercase words of the tokenizer's vocabulary; 300 held out). It needs only in-context pointing: find
   the candidate equal to the query and answer its number.
