@@ -12,7 +12,12 @@ format (all 10 captions each). Every step is a `unime-ray` command run as a subp
     python bench/reranker_rank.py --out /tmp/rr --steps 10 --train-queries 50   # a quick pass
 
 A stage whose output exists is skipped, so a stopped run continues; `--set` is passed to both training
-jobs (e.g. `--set reranker.point_negatives=1` for the paper's pairwise term alone).
+jobs (e.g. `--set reranker.point_negatives=1` for the paper's pairwise term alone). With
+`--rerank-from embedder` the reranker starts from the trained embedder merged into its base (`unime-ray
+export`), not from the untrained model: the embedder has learned which photo goes with which caption,
+which the reranker otherwise has to learn from scratch.
+
+    python bench/reranker_rank.py --out runs/rr-emb --rerank-from embedder
 """
 
 from __future__ import annotations
@@ -85,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-queries", type=int, default=500)
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for both training jobs")
+    p.add_argument(
+        "--rerank-from",
+        choices=["base", "embedder"],
+        default="base",
+        help="the reranker's start: the untrained model, or the trained embedder merged into it",
+    )
     return p.parse_args(argv)
 
 
@@ -107,7 +118,8 @@ def command_settings(out: Path, args: argparse.Namespace) -> list[str]:
 
 def train(out: Path, args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
     """Oracle mining of `out/world` (unless mined), then the embedder and the reranker on it (each job
-    skips a finished run); the command-line settings of the run and the seconds of each step."""
+    skips a finished run; the reranker from the merged embedder with `--rerank-from embedder`); the
+    command-line settings of the reranker's run and the seconds of each step."""
     world, times = out / "world", {}
     cfg = command_settings(out, args)
     hard = out / "mining/sample/hard_negatives.parquet"
@@ -120,6 +132,11 @@ def train(out: Path, args: argparse.Namespace) -> tuple[list[str], dict[str, flo
             "mine", *cfg, "--set", "judge.backend=precomputed", "--set", f"judge.scores_path={oracle}"
         )
     times["train_embed"] = run("train-embed", *cfg)
+    if args.rerank_from == "embedder":
+        merged = out / "models/embedder-merged"
+        if not (merged / "config.json").is_file():
+            times["export"] = run("export", "--run", str(out), str(merged))
+        cfg += ["--set", f"reranker.model.path={merged}"]
     times["train_rerank"] = run("train-rerank", *cfg)
     return cfg, times
 
