@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from unime_ray.config import JudgeConfig, MiningConfig, ModelConfig
-from unime_ray.data.schemas import JUDGE_REQUEST_IDS, JUDGE_REQUESTS
+from unime_ray.data.schemas import CANDIDATES, JUDGE_REQUEST_IDS, JUDGE_REQUESTS, POOL, QUERIES
+from unime_ray.mining import judge as judge_stage
 from unime_ray.mining.judge import attach_precomputed, run_judge
 from unime_ray.models import processing_unime
 from unime_ray.models.backbone import load_model, load_processor
@@ -233,3 +234,61 @@ def test_prompt_variant_and_candidate_cap(tiny_qwen):
         assert stage_settings(other)["judge"][key] == value
         assert fingerprints(other)["judge"] != fingerprints(base)["judge"]
         assert fingerprints(other)["retrieve"] == fingerprints(base)["retrieve"]
+
+
+def _request_world(tmp_path, counts: list[int]):
+    """Queries q00.. with `counts[i]` candidates each (ranks 0.., candidates c<j>), their positives p<i>:
+    QUERIES, POOL and a CANDIDATES file in query-id order, as the retrieve stage writes them."""
+    n = len(counts)
+    queries = pa.table(
+        {
+            "id": [f"q{i:02d}" for i in range(n)],
+            "dataset": ["D"] * n,
+            "text": [f"query {i}" for i in range(n)],
+            "image": [""] * n,
+            "pos_id": [f"p{i}" for i in range(n)],
+        },
+        schema=QUERIES,
+    )
+    pool_ids = [f"p{i}" for i in range(n)] + [f"c{j}" for j in range(max(counts))]
+    pool = pa.table(
+        {"id": pool_ids, "dataset": ["D"] * len(pool_ids), "text": [f"text of {c}" for c in pool_ids],
+         "image": [""] * len(pool_ids)},
+        schema=POOL,
+    )  # fmt: skip
+    rows = [(f"q{i:02d}", "D", f"c{j}", j, 1.0 - j / 10) for i, k in enumerate(counts) for j in range(k)]
+    cands = pa.table(dict(zip(CANDIDATES.names, map(list, zip(*rows)), strict=True)), schema=CANDIDATES)
+    paths = [tmp_path / f"{name}.parquet" for name in ("queries", "pool", "D")]
+    for table, path in zip((queries, pool, cands), paths, strict=True):
+        pq.write_table(table, path)
+    return paths
+
+
+def test_request_shards_read_by_blocks_equal_a_hand_built_split(tmp_path, monkeypatch):
+    """The candidates are read a few rows at a time (so queries straddle the reads), and the shards are
+    those of the whole file: per query its positive then its candidates by rank, 2 queries a shard,
+    numbered on across the reads."""
+    counts = [3, 1, 4, 2, 3, 1, 2]  # 16 candidate rows; reads of 5 cut q01, q02, q05...
+    queries, pool, cands = _request_world(tmp_path, counts)
+    monkeypatch.setattr(judge_stage, "REQUEST_BLOCK_ROWS", 5)
+    paths = judge_stage._dataset_requests(cands, str(queries), str(pool), tmp_path / "req", 2, True)
+    assert [p.name for p in paths] == [f"D-{i:05d}.parquet" for i in range(4)]
+    for s, path in enumerate(paths):
+        expected = []
+        for i in range(2 * s, min(2 * s + 2, len(counts))):
+            expected.append((f"q{i:02d}", f"p{i}", True, -1, f"text of p{i}"))
+            expected += [(f"q{i:02d}", f"c{j}", False, j, f"text of c{j}") for j in range(counts[i])]
+        got = pq.read_table(path)
+        assert got.schema == JUDGE_REQUESTS
+        columns = ("query_id", "cand_id", "is_positive", "rank", "cand_text")
+        assert list(zip(*(got[c].to_pylist() for c in columns), strict=True)) == expected
+        assert got["qry_text"].to_pylist() == [f"query {int(q[1:])}" for q in got["query_id"].to_pylist()]
+
+
+def test_request_shards_refuse_candidates_out_of_query_order(tmp_path, monkeypatch):
+    queries, pool, cands = _request_world(tmp_path, [2, 2, 2])
+    table = pq.read_table(cands)
+    pq.write_table(pa.concat_tables([table.slice(4), table.slice(0, 4)]), cands)  # q02 first
+    monkeypatch.setattr(judge_stage, "REQUEST_BLOCK_ROWS", 3)
+    with pytest.raises(ValueError, match=r"D\.parquet: candidates not in query-id order"):
+        judge_stage._dataset_requests(cands, str(queries), str(pool), tmp_path / "req", 1, True)

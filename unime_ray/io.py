@@ -185,6 +185,21 @@ def finished_parquet(path: str | Path) -> bool:
         return False
 
 
+def parquet_datasets(path: str | Path) -> tuple[str, ...]:
+    """The values of the `dataset` column of a Parquet file, from its statistics when one value spans
+    every row group (a stage's per-dataset files: nothing is read), else from the column itself."""
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.names.index("dataset") if "dataset" in meta.schema.names else -1
+    values = set()
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(column).statistics if column >= 0 else None
+        if stats is None or not stats.has_min_max or stats.min != stats.max:
+            table = pq.read_table(path, columns=["dataset"])
+            return tuple(sorted(pc.unique(table["dataset"].drop_null()).to_pylist()))
+        values.add(stats.min)
+    return tuple(sorted(values))
+
+
 def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> Path:
     """`table` as a Parquet file, atomically. On a full disk, the bytes needed are estimated by the
     table's size in memory (the encoded file is usually smaller), and the error says so."""

@@ -34,11 +34,13 @@ def write_request_shards(
     prefix: str = "shard",
     group: str | None = None,
     fill: Callable[[pa.Table], pa.Table] | None = None,
+    first: int = 0,
 ) -> list[Path]:
     """Split `table` (already in processing order) into request files of `per_shard` rows, or, with
     `group`, of `per_shard` consecutive groups (a group, e.g. one query's judge calls, never straddles
     two shards). `fill` completes each shard's rows before it is written (e.g. joins the texts), so only
-    one shard at a time holds them."""
+    one shard at a time holds them. Files are numbered from `first`, so that a table written in parts
+    (each a whole number of shards) gets the names it would get whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if group is None:
         starts = list(range(0, table.num_rows, per_shard))
@@ -51,7 +53,7 @@ def write_request_shards(
     bounds = starts + [table.num_rows]
     return [
         write_parquet((fill or (lambda t: t))(table.slice(a, b - a)), out_dir / f"{prefix}-{i:05d}.parquet")
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True), start=first)
     ]
 
 

@@ -44,7 +44,7 @@ from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.lookup import rows_named
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import finished_parquet, write_parquet
+from unime_ray.io import finished_parquet, parquet_datasets, write_parquet
 
 log = logging.getLogger(__name__)
 TOKEN_COLUMNS = [n for n in JUDGE_COSTS.names if n.endswith("_tokens")]  # as models.judge.score_tokens
@@ -161,24 +161,57 @@ def build_requests(candidates: pa.Table, queries: pa.Table, pool: pa.Table) -> p
     return _with_texts(_request_ids(candidates, queries, pool), queries, pool)
 
 
+REQUEST_BLOCK_ROWS = 1 << 20  # candidate rows read at once to write request shards (~0.1 GB a copy)
+
+
+def _query_blocks(path: Path, per_shard: int) -> Iterator[pa.Table]:
+    """The rows of a candidates file in blocks of whole shards: `per_shard` x m whole queries each (the
+    last block: the rest), read REQUEST_BLOCK_ROWS rows at a time. The retrieve stage writes a file in
+    query-id order, so blocks sorted one by one are the file sorted whole; a file out of that order is an
+    error naming it (its shards would differ from the whole file's)."""
+    carry, last = None, None
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=REQUEST_BLOCK_ROWS):
+        rows = pa.Table.from_batches([batch])
+        rows = rows if carry is None else pa.concat_tables([carry, rows])
+        qids, n = rows["query_id"], rows.num_rows
+        if pc.any(pc.less(qids.slice(1), qids.slice(0, n - 1))).as_py() or (
+            last is not None and qids[0].as_py() < last
+        ):
+            raise ValueError(f"{path}: candidates not in query-id order; rerun the retrieve stage")
+        changed = pc.not_equal(qids.slice(1), qids.slice(0, n - 1)).to_numpy()
+        starts = np.flatnonzero(np.r_[True, changed])
+        whole = (len(starts) - 1) // per_shard * per_shard  # the last query may go on in the next batch
+        cut = int(starts[whole]) if whole else 0
+        if cut:
+            yield rows.slice(0, cut)
+            last = qids[cut - 1].as_py()
+        carry = rows.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
 def _dataset_requests(
     candidates: Path, queries: str, pool: str, out_dir: Path, per_shard: int, texts: bool
 ) -> list[Path]:
     """One Ray task of `write_requests`: the request shards of one candidates file. Only that dataset's
-    queries and pool are read, and the texts (or, without `texts`, the datasets) are joined one shard at
-    a time."""
-    cands = pq.read_table(candidates)
-    names = pc.unique(cands["dataset"]).to_pylist()
+    queries and pool are read; the candidates are read a block of whole shards at a time (at 6.6M pairs
+    a dataset's 25M candidates, read whole, took the task to 5.9 GB), and the texts (or, without
+    `texts`, the datasets) are joined one shard at a time."""
+    names = list(parquet_datasets(candidates))
     columns = ["id", "dataset", "text", "image"] if texts else ["id", "dataset"]
     q = pq.read_table(queries, columns=[*columns, "pos_id"], filters=[("dataset", "in", names)])
     p = pq.read_table(pool, columns=columns, filters=[("dataset", "in", names)]) if texts else None
-    ids = _request_ids(cands, q, p)
-    del cands
     if texts:
         fill = lambda t: _with_texts(t, q, p)  # noqa: E731
     else:
         fill = lambda t: _with_dataset(t, q)  # noqa: E731
-    return write_request_shards(ids, out_dir, per_shard, prefix=candidates.stem, group="query_id", fill=fill)
+    paths: list[Path] = []
+    for block in _query_blocks(candidates, per_shard):
+        ids = _request_ids(block, q, p)
+        paths += write_request_shards(
+            ids, out_dir, per_shard, prefix=candidates.stem, group="query_id", fill=fill, first=len(paths)
+        )
+    return paths
 
 
 def write_requests(

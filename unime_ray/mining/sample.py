@@ -72,6 +72,7 @@ from unime_ray.io import (
     atomic_path,
     merge_order,
     merge_sorted,
+    parquet_datasets,
     write_json,
     write_parquet,
 )
@@ -589,20 +590,6 @@ def _score_file(part: Path, key: str) -> Path:
     return part.with_suffix(f".{key}.npy")
 
 
-def _datasets_of(path: Path) -> tuple[str, ...]:
-    """The datasets a score file holds, from its statistics when one value spans every row group."""
-    meta = pq.ParquetFile(path).metadata
-    column = meta.schema.names.index("dataset") if "dataset" in meta.schema.names else -1
-    values = set()
-    for rg in range(meta.num_row_groups):
-        stats = meta.row_group(rg).column(column).statistics if column >= 0 else None
-        if stats is None or not stats.has_min_max or stats.min != stats.max:
-            table = pq.read_table(path, columns=["dataset"])
-            return tuple(sorted(pc.unique(table["dataset"].drop_null()).to_pylist()))
-        values.add(stats.min)
-    return tuple(sorted(values))
-
-
 def run_sample(
     score_files: list[Path],
     queries: pa.Table | str | Path,
@@ -622,7 +609,7 @@ def run_sample(
     sources = _checked_sources({"queries": queries, "pool": pool})
     groups: dict[tuple[str, ...], list[Path]] = {}
     for path in score_files:
-        groups.setdefault(_datasets_of(Path(path)), []).append(Path(path))
+        groups.setdefault(parquet_datasets(path), []).append(Path(path))
     # A dataset is read by several tasks only when score files mix it with different datasets.
     tasks_of = Counter(name for names in groups for name in names)
     shared = sorted(name for name, n in tasks_of.items() if n > 1)
