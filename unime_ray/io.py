@@ -222,11 +222,23 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def parquet_batches(
+    path: str | Path, batch_size: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file as batches of at most `batch_size` rows, read one row group at a time.
+    Not `ParquetFile.iter_batches` over the whole file: its reader keeps what it decoded for as long as
+    the file object lives (measured ~0.5 KB per hard-negative row: the sample stage's merge of 6.6M rows
+    held 3.4 GB), while a read per row group frees each group once its batches are dropped."""
+    file = pq.ParquetFile(path)
+    for group in range(file.metadata.num_row_groups):
+        yield from file.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)
+
+
 class _Stream:
     """Rows of a sorted part file taken from its front, n at a time."""
 
     def __init__(self, path: Path) -> None:
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=PART_ROWS)
+        self.batches = parquet_batches(path, PART_ROWS)
         self.buffer = pa.table({})
 
     def take(self, n: int) -> pa.Table:

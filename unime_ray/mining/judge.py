@@ -44,7 +44,7 @@ from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.lookup import rows_named
 from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
-from unime_ray.io import finished_parquet, parquet_datasets, write_parquet
+from unime_ray.io import finished_parquet, parquet_batches, parquet_datasets, write_parquet
 
 log = logging.getLogger(__name__)
 TOKEN_COLUMNS = [n for n in JUDGE_COSTS.names if n.endswith("_tokens")]  # as models.judge.score_tokens
@@ -170,7 +170,7 @@ def _query_blocks(path: Path, per_shard: int) -> Iterator[pa.Table]:
     query-id order, so blocks sorted one by one are the file sorted whole; a file out of that order is an
     error naming it (its shards would differ from the whole file's)."""
     carry, last = None, None
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=REQUEST_BLOCK_ROWS):
+    for batch in parquet_batches(path, REQUEST_BLOCK_ROWS):
         rows = pa.Table.from_batches([batch])
         rows = rows if carry is None else pa.concat_tables([carry, rows])
         qids, n = rows["query_id"], rows.num_rows

@@ -72,6 +72,7 @@ from unime_ray.io import (
     atomic_path,
     merge_order,
     merge_sorted,
+    parquet_batches,
     parquet_datasets,
     write_json,
     write_parquet,
@@ -690,7 +691,7 @@ def _unjudged(results: list[dict], tasks_of: Counter, queries: pa.Table | str) -
     if isinstance(queries, pa.Table):
         batches = queries.select(["id", "dataset"]).to_batches(MERGE_ROWS)
     else:
-        batches = pq.ParquetFile(queries).iter_batches(batch_size=MERGE_ROWS, columns=["id", "dataset"])
+        batches = parquet_batches(queries, MERGE_ROWS, columns=["id", "dataset"])
     found, count = [], 0
     for batch in batches:
         count += batch.num_rows
