@@ -25,6 +25,7 @@ The settings are the run's (its config overrides, from its progress file). Resul
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -114,7 +115,7 @@ def main() -> None:
         driver = round(_status_kb(os.getpid())["VmHWM"] / 1024) if exact else None  # before the compare
         stop.set()
         compared = files()
-        same = sum(ours.read_bytes() == theirs.read_bytes() for ours, theirs in compared)
+        same = sum(filecmp.cmp(ours, theirs, shallow=False) for ours, theirs in compared)  # in chunks
         entry[phase] = {
             "seconds": seconds,
             "driver_mb": driver,
