@@ -227,8 +227,8 @@ def parquet_batches(
 ) -> Iterator[pa.RecordBatch]:
     """The rows of a Parquet file as batches of at most `batch_size` rows, read one row group at a time.
     Not `ParquetFile.iter_batches` over the whole file: its reader keeps what it decoded for as long as
-    the file object lives (measured ~0.5 KB per hard-negative row: the sample stage's merge of 6.6M rows
-    held 3.4 GB), while a read per row group frees each group once its batches are dropped."""
+    the file object lives, so a long-lived stream held a whole file's worth (docs/benchmarks.md, the 6.6M
+    run), while a read per row group frees each group once its batches are dropped."""
     file = pq.ParquetFile(path)
     for group in range(file.metadata.num_row_groups):
         yield from file.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns)

@@ -194,9 +194,9 @@ def _dataset_requests(
     candidates: Path, queries: str, pool: str, out_dir: Path, per_shard: int, texts: bool
 ) -> list[Path]:
     """One Ray task of `write_requests`: the request shards of one candidates file. Only that dataset's
-    queries and pool are read; the candidates are read a block of whole shards at a time (at 6.6M pairs
-    a dataset's 25M candidates, read whole, took the task to 5.9 GB), and the texts (or, without
-    `texts`, the datasets) are joined one shard at a time."""
+    queries and pool are read; the candidates are read a block of whole shards at a time (a large
+    dataset's candidates, read whole and sorted, took several copies of tens of millions of rows), and
+    the texts (or, without `texts`, the datasets) are joined one shard at a time."""
     names = list(parquet_datasets(candidates))
     columns = ["id", "dataset", "text", "image"] if texts else ["id", "dataset"]
     q = pq.read_table(queries, columns=[*columns, "pos_id"], filters=[("dataset", "in", names)])
