@@ -27,6 +27,15 @@ from unime_ray.io import finished_parquet, write_parquet, write_text
 PATH_COL = "path"
 
 
+def group_starts(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The row at which each run of equal consecutive `values` starts (empty for no rows). Compared in
+    Arrow: a NumPy array of string ids would be one Python object per row."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    changed = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1))
+    return np.flatnonzero(np.r_[True, changed.to_numpy()])
+
+
 def write_request_shards(
     table: pa.Table,
     out_dir: Path,
@@ -45,11 +54,7 @@ def write_request_shards(
     if group is None:
         starts = list(range(0, table.num_rows, per_shard))
     else:
-        # Compared in Arrow: a NumPy array of the ids would be one Python object per row.
-        values = table[group]
-        changed = pc.not_equal(values.slice(1), values.slice(0, max(len(values) - 1, 0)))
-        group_starts = np.flatnonzero(np.r_[True, changed.to_numpy()]) if len(values) else []
-        starts = [int(i) for i in group_starts[::per_shard]]
+        starts = [int(i) for i in group_starts(table[group])[::per_shard]]
     bounds = starts + [table.num_rows]
     return [
         write_parquet((fill or (lambda t: t))(table.slice(a, b - a)), out_dir / f"{prefix}-{i:05d}.parquet")

@@ -42,7 +42,7 @@ from unime_ray.data.schemas import (
 )
 from unime_ray.engine.actors import map_with_actors
 from unime_ray.engine.lookup import rows_named
-from unime_ray.engine.shards import PATH_COL, requests_once, run_shards, write_request_shards
+from unime_ray.engine.shards import PATH_COL, group_starts, requests_once, run_shards, write_request_shards
 from unime_ray.engine.tasks import run_tasks
 from unime_ray.io import finished_parquet, parquet_batches, parquet_datasets, write_parquet
 
@@ -178,8 +178,7 @@ def _query_blocks(path: Path, per_shard: int) -> Iterator[pa.Table]:
             last is not None and qids[0].as_py() < last
         ):
             raise ValueError(f"{path}: candidates not in query-id order; rerun the retrieve stage")
-        changed = pc.not_equal(qids.slice(1), qids.slice(0, n - 1)).to_numpy()
-        starts = np.flatnonzero(np.r_[True, changed])
+        starts = group_starts(qids)
         whole = (len(starts) - 1) // per_shard * per_shard  # the last query may go on in the next batch
         cut = int(starts[whole]) if whole else 0
         if cut:
